@@ -1,0 +1,140 @@
+//! Idempotency keys, byte-compatible with the seed design.
+//!
+//! A key is `idem_` followed by the first 16 lowercase hex digits of
+//! `SHA-256(run_id + "::" + episode + "::" + decimal(step_idx))`. The format
+//! is kept exactly as the seed had it so that keys minted by older agents
+//! still match; its one weakness (the `::` separator lets `a::b`/`c` and
+//! `a`/`b::c` collide) is closed by the intent fingerprint, not here.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use sha2::{Digest, Sha256};
+
+/// The fixed prefix of every key.
+const PREFIX: &str = "idem_";
+/// Number of hex digits after the prefix.
+const HEX_LEN: usize = 16;
+
+/// A validated idempotency key (`idem_` + 16 lowercase hex digits).
+///
+/// It is also the JetStream KV key under which the intent's claim and
+/// outcome live, so every character is valid in a NATS subject token.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IdempotencyKey(String);
+
+/// Why a string is not an idempotency key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid idempotency key {0:?}: expected `idem_` followed by 16 hex digits")]
+pub struct KeyError(pub String);
+
+impl IdempotencyKey {
+    /// Derives the key of one step of one run: the seed's `generate`.
+    pub fn generate(run_id: &str, episode: &str, step_idx: u32) -> Self {
+        let mut hasher = Sha256::new();
+        hasher.update(run_id.as_bytes());
+        hasher.update(b"::");
+        hasher.update(episode.as_bytes());
+        hasher.update(b"::");
+        hasher.update(step_idx.to_string().as_bytes());
+        let digest = hasher.finalize();
+        let mut key = String::with_capacity(PREFIX.len() + HEX_LEN);
+        key.push_str(PREFIX);
+        for byte in &digest[..HEX_LEN / 2] {
+            push_hex(&mut key, *byte);
+        }
+        Self(key)
+    }
+
+    /// Derives the key from intent metadata: the seed's
+    /// `from_intent_metadata`, i.e. `generate(intent_id + ":" + actor, episode, step_idx or 0)`.
+    pub fn from_intent_metadata(
+        intent_id: &str,
+        actor: &str,
+        episode: &str,
+        step_idx: Option<u32>,
+    ) -> Self {
+        let run_id = format!("{intent_id}:{actor}");
+        Self::generate(&run_id, episode, step_idx.unwrap_or(0))
+    }
+
+    /// Parses a key, accepting upper-case hex and normalising it to lower case.
+    pub fn parse(text: &str) -> Result<Self, KeyError> {
+        let hex = text
+            .strip_prefix(PREFIX)
+            .filter(|hex| hex.len() == HEX_LEN && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+            .ok_or_else(|| KeyError(text.to_owned()))?;
+        Ok(Self(format!("{PREFIX}{}", hex.to_ascii_lowercase())))
+    }
+
+    /// The key as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+fn push_hex(out: &mut String, byte: u8) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    out.push(char::from(DIGITS[usize::from(byte >> 4)]));
+    out.push(char::from(DIGITS[usize::from(byte & 0x0f)]));
+}
+
+impl fmt::Display for IdempotencyKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl FromStr for IdempotencyKey {
+    type Err = KeyError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Self::parse(text)
+    }
+}
+
+impl AsRef<str> for IdempotencyKey {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Serialize for IdempotencyKey {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for IdempotencyKey {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        Self::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_normalises_upper_case_hex() {
+        let key = IdempotencyKey::parse("idem_F52983C9C6E4FB21").expect("valid key");
+        assert_eq!(key.as_str(), "idem_f52983c9c6e4fb21");
+    }
+
+    #[test]
+    fn parse_rejects_multibyte_characters_without_panicking() {
+        assert!(IdempotencyKey::parse("idem_f52983c9c6e4fb2é").is_err());
+        assert!(IdempotencyKey::parse("idem_éééééééé").is_err());
+    }
+
+    #[test]
+    fn display_round_trips_through_serde() {
+        let key = IdempotencyKey::generate("run123", "episode1", 5);
+        let json = serde_json::to_string(&key).expect("serialize");
+        assert_eq!(json, "\"idem_f52983c9c6e4fb21\"");
+        let back: IdempotencyKey = serde_json::from_str(&json).expect("deserialize");
+        assert_eq!(back, key);
+    }
+}
