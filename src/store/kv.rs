@@ -1,0 +1,250 @@
+//! The JetStream KV store: claims and outcomes in a bucket shared by every worker.
+//!
+//! Every write is one JetStream publish to `$KV.<bucket>.<key>` carrying
+//! `Nats-Expected-Last-Subject-Sequence` (the compare-and-swap) and
+//! `Nats-TTL` (the lease or the outcome lifetime). The client's
+//! `create_with_ttl` drops the TTL when the key's last message is a delete or
+//! expiry marker and `update` takes no TTL at all, so neither is used: a
+//! write without its TTL would make a lease or an outcome immortal.
+
+use std::time::Duration;
+
+use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::kv::{self, Operation};
+use async_nats::jetstream::message::PublishMessage as Publish;
+use async_nats::jetstream::stream::StorageType;
+use async_nats::jetstream::{self, Context};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+
+use super::{ttl_secs, IdempotencyStore, Slot, StoreError, Versioned, Watch};
+use crate::key::IdempotencyKey;
+use crate::outcome::Record;
+
+/// TTL of the markers the server leaves when a value expires, and of the
+/// delete markers a release writes. Long enough for watchers to see them,
+/// short enough that freed keys leave nothing behind.
+pub const MARKER_TTL: Duration = Duration::from_secs(1);
+
+/// The oldest nats-server that can hold per-message TTLs.
+pub const MIN_SERVER_VERSION: (u64, u64) = (2, 11);
+
+/// How to open (or create) the bucket.
+#[derive(Debug, Clone)]
+pub struct BucketConfig {
+    /// Bucket name (`--bucket`).
+    pub bucket: String,
+    /// Replicas of the bucket's stream (`--replicas`).
+    pub replicas: usize,
+}
+
+impl Default for BucketConfig {
+    fn default() -> Self {
+        Self {
+            bucket: "IDEMPOTENCY".to_owned(),
+            replicas: 1,
+        }
+    }
+}
+
+/// An idempotency store on a JetStream key-value bucket.
+#[derive(Debug, Clone)]
+pub struct KvStore {
+    js: Context,
+    kv: kv::Store,
+    /// `$KV.<bucket>.`: where writes are published.
+    put_prefix: String,
+}
+
+/// Fails unless the connected server is at least [`MIN_SERVER_VERSION`].
+pub fn check_server_version(client: &async_nats::Client) -> Result<(), StoreError> {
+    let version = client.server_info().version;
+    let mut parts = version
+        .split(['.', '-', '+'])
+        .map(|part| part.parse::<u64>().unwrap_or(0));
+    let found = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    if found >= MIN_SERVER_VERSION {
+        Ok(())
+    } else {
+        Err(StoreError::Setup(format!(
+            "nats-server {version} is too old: idemq needs {}.{} or newer for per-message TTLs",
+            MIN_SERVER_VERSION.0, MIN_SERVER_VERSION.1
+        )))
+    }
+}
+
+impl KvStore {
+    /// Opens the bucket, creating it when missing.
+    ///
+    /// A new bucket gets history 1 (older revisions must never come back,
+    /// and a TTL below the marker TTL would otherwise be raised), per-message
+    /// TTLs with limit markers (so watchers see expiries), file storage and
+    /// the configured replicas. An existing bucket is used as it is, unless
+    /// it cannot hold per-message TTLs: that is a [`StoreError::Setup`].
+    pub async fn open(js: Context, config: &BucketConfig) -> Result<KvStore, StoreError> {
+        let kv = match js.get_key_value(&config.bucket).await {
+            Ok(kv) => kv,
+            Err(_) => match js.create_key_value(bucket_config(config)).await {
+                Ok(kv) => kv,
+                // Another worker may have created it meanwhile.
+                Err(create) => js.get_key_value(&config.bucket).await.map_err(|_| {
+                    StoreError::Setup(format!("cannot create bucket {}: {create}", config.bucket))
+                })?,
+            },
+        };
+        Self::from_bucket(js, kv)
+    }
+
+    /// Opens an existing bucket without creating it (for `idemq get`).
+    pub async fn existing(js: Context, bucket: &str) -> Result<KvStore, StoreError> {
+        let kv = js
+            .get_key_value(bucket)
+            .await
+            .map_err(|e| StoreError::Setup(format!("cannot open bucket {bucket}: {e}")))?;
+        Self::from_bucket(js, kv)
+    }
+
+    fn from_bucket(js: Context, kv: kv::Store) -> Result<KvStore, StoreError> {
+        let stream = &kv.stream.cached_info().config;
+        if !stream.allow_message_ttl {
+            return Err(StoreError::Setup(format!(
+                "bucket {} cannot hold per-message TTLs (allow_msg_ttl is off); \
+                 delete it or choose another --bucket so idemq can create it",
+                kv.name
+            )));
+        }
+        if stream.max_messages_per_subject != 1 {
+            tracing::warn!(
+                bucket = %kv.name,
+                history = stream.max_messages_per_subject,
+                "bucket keeps more than one revision per key; idemq expects history 1"
+            );
+        }
+        let put_prefix = kv.put_prefix.clone().unwrap_or_else(|| kv.prefix.clone());
+        Ok(KvStore { js, kv, put_prefix })
+    }
+
+    /// The underlying bucket handle.
+    pub fn bucket(&self) -> &kv::Store {
+        &self.kv
+    }
+
+    async fn publish(
+        &self,
+        key: &IdempotencyKey,
+        message: Publish,
+        expected: Option<u64>,
+    ) -> Result<u64, StoreError> {
+        let message = match expected {
+            Some(expected) => message.expected_last_subject_sequence(expected),
+            None => message,
+        };
+        let subject = format!("{}{}", self.put_prefix, key);
+        let ack = self
+            .js
+            .send_publish(subject, message)
+            .await
+            .map_err(publish_error)?
+            .await
+            .map_err(publish_error)?;
+        Ok(ack.sequence)
+    }
+}
+
+fn bucket_config(config: &BucketConfig) -> kv::Config {
+    kv::Config {
+        bucket: config.bucket.clone(),
+        description: "idemq claims and outcomes".to_owned(),
+        history: 1,
+        storage: StorageType::File,
+        num_replicas: config.replicas,
+        limit_markers: Some(MARKER_TTL),
+        ..Default::default()
+    }
+}
+
+fn publish_error(error: jetstream::context::PublishError) -> StoreError {
+    match error.kind() {
+        PublishErrorKind::WrongLastSequence => StoreError::Conflict,
+        PublishErrorKind::TimedOut => StoreError::Unacknowledged(error.to_string()),
+        _ => StoreError::Unavailable(error.to_string()),
+    }
+}
+
+fn decode(
+    key: &str,
+    revision: u64,
+    operation: Operation,
+    value: &[u8],
+) -> Result<Versioned, StoreError> {
+    let slot = match operation {
+        Operation::Put => {
+            Slot::Record(
+                serde_json::from_slice(value).map_err(|e| StoreError::Corrupt {
+                    key: key.to_owned(),
+                    reason: e.to_string(),
+                })?,
+            )
+        }
+        Operation::Delete => Slot::Free { expired: false },
+        Operation::Purge => Slot::Free { expired: true },
+    };
+    Ok(Versioned { revision, slot })
+}
+
+#[async_trait]
+impl IdempotencyStore for KvStore {
+    async fn read(&self, key: &IdempotencyKey) -> Result<Option<Versioned>, StoreError> {
+        let entry = self
+            .kv
+            .entry(key.as_str())
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        entry
+            .map(|entry| decode(&entry.key, entry.revision, entry.operation, &entry.value))
+            .transpose()
+    }
+
+    async fn write(
+        &self,
+        key: &IdempotencyKey,
+        expected: u64,
+        record: &Record,
+        ttl: Duration,
+    ) -> Result<u64, StoreError> {
+        // A `Record` holds only strings, numbers, timestamps and `Value`s:
+        // serialising it cannot fail.
+        let payload = Bytes::from(serde_json::to_vec(record).unwrap_or_default());
+        let message = Publish::build()
+            .payload(payload)
+            .ttl(Duration::from_secs(ttl_secs(ttl)));
+        self.publish(key, message, Some(expected)).await
+    }
+
+    async fn remove(&self, key: &IdempotencyKey, expected: u64) -> Result<(), StoreError> {
+        let message = Publish::build()
+            .header("KV-Operation", "DEL")
+            .ttl(MARKER_TTL);
+        self.publish(key, message, Some(expected)).await.map(drop)
+    }
+
+    async fn purge(&self, key: &IdempotencyKey) -> Result<(), StoreError> {
+        self.kv
+            .purge(key.as_str())
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))
+    }
+
+    async fn watch(&self, key: &IdempotencyKey, from_revision: u64) -> Result<Watch, StoreError> {
+        let watch = self
+            .kv
+            .watch_from_revision(key.as_str(), from_revision.max(1))
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        Ok(Box::pin(watch.map(|entry| {
+            let entry = entry.map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            decode(&entry.key, entry.revision, entry.operation, &entry.value)
+        })))
+    }
+}

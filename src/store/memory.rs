@@ -1,0 +1,219 @@
+//! The in-memory store: the same semantics as the KV store, in one process.
+//!
+//! For tests and for embedding idemq where one process is the only worker.
+//! It models JetStream KV closely enough that the shared store suite passes
+//! unchanged on both: one global sequence of revisions, history 1, TTLs that
+//! turn an entry into an expiry marker (which itself lives for
+//! [`MARKER_TTL`]), and watches that see expiries without anyone reading.
+//! Time is tokio's, so tests can pause it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::{IdempotencyStore, Slot, StoreError, Versioned, Watch};
+use crate::key::IdempotencyKey;
+use crate::outcome::Record;
+
+/// How long an expiry or delete marker stays, like the bucket's limit-marker TTL.
+pub const MARKER_TTL: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone)]
+struct Entry {
+    revision: u64,
+    slot: Slot,
+    expires: Instant,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    sequence: u64,
+    entries: HashMap<IdempotencyKey, Entry>,
+}
+
+impl Inner {
+    /// Applies expiry to `key` as the server would at `now`: a value past its
+    /// TTL becomes an expiry marker, a marker past its TTL disappears.
+    fn expire(&mut self, key: &IdempotencyKey, now: Instant) -> bool {
+        let Some(entry) = self.entries.get(key) else {
+            return false;
+        };
+        if entry.expires > now {
+            return false;
+        }
+        match entry.slot {
+            Slot::Record(_) => {
+                let expires = entry.expires + MARKER_TTL;
+                self.put(key, Slot::Free { expired: true }, expires);
+            }
+            Slot::Free { .. } => {
+                self.entries.remove(key);
+            }
+        }
+        true
+    }
+
+    fn put(&mut self, key: &IdempotencyKey, slot: Slot, expires: Instant) -> u64 {
+        self.sequence += 1;
+        let entry = Entry {
+            revision: self.sequence,
+            slot,
+            expires,
+        };
+        self.entries.insert(key.clone(), entry);
+        self.sequence
+    }
+
+    fn latest(&mut self, key: &IdempotencyKey) -> Option<&Entry> {
+        let now = Instant::now();
+        // An entry can be two steps behind (value expired, then its marker).
+        while self.expire(key, now) {}
+        self.entries.get(key)
+    }
+
+    fn check(&mut self, key: &IdempotencyKey, expected: u64) -> Result<(), StoreError> {
+        let latest = self.latest(key).map_or(0, |entry| entry.revision);
+        if latest == expected {
+            Ok(())
+        } else {
+            Err(StoreError::Conflict)
+        }
+    }
+}
+
+/// An idempotency store held in this process's memory.
+#[derive(Debug, Clone)]
+pub struct MemoryStore {
+    inner: Arc<Mutex<Inner>>,
+    /// Bumped on every write, so watchers wake without polling.
+    changed: watch::Sender<u64>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self {
+            inner: Arc::default(),
+            changed: watch::Sender::new(0),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A poisoned lock means a panic while holding it; the map itself is
+        // still consistent (every mutation is a single insert or remove).
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write_slot(
+        &self,
+        key: &IdempotencyKey,
+        expected: Option<u64>,
+        slot: Slot,
+        ttl: Duration,
+    ) -> Result<u64, StoreError> {
+        let revision = {
+            let mut inner = self.lock();
+            if let Some(expected) = expected {
+                inner.check(key, expected)?;
+            }
+            let ttl = Duration::from_secs(super::ttl_secs(ttl));
+            inner.put(key, slot, Instant::now() + ttl)
+        };
+        self.changed.send_replace(revision);
+        Ok(revision)
+    }
+
+    fn snapshot(&self, key: &IdempotencyKey) -> Option<Entry> {
+        self.lock().latest(key).cloned()
+    }
+}
+
+#[async_trait]
+impl IdempotencyStore for MemoryStore {
+    async fn read(&self, key: &IdempotencyKey) -> Result<Option<Versioned>, StoreError> {
+        Ok(self.snapshot(key).map(|entry| Versioned {
+            revision: entry.revision,
+            slot: entry.slot,
+        }))
+    }
+
+    async fn write(
+        &self,
+        key: &IdempotencyKey,
+        expected: u64,
+        record: &Record,
+        ttl: Duration,
+    ) -> Result<u64, StoreError> {
+        self.write_slot(key, Some(expected), Slot::Record(record.clone()), ttl)
+    }
+
+    async fn remove(&self, key: &IdempotencyKey, expected: u64) -> Result<(), StoreError> {
+        self.write_slot(
+            key,
+            Some(expected),
+            Slot::Free { expired: false },
+            MARKER_TTL,
+        )
+        .map(drop)
+    }
+
+    async fn purge(&self, key: &IdempotencyKey) -> Result<(), StoreError> {
+        self.write_slot(key, None, Slot::Free { expired: true }, MARKER_TTL)
+            .map(drop)
+    }
+
+    async fn watch(&self, key: &IdempotencyKey, from_revision: u64) -> Result<Watch, StoreError> {
+        let store = self.clone();
+        let key = key.clone();
+        let changed = self.changed.subscribe();
+        let stream = futures::stream::unfold(
+            (store, key, changed, from_revision),
+            |(store, key, mut changed, mut from)| async move {
+                loop {
+                    // Mark the current version seen before reading, so a write
+                    // after the read wakes us.
+                    changed.borrow_and_update();
+                    let entry = store.snapshot(&key);
+                    if let Some(entry) = &entry {
+                        if entry.revision >= from {
+                            from = entry.revision + 1;
+                            let item = Versioned {
+                                revision: entry.revision,
+                                slot: entry.slot.clone(),
+                            };
+                            return Some((Ok(item), (store, key, changed, from)));
+                        }
+                    }
+                    let wake_at = entry.map(|entry| entry.expires);
+                    let expiry = async {
+                        match wake_at {
+                            Some(at) => tokio::time::sleep_until(at).await,
+                            None => std::future::pending().await,
+                        }
+                    };
+                    tokio::select! {
+                        result = changed.changed() => {
+                            if result.is_err() {
+                                return None;
+                            }
+                        }
+                        () = expiry => {}
+                    }
+                }
+            },
+        );
+        Ok(Box::pin(stream))
+    }
+}

@@ -1,0 +1,409 @@
+//! The idempotency store: where claims and outcomes live.
+//!
+//! [`IdempotencyStore`] has two kinds of methods. Four primitives are what a
+//! backend must provide: a read, a compare-and-swap write with a TTL, a
+//! compare-and-swap delete, and a watch. On top of them the trait provides
+//! the claim protocol itself ([`claim`](IdempotencyStore::claim),
+//! [`acquire`](IdempotencyStore::acquire), [`renew`](IdempotencyStore::renew),
+//! [`complete`](IdempotencyStore::complete), [`release`](IdempotencyStore::release),
+//! [`get`](IdempotencyStore::get)), written once so that the JetStream KV
+//! store ([`kv::KvStore`]) and the in-memory one ([`memory::MemoryStore`])
+//! cannot drift apart: they differ only in how a revision is kept.
+//!
+//! The invariants (see `CLAIM.md`): a claim exists only as the key's latest
+//! revision and every write is a compare-and-swap on the revision the writer
+//! last saw; the revision is the fencing token of the lease; leases and
+//! outcome lifetimes are TTLs enforced by the store, never by worker clocks.
+
+pub mod kv;
+pub mod memory;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::Utc;
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use tokio::time::Instant;
+
+use crate::key::IdempotencyKey;
+use crate::outcome::{Outcome, Record, RecordState, RECORD_VERSION};
+
+/// How often a claim is retried when the key changes under it (the
+/// create/delete race, an expiry between two calls) before giving up.
+const MAX_CLAIM_ROUNDS: usize = 8;
+
+/// What the latest revision of a key holds.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Slot {
+    /// A claim or an outcome.
+    Record(Record),
+    /// A delete marker: the key is free. `expired` tells a marker left by
+    /// the server's TTL expiry (or a purge) from a release by its owner.
+    Free {
+        /// True when the previous value expired rather than being released.
+        expired: bool,
+    },
+}
+
+/// A key's latest revision and what it holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Versioned {
+    /// The revision (the stream sequence, in JetStream KV).
+    pub revision: u64,
+    /// The content.
+    pub slot: Slot,
+}
+
+/// Errors of the store. Callers match on the variant.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// A compare-and-swap write found another revision than expected.
+    #[error("the key changed since it was read")]
+    Conflict,
+    /// A write's acknowledgement did not arrive: it may or may not be stored.
+    #[error("the write was not acknowledged in time: {0}")]
+    Unacknowledged(String),
+    /// The lease is no longer ours: someone else wrote the key.
+    #[error("the lease was lost to another owner")]
+    LeaseLost,
+    /// The bucket could not be read or written.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The key holds a value that is not an idempotency record.
+    #[error("the value under {key} is not an idempotency record: {reason}")]
+    Corrupt {
+        /// The key.
+        key: String,
+        /// Why it did not decode.
+        reason: String,
+    },
+    /// The bucket cannot be used as configured (start-up only).
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// A stream of a key's revisions, as a backend's watch yields them.
+pub type Watch = BoxStream<'static, Result<Versioned, StoreError>>;
+
+/// What a worker asks for when it claims a key.
+#[derive(Debug, Clone)]
+pub struct ClaimRequest {
+    /// The key to claim.
+    pub key: IdempotencyKey,
+    /// The intent's id, recorded for readers.
+    pub intent_id: String,
+    /// The intent's fingerprint.
+    pub fingerprint: String,
+    /// A token unique to this claim attempt, so a write whose
+    /// acknowledgement was lost can be recognised as ours.
+    pub owner: String,
+    /// The lease: how long the claim lives unless renewed.
+    pub lease: Duration,
+}
+
+/// A held claim: the revision that fences every later write of its owner.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Lease {
+    /// The revision our last write produced.
+    pub revision: u64,
+    /// The claim record as stored.
+    pub record: Record,
+    /// The lease length.
+    pub ttl: Duration,
+    /// True when this claim took the key over from an owner whose lease expired.
+    pub takeover: bool,
+}
+
+/// The result of one claim round.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Claim {
+    /// The key is ours.
+    Acquired(Lease),
+    /// Someone holds the key, or an outcome is stored: the latest revision.
+    Taken {
+        /// Its revision.
+        revision: u64,
+        /// The record there.
+        record: Record,
+    },
+}
+
+/// The result of [`IdempotencyStore::acquire`]: claim, or wait for the holder.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Acquire {
+    /// We hold the key: execute.
+    Owner(Lease),
+    /// An outcome with the same fingerprint is stored: replay it.
+    Stored(Record),
+    /// The key is claimed or done with another fingerprint.
+    Reused(Record),
+    /// Another execution still holds the key after the wait.
+    Busy(Record),
+}
+
+/// The store's contract. Backends implement the four primitives; the claim
+/// protocol is provided.
+#[async_trait]
+pub trait IdempotencyStore: Send + Sync + 'static {
+    /// Reads the latest revision of `key`; `None` when the key has no message at all.
+    async fn read(&self, key: &IdempotencyKey) -> Result<Option<Versioned>, StoreError>;
+
+    /// Writes `record` with a TTL if the key's latest revision is `expected`
+    /// (0: the key has no message). Returns the new revision, or
+    /// [`StoreError::Conflict`].
+    async fn write(
+        &self,
+        key: &IdempotencyKey,
+        expected: u64,
+        record: &Record,
+        ttl: Duration,
+    ) -> Result<u64, StoreError>;
+
+    /// Deletes `key` (leaves a delete marker) if its latest revision is `expected`.
+    async fn remove(&self, key: &IdempotencyKey, expected: u64) -> Result<(), StoreError>;
+
+    /// Deletes `key` whatever its revision (administrative purge).
+    async fn purge(&self, key: &IdempotencyKey) -> Result<(), StoreError>;
+
+    /// Watches `key`, yielding every revision at or after `from_revision`
+    /// (including the latest one, if it is that new).
+    async fn watch(&self, key: &IdempotencyKey, from_revision: u64) -> Result<Watch, StoreError>;
+
+    /// Reads the record stored under `key`, if any.
+    async fn get(&self, key: &IdempotencyKey) -> Result<Option<Record>, StoreError> {
+        Ok(match self.read(key).await? {
+            Some(Versioned {
+                slot: Slot::Record(record),
+                ..
+            }) => Some(record),
+            _ => None,
+        })
+    }
+
+    /// One claim: a bounded series of compare-and-swap writes of an
+    /// `in_progress` record, each answered by a read when it loses.
+    ///
+    /// `attempt` is the execution attempt to record (1, or one more than the
+    /// attempt of an owner we saw lose its lease); `expected` the revision
+    /// we believe is latest (0: none).
+    async fn claim(
+        &self,
+        request: &ClaimRequest,
+        attempt: u32,
+        mut expected: u64,
+    ) -> Result<Claim, StoreError> {
+        let now = Utc::now();
+        let record = Record {
+            v: RECORD_VERSION,
+            idem_key: request.key.clone(),
+            intent_id: request.intent_id.clone(),
+            fingerprint: request.fingerprint.clone(),
+            state: RecordState::InProgress,
+            owner: request.owner.clone(),
+            attempt,
+            result: None,
+            stored_at: now,
+            expires_at: now + request.lease,
+        };
+        for _ in 0..MAX_CLAIM_ROUNDS {
+            match self
+                .write(&request.key, expected, &record, request.lease)
+                .await
+            {
+                Ok(revision) => {
+                    return Ok(Claim::Acquired(Lease {
+                        revision,
+                        record,
+                        ttl: request.lease,
+                        takeover: false,
+                    }))
+                }
+                // Lost the race, or unsure whether the write landed: the read
+                // below tells which.
+                Err(StoreError::Conflict | StoreError::Unacknowledged(_)) => {}
+                Err(other) => return Err(other),
+            }
+            match self.read(&request.key).await? {
+                None => expected = 0,
+                Some(Versioned {
+                    revision,
+                    slot: Slot::Free { .. },
+                }) => expected = revision,
+                Some(Versioned {
+                    revision,
+                    slot: Slot::Record(found),
+                }) => {
+                    if found.owner == record.owner && found.state == RecordState::InProgress {
+                        return Ok(Claim::Acquired(Lease {
+                            revision,
+                            record: found,
+                            ttl: request.lease,
+                            takeover: false,
+                        }));
+                    }
+                    return Ok(Claim::Taken {
+                        revision,
+                        record: found,
+                    });
+                }
+            }
+        }
+        Err(StoreError::Unavailable(format!(
+            "claim of {} did not settle after {MAX_CLAIM_ROUNDS} rounds",
+            request.key
+        )))
+    }
+
+    /// Claims `key`, or waits up to `wait` for its holder's outcome.
+    ///
+    /// The wait follows the key's revisions with a watch that starts just
+    /// after the revision last read, so no change between the read and the
+    /// watch is missed and nothing polls. A renewal of the holder's lease
+    /// keeps us waiting; an outcome ends the wait; a delete or expiry marker
+    /// means the key is free and we claim it (an expiry after seeing a claim
+    /// is a takeover, and the attempt number goes up by one).
+    async fn acquire(&self, request: &ClaimRequest, wait: Duration) -> Result<Acquire, StoreError> {
+        let deadline = Instant::now() + wait;
+        let mut attempt = 1;
+        let mut expected = 0;
+        let mut takeover = false;
+        for _ in 0..MAX_CLAIM_ROUNDS {
+            let (mut revision, mut record) = match self.claim(request, attempt, expected).await? {
+                Claim::Acquired(mut lease) => {
+                    lease.takeover = takeover;
+                    return Ok(Acquire::Owner(lease));
+                }
+                Claim::Taken { revision, record } => (revision, record),
+            };
+            // Follow the holder until it finishes, frees the key, or we give up.
+            let mut watch: Option<Watch> = None;
+            loop {
+                if record.fingerprint != request.fingerprint {
+                    return Ok(Acquire::Reused(record));
+                }
+                if record.state == RecordState::Done {
+                    return Ok(Acquire::Stored(record));
+                }
+                if Instant::now() >= deadline {
+                    return Ok(Acquire::Busy(record));
+                }
+                let stream = match watch.as_mut() {
+                    Some(stream) => stream,
+                    None => watch.insert(self.watch(&request.key, revision + 1).await?),
+                };
+                let next = match tokio::time::timeout_at(deadline, stream.next()).await {
+                    Err(_elapsed) => return Ok(Acquire::Busy(record)),
+                    Ok(None) => {
+                        return Err(StoreError::Unavailable(format!(
+                            "watch of {} ended",
+                            request.key
+                        )))
+                    }
+                    Ok(Some(next)) => next?,
+                };
+                if next.revision <= revision {
+                    continue;
+                }
+                revision = next.revision;
+                match next.slot {
+                    Slot::Record(found) => record = found,
+                    Slot::Free { expired } => {
+                        takeover |= expired;
+                        attempt = record.attempt + 1;
+                        expected = revision;
+                        break;
+                    }
+                }
+            }
+        }
+        Err(StoreError::Unavailable(format!(
+            "key {} kept changing hands",
+            request.key
+        )))
+    }
+
+    /// Extends a lease by its length. Fails with [`StoreError::LeaseLost`]
+    /// when anyone else wrote the key since our last write.
+    async fn renew(&self, lease: &Lease) -> Result<Lease, StoreError> {
+        let mut record = lease.record.clone();
+        record.expires_at = Utc::now() + lease.ttl;
+        let revision = self.write_as_owner(lease, &record, lease.ttl).await?;
+        Ok(Lease {
+            revision,
+            record,
+            ttl: lease.ttl,
+            takeover: lease.takeover,
+        })
+    }
+
+    /// Stores the outcome in place of the claim, kept for `ttl`. Fails with
+    /// [`StoreError::LeaseLost`] when the lease was taken over: the new
+    /// owner's record is never overwritten.
+    async fn complete(
+        &self,
+        lease: &Lease,
+        outcome: Outcome,
+        ttl: Duration,
+    ) -> Result<Record, StoreError> {
+        let now = Utc::now();
+        let record = Record {
+            state: RecordState::Done,
+            result: Some(outcome),
+            stored_at: now,
+            expires_at: now + ttl,
+            ..lease.record.clone()
+        };
+        self.write_as_owner(lease, &record, ttl).await?;
+        Ok(record)
+    }
+
+    /// Gives the key up (transient failure, shutdown). Returns false when
+    /// someone else already holds it, which leaves nothing to do.
+    async fn release(&self, lease: &Lease) -> Result<bool, StoreError> {
+        match self.remove(&lease.record.idem_key, lease.revision).await {
+            Ok(()) => Ok(true),
+            Err(StoreError::Conflict) => Ok(false),
+            Err(other) => Err(other),
+        }
+    }
+
+    /// A fenced write by the lease's owner. A write whose acknowledgement was
+    /// lost is settled by reading the key back: it is ours if the latest
+    /// revision is newer than the lease and carries our owner token and state.
+    async fn write_as_owner(
+        &self,
+        lease: &Lease,
+        record: &Record,
+        ttl: Duration,
+    ) -> Result<u64, StoreError> {
+        let key = &lease.record.idem_key;
+        match self.write(key, lease.revision, record, ttl).await {
+            Ok(revision) => Ok(revision),
+            Err(StoreError::Conflict) => Err(StoreError::LeaseLost),
+            Err(StoreError::Unacknowledged(reason)) => match self.read(key).await? {
+                Some(Versioned {
+                    revision,
+                    slot: Slot::Record(found),
+                }) if revision > lease.revision
+                    && found.owner == record.owner
+                    && found.state == record.state =>
+                {
+                    Ok(revision)
+                }
+                Some(Versioned { revision, .. }) if revision > lease.revision => {
+                    Err(StoreError::LeaseLost)
+                }
+                _ => Err(StoreError::Unavailable(reason)),
+            },
+            Err(other) => Err(other),
+        }
+    }
+}
+
+/// Rounds a duration up to whole seconds, at least one: the unit of
+/// JetStream's per-message TTL. Both stores use it so they expire alike.
+pub fn ttl_secs(ttl: Duration) -> u64 {
+    let secs = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
+    secs.max(1)
+}
