@@ -1,0 +1,393 @@
+//! The `idemq` command line: `serve`, `send`, `key`, `get`.
+//!
+//! Flags, their `IDEMQ_*` environment variables and their defaults are
+//! declared here and nowhere else; `main.rs` only parses and calls [`run`].
+
+use std::io::Read;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::{Client, HeaderMap, RequestErrorKind};
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::WorkerConfig;
+use crate::handler::{Echo, Forward, Handler};
+use crate::intent::IDEMPOTENCY_KEY_HEADER;
+use crate::key::IdempotencyKey;
+use crate::store::kv::{check_server_version, BucketConfig, KvStore};
+use crate::store::IdempotencyStore;
+use crate::worker::Worker;
+
+/// The default server, when neither `--nats-url`, `IDEMQ_NATS_URL` nor `NATS_URL` is set.
+pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+
+/// idemq: execute each NATS intent once per idempotency key, answer every copy alike.
+#[derive(Debug, Parser)]
+#[command(name = "idemq", version, about, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a worker on the intent subjects.
+    Serve(ServeArgs),
+    /// Send one intent and print the reply.
+    Send(SendArgs),
+    /// Print the idempotency key of some inputs.
+    Key(KeyArgs),
+    /// Print the record stored under a key (exit status 1 when absent).
+    Get(GetArgs),
+}
+
+/// Where the NATS servers are.
+#[derive(Debug, Args)]
+pub struct NatsArgs {
+    /// NATS server URL(s), comma-separated for a cluster [env: IDEMQ_NATS_URL, NATS_URL]
+    /// [default: nats://127.0.0.1:4222]
+    #[arg(long, env = "IDEMQ_NATS_URL", hide_env = true)]
+    pub nats_url: Option<String>,
+}
+
+impl NatsArgs {
+    /// The URL list: the flag, `IDEMQ_NATS_URL`, `NATS_URL`, or the default.
+    pub fn url(&self) -> String {
+        self.nats_url
+            .clone()
+            .or_else(|| std::env::var("NATS_URL").ok().filter(|url| !url.is_empty()))
+            .unwrap_or_else(|| DEFAULT_NATS_URL.to_owned())
+    }
+}
+
+/// `idemq serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub nats: NatsArgs,
+    /// Subject to take intents from; repeat for several.
+    #[arg(
+        long = "subject",
+        env = "IDEMQ_SUBJECT",
+        value_delimiter = ',',
+        default_value = "intents.>"
+    )]
+    pub subjects: Vec<String>,
+    /// Queue group shared by the workers.
+    #[arg(long, env = "IDEMQ_QUEUE_GROUP", default_value = "idemq")]
+    pub queue_group: String,
+    /// Key-value bucket for claims and outcomes.
+    #[arg(long, env = "IDEMQ_BUCKET", default_value = "IDEMPOTENCY")]
+    pub bucket: String,
+    /// How long outcomes are kept (an intent's ttl_secs is clamped to it).
+    #[arg(long, env = "IDEMQ_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub ttl: Duration,
+    /// Replicas of the bucket's stream.
+    #[arg(long, env = "IDEMQ_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub replicas: u8,
+    /// Forward intents as NATS requests to this subject template (e.g. `exec.{capability}`).
+    #[arg(long, env = "IDEMQ_FORWARD")]
+    pub forward: Option<String>,
+    /// How long a handler may run before the outcome is Timeout.
+    #[arg(long, env = "IDEMQ_HANDLER_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub handler_timeout: Duration,
+    /// How long a copy waits for a running execution before IN_PROGRESS.
+    #[arg(long, env = "IDEMQ_WAIT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub wait: Duration,
+    /// The claim's lease, renewed while the handler runs.
+    #[arg(long, env = "IDEMQ_LEASE", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub lease: Duration,
+    /// Most intents in flight at once.
+    #[arg(long, env = "IDEMQ_CONCURRENCY", default_value_t = 256)]
+    pub concurrency: usize,
+    /// Largest accepted payload, in bytes.
+    #[arg(long, env = "IDEMQ_MAX_PAYLOAD", default_value_t = 1024 * 1024)]
+    pub max_payload: usize,
+    /// JetStream mode: the stream to consume (not available in this version).
+    #[arg(long, env = "IDEMQ_STREAM", requires = "durable")]
+    pub stream: Option<String>,
+    /// JetStream mode: the durable consumer name (not available in this version).
+    #[arg(long, env = "IDEMQ_DURABLE", requires = "stream")]
+    pub durable: Option<String>,
+    /// JetStream mode: where dead letters go (not available in this version).
+    #[arg(long, env = "IDEMQ_DEAD_LETTER_SUBJECT")]
+    pub dead_letter_subject: Option<String>,
+    /// How long shutdown waits for in-flight intents.
+    #[arg(long, env = "IDEMQ_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub grace: Duration,
+}
+
+impl ServeArgs {
+    /// The worker configuration these flags describe.
+    pub fn worker_config(&self) -> WorkerConfig {
+        WorkerConfig {
+            subjects: self.subjects.clone(),
+            queue_group: self.queue_group.clone(),
+            ttl: self.ttl,
+            handler_timeout: self.handler_timeout,
+            wait: self.wait,
+            lease: self.lease,
+            concurrency: self.concurrency,
+            max_payload: self.max_payload,
+            grace: self.grace,
+        }
+    }
+}
+
+/// `idemq send`.
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    /// Subject to send the intent to (e.g. `intents.echo`).
+    pub subject: String,
+    /// The intent JSON, or `-` to read it from standard input.
+    pub json: Option<String>,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub nats: NatsArgs,
+    /// Send this Idempotency-Key header.
+    #[arg(long, env = "IDEMQ_KEY")]
+    pub key: Option<String>,
+    /// How long to wait for each reply.
+    #[arg(long, env = "IDEMQ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    /// Resend the same intent (same key) this many times after a timeout.
+    #[arg(long, env = "IDEMQ_RETRIES", default_value_t = 0)]
+    pub retries: u32,
+}
+
+/// `idemq key`.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["run_id", "intent_id"])))]
+pub struct KeyArgs {
+    /// Derive from a run id: generate(run_id, episode, step).
+    #[arg(long, env = "IDEMQ_RUN_ID", conflicts_with_all = ["intent_id", "actor"])]
+    pub run_id: Option<String>,
+    /// Derive from intent metadata (with --actor).
+    #[arg(long, env = "IDEMQ_INTENT_ID", requires = "actor")]
+    pub intent_id: Option<String>,
+    /// The actor (with --intent-id).
+    #[arg(long, env = "IDEMQ_ACTOR", requires = "intent_id")]
+    pub actor: Option<String>,
+    /// The episode.
+    #[arg(long, env = "IDEMQ_EPISODE")]
+    pub episode: String,
+    /// The step index.
+    #[arg(long, env = "IDEMQ_STEP", default_value_t = 0)]
+    pub step: u32,
+}
+
+/// `idemq get`.
+#[derive(Debug, Args)]
+pub struct GetArgs {
+    /// The idempotency key.
+    pub key: String,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub nats: NatsArgs,
+    /// The bucket.
+    #[arg(long, env = "IDEMQ_BUCKET", default_value = "IDEMPOTENCY")]
+    pub bucket: String,
+}
+
+/// A failure of a subcommand, with the exit status it maps to.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// A usage or configuration error: exit status 2.
+    #[error("{0}")]
+    Usage(String),
+    /// Anything else: exit status 1.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl CliError {
+    /// The process exit status.
+    pub fn exit_code(&self) -> ExitCode {
+        match self {
+            CliError::Usage(_) => ExitCode::from(2),
+            CliError::Failed(_) => ExitCode::from(1),
+        }
+    }
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Send(args) => send(args).await,
+        Command::Key(args) => {
+            let key = match (&args.run_id, &args.intent_id, &args.actor) {
+                (Some(run_id), _, _) => IdempotencyKey::generate(run_id, &args.episode, args.step),
+                (None, Some(intent_id), Some(actor)) => IdempotencyKey::from_intent_metadata(
+                    intent_id,
+                    actor,
+                    &args.episode,
+                    Some(args.step),
+                ),
+                _ => {
+                    return Err(CliError::Usage(
+                        "give --run-id, or --intent-id with --actor".to_owned(),
+                    ))
+                }
+            };
+            println!("{key}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Get(args) => get(args).await,
+    }
+}
+
+/// Connects with a bounded timeout and a name servers can show.
+pub async fn connect(url: &str) -> Result<Client, CliError> {
+    async_nats::ConnectOptions::new()
+        .name("idemq")
+        .connection_timeout(Duration::from_secs(5))
+        .connect(url)
+        .await
+        .map_err(|e| CliError::Failed(format!("cannot connect to NATS at {url}: {e}")))
+}
+
+async fn serve(args: ServeArgs) -> Result<ExitCode, CliError> {
+    let config = args.worker_config();
+    if let Err(problems) = config.validate() {
+        let text: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        return Err(CliError::Usage(text.join("\n")));
+    }
+    if args.stream.is_some() || args.dead_letter_subject.is_some() {
+        return Err(CliError::Usage(
+            "JetStream delivery (--stream/--durable/--dead-letter-subject) is not available in this version; \
+             run without them for core request/reply"
+                .to_owned(),
+        ));
+    }
+    let url = args.nats.url();
+    let client = connect(&url).await?;
+    let handler: Arc<dyn Handler> = match &args.forward {
+        Some(template) => Arc::new(
+            Forward::new(client.clone(), template, args.handler_timeout)
+                .map_err(|e| CliError::Usage(e.to_string()))?,
+        ),
+        None => Arc::new(Echo),
+    };
+    check_server_version(&client).map_err(|e| CliError::Failed(e.to_string()))?;
+    let bucket = BucketConfig {
+        bucket: args.bucket.clone(),
+        replicas: usize::from(args.replicas),
+    };
+    let store = KvStore::open(async_nats::jetstream::new(client.clone()), &bucket)
+        .await
+        .map_err(|e| CliError::Failed(e.to_string()))?;
+    let shutdown = CancellationToken::new();
+    let signals = tokio::spawn(cancel_on_signal(shutdown.clone()));
+    tracing::info!(url = %url, bucket = %args.bucket, forward = ?args.forward, "idemq serving");
+    let result = Worker::new(client, Arc::new(store), handler, config)
+        .run(shutdown)
+        .await;
+    signals.abort();
+    result.map_err(|e| CliError::Failed(e.to_string()))?;
+    tracing::info!("stopped cleanly");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Cancels `shutdown` on SIGINT or SIGTERM.
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM; only SIGINT stops the worker");
+                // Without a SIGINT handler either, there is nothing to wait for.
+                if tokio::signal::ctrl_c().await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    if tokio::signal::ctrl_c().await.is_err() {
+        return;
+    }
+    tracing::info!("signal received; stopping intake");
+    shutdown.cancel();
+}
+
+async fn send(args: SendArgs) -> Result<ExitCode, CliError> {
+    let payload = match args.json.as_deref() {
+        None => "{}".to_owned(),
+        Some("-") => {
+            let mut text = String::new();
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .map_err(|e| CliError::Usage(format!("cannot read the intent from stdin: {e}")))?;
+            text
+        }
+        Some(json) => json.to_owned(),
+    };
+    let mut headers = HeaderMap::new();
+    if let Some(key) = &args.key {
+        let key = IdempotencyKey::parse(key).map_err(|e| CliError::Usage(e.to_string()))?;
+        headers.insert(IDEMPOTENCY_KEY_HEADER, key.as_str());
+    }
+    let client = connect(&args.nats.url()).await?;
+    for attempt in 0..=args.retries {
+        let request = async_nats::Request::new()
+            .payload(payload.clone().into())
+            .headers(headers.clone())
+            .timeout(Some(args.timeout));
+        match client.send_request(args.subject.clone(), request).await {
+            Ok(reply) => {
+                println!("{}", String::from_utf8_lossy(&reply.payload));
+                return Ok(ExitCode::SUCCESS);
+            }
+            Err(error) if error.kind() == RequestErrorKind::TimedOut => {
+                eprintln!(
+                    "no reply within {} (attempt {} of {})",
+                    humantime::format_duration(args.timeout),
+                    attempt + 1,
+                    args.retries + 1
+                );
+            }
+            Err(error) if error.kind() == RequestErrorKind::NoResponders => {
+                return Err(CliError::Failed(format!(
+                    "no worker is listening on {}",
+                    args.subject
+                )));
+            }
+            Err(error) => return Err(CliError::Failed(format!("request failed: {error}"))),
+        }
+    }
+    Err(CliError::Failed("no reply; gave up".to_owned()))
+}
+
+async fn get(args: GetArgs) -> Result<ExitCode, CliError> {
+    let key = IdempotencyKey::parse(&args.key).map_err(|e| CliError::Usage(e.to_string()))?;
+    let client = connect(&args.nats.url()).await?;
+    let store = KvStore::existing(async_nats::jetstream::new(client), &args.bucket)
+        .await
+        .map_err(|e| CliError::Failed(e.to_string()))?;
+    match store.get(&key).await {
+        Ok(Some(record)) => {
+            let json = serde_json::to_string_pretty(&record)
+                .map_err(|e| CliError::Failed(e.to_string()))?;
+            println!("{json}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Ok(None) => {
+            eprintln!("no record under {key}");
+            Ok(ExitCode::from(1))
+        }
+        Err(error) => Err(CliError::Failed(error.to_string())),
+    }
+}

@@ -1,0 +1,72 @@
+//! idemq: an idempotent intent worker for NATS.
+//!
+//! Agents publish *intents* ("do this step of this run") on NATS. Networks
+//! fail and clients retry, so the same intent arrives more than once. idemq
+//! derives an idempotency key per message, claims it atomically in a
+//! JetStream key-value bucket with a lease, runs the handler once, stores
+//! the outcome with a TTL, and answers every copy with the same outcome.
+//!
+//! # Layout
+//!
+//! The modules in the order an intent meets them; each uses only those
+//! above it.
+//!
+//! * [`key`]: the seed-compatible [`IdempotencyKey`]: derive, parse, display.
+//! * [`intent`]: the envelope: decode, validate, fingerprint ([`Intent`]).
+//! * [`outcome`]: [`Outcome`], the stored [`Record`], the [`Reply`].
+//! * [`store`]: the [`IdempotencyStore`] trait and the claim protocol;
+//!   [`store::kv`] on JetStream KV, [`store::memory`] in process.
+//! * [`handler`]: the [`Handler`] trait; [`handler::Echo`] and
+//!   [`handler::Forward`].
+//! * [`config`]: [`WorkerConfig`] with the contract's defaults.
+//! * [`stats`]: counters shared by the worker and the service.
+//! * [`service`]: the `idemq` NATS micro service (discovery, stats).
+//! * [`worker`]: the pipeline, intake bound and shutdown ([`Worker`]).
+//! * [`cli`]: the `idemq` command line (`serve`, `send`, `key`, `get`).
+//!
+//! # Embedding
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use async_trait::async_trait;
+//! use idemq::{Call, Handler, HandlerError, Outcome, Worker, WorkerConfig};
+//! use idemq::store::kv::{BucketConfig, KvStore};
+//!
+//! struct Charge;
+//!
+//! #[async_trait]
+//! impl Handler for Charge {
+//!     async fn handle(&self, call: Call<'_>) -> Result<Outcome, HandlerError> {
+//!         // Runs at most once per key while the outcome is kept.
+//!         Ok(Outcome::Success(serde_json::json!({ "charged": call.intent.params })))
+//!     }
+//! }
+//!
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! let client = async_nats::connect("nats://127.0.0.1:4222").await?;
+//! let store = KvStore::open(async_nats::jetstream::new(client.clone()), &BucketConfig::default()).await?;
+//! let worker = Worker::new(client, Arc::new(store), Arc::new(Charge), WorkerConfig::default());
+//! let shutdown = tokio_util::sync::CancellationToken::new();
+//! worker.run(shutdown).await?;
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod cli;
+pub mod config;
+pub mod handler;
+pub mod intent;
+pub mod key;
+pub mod outcome;
+pub mod service;
+pub mod stats;
+pub mod store;
+pub mod worker;
+
+pub use config::WorkerConfig;
+pub use handler::{Call, Handler, HandlerError};
+pub use intent::Intent;
+pub use key::IdempotencyKey;
+pub use outcome::{Outcome, Record, Reply};
+pub use store::IdempotencyStore;
+pub use worker::{Rejection, Worker};
