@@ -11,6 +11,9 @@
 
 #![allow(dead_code)]
 
+pub mod upstream;
+pub mod workers;
+
 use std::fs::{self, File, OpenOptions};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};

@@ -1,0 +1,154 @@
+//! Starting in-process workers against a test server, and talking to them.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::{Client, HeaderMap};
+use futures::StreamExt;
+use idemq::handler::{Echo, Forward, Handler};
+use idemq::stats::Stats;
+use idemq::store::kv::{BucketConfig, KvStore};
+use idemq::worker::WorkerError;
+use idemq::{Worker, WorkerConfig};
+use serde_json::Value;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::NatsServer;
+
+/// How long a test request waits for its reply.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The configuration tests start from: the contract's defaults with a
+/// short grace period.
+pub fn test_config() -> WorkerConfig {
+    WorkerConfig {
+        grace: Duration::from_secs(2),
+        handler_timeout: Duration::from_secs(10),
+        ..WorkerConfig::default()
+    }
+}
+
+/// A worker running in this process; stopped on drop.
+pub struct RunningWorker {
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<Result<(), WorkerError>>>,
+    /// Its counters.
+    pub stats: Arc<Stats>,
+}
+
+impl RunningWorker {
+    /// Stops the worker and waits (bounded) for a clean exit.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(20), task)
+                .await
+                .expect("worker stops within 20s")
+                .expect("worker task")
+                .expect("worker exits cleanly");
+        }
+    }
+}
+
+impl Drop for RunningWorker {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Starts a worker on its own connection; `forward` selects the forward
+/// handler (else echo). Returns once it answers `$SRV.PING.idemq`.
+pub async fn start_worker(
+    server: &NatsServer,
+    config: WorkerConfig,
+    forward: Option<&str>,
+) -> RunningWorker {
+    let client = server.connect().await;
+    let js = async_nats::jetstream::new(client.clone());
+    let store = KvStore::open(js, &BucketConfig::default())
+        .await
+        .expect("open bucket");
+    let handler: Arc<dyn Handler> = match forward {
+        Some(template) => Arc::new(
+            Forward::new(client.clone(), template, config.handler_timeout).expect("template"),
+        ),
+        None => Arc::new(Echo),
+    };
+    let before = ping(&client).await.len();
+    let worker = Worker::new(client.clone(), Arc::new(store), handler, config);
+    let stats = worker.stats();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(worker.run(shutdown.clone()));
+    wait_for_workers(&client, before + 1).await;
+    RunningWorker {
+        shutdown,
+        task: Some(task),
+        stats,
+    }
+}
+
+/// The ids of the idemq services that answer a ping within 200ms.
+pub async fn ping(client: &Client) -> HashSet<String> {
+    let inbox = client.new_inbox();
+    let mut replies = client.subscribe(inbox.clone()).await.expect("subscribe");
+    client
+        .publish_with_reply("$SRV.PING.idemq", inbox, "".into())
+        .await
+        .expect("ping");
+    let mut ids = HashSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(200);
+    while let Ok(Some(reply)) = tokio::time::timeout_at(deadline, replies.next()).await {
+        if reply.payload.is_empty() {
+            // A no-responders status: nobody registered yet.
+            break;
+        }
+        let body: Value = serde_json::from_slice(&reply.payload).expect("ping reply JSON");
+        ids.insert(body["id"].as_str().expect("id").to_owned());
+    }
+    ids
+}
+
+/// Waits (at most 10s) until `count` idemq services answer a ping.
+pub async fn wait_for_workers(client: &Client, count: usize) {
+    for _ in 0..50 {
+        if ping(client).await.len() >= count {
+            return;
+        }
+    }
+    panic!("fewer than {count} idemq workers answered $SRV.PING.idemq within 10s");
+}
+
+/// Sends an intent as a request; returns the reply JSON and headers.
+pub async fn request(
+    client: &Client,
+    subject: &str,
+    payload: impl Into<bytes::Bytes>,
+    headers: HeaderMap,
+) -> (Value, HeaderMap) {
+    let request = async_nats::Request::new()
+        .payload(payload.into())
+        .headers(headers)
+        .timeout(Some(REPLY_TIMEOUT));
+    let reply = client
+        .send_request(subject.to_owned(), request)
+        .await
+        .unwrap_or_else(|e| panic!("request to {subject}: {e}"));
+    let body = serde_json::from_slice(&reply.payload).expect("reply is JSON");
+    (body, reply.headers.unwrap_or_default())
+}
+
+/// Sends an intent JSON value without headers.
+pub async fn send(client: &Client, subject: &str, intent: &Value) -> Value {
+    request(client, subject, intent.to_string(), HeaderMap::new())
+        .await
+        .0
+}
+
+/// The `data.code` of an error reply.
+pub fn code(reply: &Value) -> &str {
+    reply["result"]["data"]["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("not an error reply: {reply}"))
+}
