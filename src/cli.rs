@@ -265,6 +265,9 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, CliError> {
                 .to_owned(),
         ));
     }
+    if let Some(template) = &args.forward {
+        Forward::check_template(template).map_err(|e| CliError::Usage(e.to_string()))?;
+    }
     let url = args.nats.url();
     let client = connect(&url).await?;
     let handler: Arc<dyn Handler> = match &args.forward {

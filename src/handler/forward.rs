@@ -46,6 +46,16 @@ impl Forward {
     /// capability is always a plain token, the resulting subject can never
     /// gain tokens or wildcards from a caller.
     pub fn new(client: Client, template: &str, timeout: Duration) -> Result<Forward, ForwardError> {
+        Self::check_template(template)?;
+        Ok(Forward {
+            client,
+            template: template.to_owned(),
+            timeout,
+        })
+    }
+
+    /// Checks a template without a connection (start-up validation).
+    pub fn check_template(template: &str) -> Result<(), ForwardError> {
         let invalid = |reason| ForwardError {
             template: template.to_owned(),
             reason,
@@ -57,11 +67,7 @@ impl Forward {
         if !is_publish_subject(&sample) {
             return Err(invalid("not a NATS subject without wildcards"));
         }
-        Ok(Forward {
-            client,
-            template: template.to_owned(),
-            timeout,
-        })
+        Ok(())
     }
 
     /// The upstream subject for a capability.

@@ -110,14 +110,15 @@ pub async fn ping(client: &Client) -> HashSet<String> {
     ids
 }
 
-/// Waits (at most 10s) until `count` idemq services answer a ping.
+/// Waits (at most about 15s) until `count` idemq services answer a ping.
 pub async fn wait_for_workers(client: &Client, count: usize) {
     for _ in 0..50 {
         if ping(client).await.len() >= count {
             return;
         }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("fewer than {count} idemq workers answered $SRV.PING.idemq within 10s");
+    panic!("fewer than {count} idemq workers answered $SRV.PING.idemq within 15s");
 }
 
 /// Sends an intent as a request; returns the reply JSON and headers.

@@ -1,0 +1,369 @@
+//! The `idemq` binary as operators run it: crash takeover, SIGTERM with an
+//! intent in flight, a nats-server restart under a running worker, and the
+//! command line's outputs and exit statuses.
+
+mod common;
+
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::Duration;
+
+use common::upstream::{Upstream, FORWARD};
+use common::workers::{send, start_worker, test_config, wait_for_workers};
+use common::NatsServer;
+use idemq::IdempotencyKey;
+use serde_json::{json, Value};
+
+const BIN: &str = env!("CARGO_BIN_EXE_idemq");
+
+/// A worker process; killed on drop if still running.
+struct WorkerProcess(Child);
+
+impl WorkerProcess {
+    fn spawn(server: &NatsServer, args: &[&str]) -> WorkerProcess {
+        let child = Command::new(BIN)
+            .arg("serve")
+            .args(["--nats-url", &server.url()])
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn idemq serve");
+        WorkerProcess(child)
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.0.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {signal}");
+    }
+
+    /// Waits (at most `bound`) for the process to exit.
+    async fn wait(&mut self, bound: Duration) -> ExitStatus {
+        let deadline = tokio::time::Instant::now() + bound;
+        loop {
+            if let Some(status) = self.0.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "worker still running after {bound:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        // Already exited in most tests; an error here only means that.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn intent(id: &str, params: Value) -> Value {
+    json!({ "intent_id": id, "actor": "agent", "episode": "ep", "params": params })
+}
+
+fn key_of(id: &str) -> String {
+    IdempotencyKey::from_intent_metadata(id, "agent", "ep", None).to_string()
+}
+
+/// Runs the CLI without blocking the test's runtime (in-process workers
+/// share it).
+async fn idemq(args: &[&str]) -> Output {
+    tokio::process::Command::new(BIN)
+        .args(args)
+        .env_remove("NATS_URL")
+        .env("RUST_LOG", "off")
+        .output()
+        .await
+        .expect("run idemq")
+}
+
+#[tokio::test]
+async fn a_killed_worker_is_taken_over_after_its_lease() {
+    let server = NatsServer::start();
+    let client = server.connect().await;
+    let upstream = Upstream::start(&client).await;
+    // The lease outlives the restart below, so the retry finds the dead
+    // worker's claim still held and must wait it out.
+    let mut first = WorkerProcess::spawn(&server, &["--forward", FORWARD, "--lease", "4s"]);
+    wait_for_workers(&client, 1).await;
+
+    // The first attempt hangs in the upstream; the worker dies mid-execution.
+    let body = intent("crash", json!({"sleep_ms": 30000, "first_only": true}));
+    let pending = {
+        let client = client.clone();
+        let body = body.to_string();
+        tokio::spawn(async move {
+            let request = async_nats::Request::new()
+                .payload(body.into())
+                .timeout(Some(Duration::from_secs(2)));
+            client.send_request("intents.slow", request).await
+        })
+    };
+    for _ in 0..100 {
+        if upstream.executions(&key_of("crash")) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        upstream.executions(&key_of("crash")),
+        1,
+        "first attempt started"
+    );
+    first.signal("-KILL");
+    first.wait(Duration::from_secs(5)).await;
+
+    // The client retries; a surviving worker waits out the lease and takes over.
+    let config = idemq::WorkerConfig {
+        lease: Duration::from_secs(4),
+        wait: Duration::from_secs(8),
+        ..test_config()
+    };
+    let second = start_worker(&server, config, Some(FORWARD)).await;
+    let reply = send(&client, "intents.slow", &body).await;
+    assert_eq!(reply["result"]["status"], "Success", "{reply}");
+    assert_eq!(reply["replayed"], false);
+    assert_eq!(upstream.attempts(&key_of("crash")), vec![1, 2]);
+    assert_eq!(second.stats.snapshot().takeovers, 1);
+    let again = send(&client, "intents.slow", &body).await;
+    assert_eq!(again["replayed"], true);
+    assert_eq!(upstream.executions(&key_of("crash")), 2);
+    assert!(
+        pending.await.expect("task").is_err(),
+        "the dead worker never replied"
+    );
+    second.stop().await;
+}
+
+#[tokio::test]
+async fn sigterm_with_an_intent_in_flight_still_replies_and_exits_zero() {
+    let server = NatsServer::start();
+    let client = server.connect().await;
+    let upstream = Upstream::start(&client).await;
+    let mut worker = WorkerProcess::spawn(&server, &["--forward", FORWARD, "--grace", "10s"]);
+    wait_for_workers(&client, 1).await;
+
+    let body = intent("in-flight", json!({"sleep_ms": 1500}));
+    let pending = {
+        let client = client.clone();
+        tokio::spawn(async move { send(&client, "intents.slow", &body).await })
+    };
+    for _ in 0..100 {
+        if upstream.executions(&key_of("in-flight")) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    worker.signal("-TERM");
+    let reply = tokio::time::timeout(Duration::from_secs(10), pending)
+        .await
+        .expect("reply within 10s")
+        .expect("task");
+    assert_eq!(
+        reply["result"],
+        json!({"status": "Success", "data": {"done": {"sleep_ms": 1500}}})
+    );
+    let status = worker.wait(Duration::from_secs(15)).await;
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(upstream.executions(&key_of("in-flight")), 1);
+}
+
+#[tokio::test]
+async fn sigterm_past_the_grace_period_releases_the_claim() {
+    let server = NatsServer::start();
+    let client = server.connect().await;
+    let _upstream = Upstream::start(&client).await;
+    let mut worker = WorkerProcess::spawn(&server, &["--forward", FORWARD, "--grace", "500ms"]);
+    wait_for_workers(&client, 1).await;
+
+    let body = intent("abandoned", json!({"sleep_ms": 20000}));
+    let pending = {
+        let client = client.clone();
+        tokio::spawn(async move { send(&client, "intents.slow", &body).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    worker.signal("-TERM");
+    let reply = tokio::time::timeout(Duration::from_secs(10), pending)
+        .await
+        .expect("reply within 10s")
+        .expect("task");
+    assert_eq!(reply["result"]["data"]["code"], "NO_HANDLER", "{reply}");
+    assert_eq!(worker.wait(Duration::from_secs(15)).await.code(), Some(0));
+    let kv = async_nats::jetstream::new(client.clone())
+        .get_key_value("IDEMPOTENCY")
+        .await
+        .expect("bucket");
+    let entry = kv.entry(key_of("abandoned")).await.expect("entry");
+    let free = entry.is_none_or(|e| e.operation != async_nats::jetstream::kv::Operation::Put);
+    assert!(free, "the claim was released on shutdown");
+}
+
+#[tokio::test]
+async fn the_worker_survives_a_nats_server_restart() {
+    let mut server = NatsServer::start();
+    let _worker = WorkerProcess::spawn(&server, &[]);
+    let client = server.connect().await;
+    wait_for_workers(&client, 1).await;
+    let before = send(&client, "intents.echo", &intent("before", json!(1))).await;
+    assert_eq!(before["replayed"], false);
+
+    server.restart();
+    let client = server.connect().await;
+    // The worker reconnects by itself; bounded retries until it answers.
+    let mut after = None;
+    for _ in 0..30 {
+        let request = async_nats::Request::new()
+            .payload(intent("after", json!(2)).to_string().into())
+            .timeout(Some(Duration::from_secs(1)));
+        if let Ok(reply) = client.send_request("intents.echo", request).await {
+            if !reply.payload.is_empty() {
+                after = Some(serde_json::from_slice::<Value>(&reply.payload).expect("JSON"));
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let after = after.expect("the worker answers within ~40s of the restart");
+    assert_eq!(
+        after["result"],
+        json!({"status": "Success", "data": {"echo": 2}}),
+        "{after}"
+    );
+    let replay = send(&client, "intents.echo", &intent("before", json!(1))).await;
+    assert_eq!(replay["replayed"], true, "outcomes survive the restart");
+    assert_eq!(replay["stored_at"], before["stored_at"]);
+}
+
+#[tokio::test]
+async fn key_prints_the_seed_key() {
+    let out = idemq(&[
+        "key",
+        "--run-id",
+        "run123",
+        "--episode",
+        "episode1",
+        "--step",
+        "5",
+    ])
+    .await;
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "idem_f52983c9c6e4fb21"
+    );
+    let out = idemq(&[
+        "key",
+        "--intent-id",
+        "intent123",
+        "--actor",
+        "actor456",
+        "--episode",
+        "episode789",
+    ])
+    .await;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "idem_854f4f93c9bbea37"
+    );
+}
+
+#[tokio::test]
+async fn usage_errors_exit_two_with_a_reason() {
+    for args in [
+        &["serve", "--concurrency", "many"][..],
+        &["serve", "--lease", "0s", "--nats-url", "nats://127.0.0.1:1"],
+        &[
+            "serve",
+            "--forward",
+            "exec.{nope}",
+            "--nats-url",
+            "nats://127.0.0.1:1",
+        ],
+        &["key", "--episode", "e"],
+        &["get", "not-a-key"],
+    ] {
+        let out = idemq(args).await;
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(!out.stderr.is_empty(), "{args:?} says why");
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_server_exits_one_with_a_reason() {
+    let out = idemq(&["serve", "--nats-url", "nats://127.0.0.1:1"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect"));
+}
+
+#[tokio::test]
+async fn get_prints_the_record_or_exits_one() {
+    let server = NatsServer::start();
+    let client = server.connect().await;
+    let worker = start_worker(&server, test_config(), None).await;
+    send(&client, "intents.echo", &intent("stored", json!(7))).await;
+    let key = key_of("stored");
+    let url = server.url();
+
+    let out = idemq(&["get", &key, "--nats-url", &url]).await;
+    assert_eq!(out.status.code(), Some(0));
+    let record: Value = serde_json::from_slice(&out.stdout).expect("record JSON");
+    assert_eq!(record["state"], "done");
+    assert_eq!(
+        record["result"],
+        json!({"status": "Success", "data": {"echo": 7}})
+    );
+
+    let absent = key_of("never-sent");
+    let out = idemq(&["get", &absent, "--nats-url", &url]).await;
+    assert_eq!(out.status.code(), Some(1));
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_bucket_without_per_message_ttl_is_a_startup_error() {
+    let server = NatsServer::start();
+    let js = async_nats::jetstream::new(server.connect().await);
+    js.create_key_value(async_nats::jetstream::kv::Config {
+        bucket: "OLD".to_owned(),
+        history: 1,
+        ..Default::default()
+    })
+    .await
+    .expect("bucket");
+    let out = idemq(&["serve", "--bucket", "OLD", "--nats-url", &server.url()]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("per-message TTL"));
+}
+
+#[tokio::test]
+async fn send_retries_with_the_same_key_and_prints_the_reply() {
+    let server = NatsServer::start();
+    let worker = start_worker(&server, test_config(), None).await;
+    let body = intent("cli-send", json!("hi")).to_string();
+    let url = server.url();
+    let first = idemq(&["send", "intents.echo", &body, "--nats-url", &url]).await;
+    let second = idemq(&[
+        "send",
+        "intents.echo",
+        &body,
+        "--nats-url",
+        &url,
+        "--retries",
+        "2",
+    ])
+    .await;
+    assert_eq!(first.status.code(), Some(0));
+    let first: Value = serde_json::from_slice(&first.stdout).expect("JSON");
+    let second: Value = serde_json::from_slice(&second.stdout).expect("JSON");
+    assert_eq!(first["replayed"], false);
+    assert_eq!(second["replayed"], true);
+    assert_eq!(second["result"], first["result"]);
+    worker.stop().await;
+}
