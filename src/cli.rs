@@ -12,7 +12,7 @@ use async_nats::{Client, HeaderMap, RequestErrorKind};
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::WorkerConfig;
+use crate::config::{Delivery, JetStreamConfig, WorkerConfig};
 use crate::handler::{Echo, Forward, Handler};
 use crate::intent::IDEMPOTENCY_KEY_HEADER;
 use crate::key::IdempotencyKey;
@@ -36,7 +36,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a worker on the intent subjects.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Send one intent and print the reply.
     Send(SendArgs),
     /// Print the idempotency key of some inputs.
@@ -108,15 +108,27 @@ pub struct ServeArgs {
     /// Largest accepted payload, in bytes.
     #[arg(long, env = "IDEMQ_MAX_PAYLOAD", default_value_t = 1024 * 1024)]
     pub max_payload: usize,
-    /// JetStream mode: the stream to consume (not available in this version).
+    /// JetStream mode: the stream to consume (created over the subjects when missing).
     #[arg(long, env = "IDEMQ_STREAM", requires = "durable")]
     pub stream: Option<String>,
-    /// JetStream mode: the durable consumer name (not available in this version).
+    /// JetStream mode: the durable consumer shared by the workers.
     #[arg(long, env = "IDEMQ_DURABLE", requires = "stream")]
     pub durable: Option<String>,
-    /// JetStream mode: where dead letters go (not available in this version).
-    #[arg(long, env = "IDEMQ_DEAD_LETTER_SUBJECT")]
+    /// JetStream mode: where dead letters go [default: idemq.dlq.<stream>]
+    #[arg(long, env = "IDEMQ_DEAD_LETTER_SUBJECT", requires = "stream")]
     pub dead_letter_subject: Option<String>,
+    /// JetStream mode: how long the server waits for an ack before redelivering.
+    #[arg(long, env = "IDEMQ_ACK_WAIT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub ack_wait: Duration,
+    /// JetStream mode: deliveries before an intent is dead-lettered.
+    #[arg(long, env = "IDEMQ_MAX_DELIVER", default_value_t = 5)]
+    pub max_deliver: u32,
+    /// JetStream mode: redelivery delays after ack-wait expiries, comma-separated (e.g. `1s,5s,30s`).
+    #[arg(long, env = "IDEMQ_BACKOFF", value_delimiter = ',', value_parser = humantime::parse_duration)]
+    pub backoff: Vec<Duration>,
+    /// JetStream mode: unacknowledged messages the consumer may have out, across all workers.
+    #[arg(long, env = "IDEMQ_MAX_ACK_PENDING", default_value_t = 1000)]
+    pub max_ack_pending: u32,
     /// How long shutdown waits for in-flight intents.
     #[arg(long, env = "IDEMQ_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub grace: Duration,
@@ -135,7 +147,24 @@ impl ServeArgs {
             concurrency: self.concurrency,
             max_payload: self.max_payload,
             grace: self.grace,
+            delivery: self.delivery(),
         }
+    }
+
+    fn delivery(&self) -> Delivery {
+        let (Some(stream), Some(durable)) = (&self.stream, &self.durable) else {
+            return Delivery::Core;
+        };
+        let mut js = JetStreamConfig::new(stream, durable);
+        if let Some(subject) = &self.dead_letter_subject {
+            js.dead_letter_subject.clone_from(subject);
+        }
+        js.ack_wait = self.ack_wait;
+        js.max_deliver = self.max_deliver;
+        js.backoff.clone_from(&self.backoff);
+        js.max_ack_pending = self.max_ack_pending;
+        js.replicas = usize::from(self.replicas);
+        Delivery::JetStream(js)
     }
 }
 
@@ -218,7 +247,7 @@ impl CliError {
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
     match cli.command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(*args).await,
         Command::Send(args) => send(args).await,
         Command::Key(args) => {
             let key = match (&args.run_id, &args.intent_id, &args.actor) {
@@ -257,13 +286,6 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, CliError> {
     if let Err(problems) = config.validate() {
         let text: Vec<String> = problems.iter().map(ToString::to_string).collect();
         return Err(CliError::Usage(text.join("\n")));
-    }
-    if args.stream.is_some() || args.dead_letter_subject.is_some() {
-        return Err(CliError::Usage(
-            "JetStream delivery (--stream/--durable/--dead-letter-subject) is not available in this version; \
-             run without them for core request/reply"
-                .to_owned(),
-        ));
     }
     if let Some(template) = &args.forward {
         Forward::check_template(template).map_err(|e| CliError::Usage(e.to_string()))?;

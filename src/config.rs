@@ -29,7 +29,72 @@ pub struct WorkerConfig {
     pub max_payload: usize,
     /// How long shutdown waits for in-flight intents.
     pub grace: Duration,
+    /// Where intents come from.
+    pub delivery: Delivery,
 }
+
+/// Where the worker takes intents from.
+#[derive(Debug, Clone, Default)]
+pub enum Delivery {
+    /// Queue-group subscriptions; clients use request/reply and retry.
+    #[default]
+    Core,
+    /// A durable pull consumer on a stream: nothing is lost when a requester gives up.
+    JetStream(JetStreamConfig),
+}
+
+/// JetStream delivery settings (`--stream`, `--durable` and the consumer flags).
+#[derive(Debug, Clone)]
+pub struct JetStreamConfig {
+    /// The stream to consume; created over the subjects when missing.
+    pub stream: String,
+    /// The durable consumer shared by all workers.
+    pub durable: String,
+    /// Where invalid and undeliverable intents go (`idemq.dlq.<stream>` by default).
+    pub dead_letter_subject: String,
+    /// How long the server waits for an ack before redelivering.
+    pub ack_wait: Duration,
+    /// Deliveries before an intent is dead-lettered.
+    pub max_deliver: u32,
+    /// Redelivery delays after ack-wait expiries (the consumer's back-off), if any.
+    pub backoff: Vec<Duration>,
+    /// Unacknowledged messages the consumer may have out, across all workers.
+    pub max_ack_pending: u32,
+    /// Replicas of a stream created by idemq.
+    pub replicas: usize,
+}
+
+impl JetStreamConfig {
+    /// The defaults for a stream and durable name.
+    pub fn new(stream: &str, durable: &str) -> Self {
+        Self {
+            stream: stream.to_owned(),
+            durable: durable.to_owned(),
+            dead_letter_subject: format!("idemq.dlq.{stream}"),
+            ack_wait: Duration::from_secs(30),
+            max_deliver: 5,
+            backoff: Vec::new(),
+            max_ack_pending: 1000,
+            replicas: 1,
+        }
+    }
+
+    /// The longest a message can keep being redelivered: every delivery's
+    /// ack wait (or back-off step, when longer) plus the longest nak delay
+    /// idemq uses. An outcome must outlive it, or a late redelivery would
+    /// find the key free and execute a second time.
+    pub fn redelivery_horizon(&self) -> Duration {
+        (0..self.max_deliver as usize)
+            .map(|i| {
+                let wait = self.backoff.get(i).copied().unwrap_or(self.ack_wait);
+                wait.max(self.ack_wait) + NAK_DELAY_CAP
+            })
+            .sum()
+    }
+}
+
+/// The longest delay idemq asks for when it naks a message.
+pub const NAK_DELAY_CAP: Duration = Duration::from_secs(30);
 
 impl Default for WorkerConfig {
     fn default() -> Self {
@@ -43,6 +108,7 @@ impl Default for WorkerConfig {
             concurrency: 256,
             max_payload: 1024 * 1024,
             grace: Duration::from_secs(10),
+            delivery: Delivery::Core,
         }
     }
 }
@@ -86,6 +152,37 @@ impl WorkerConfig {
         if self.max_payload == 0 {
             problem("--max-payload must be at least 1".to_owned());
         }
+        if let Delivery::JetStream(js) = &self.delivery {
+            for (flag, name) in [("--stream", &js.stream), ("--durable", &js.durable)] {
+                if !crate::intent::is_token(name) {
+                    problem(format!("{flag} {name:?} must be a plain token"));
+                }
+            }
+            if !is_publish_subject(&js.dead_letter_subject) {
+                problem(format!(
+                    "--dead-letter-subject {:?} is not a subject without wildcards",
+                    js.dead_letter_subject
+                ));
+            }
+            if js.ack_wait < Duration::from_secs(1) {
+                problem("--ack-wait must be at least 1s".to_owned());
+            }
+            if js.max_deliver < 1 {
+                problem("--max-deliver must be at least 1".to_owned());
+            }
+            if !js.backoff.is_empty() && js.backoff.len() > js.max_deliver as usize {
+                problem("--backoff may not have more steps than --max-deliver".to_owned());
+            }
+            let horizon = js.redelivery_horizon();
+            if self.ttl < horizon {
+                problem(format!(
+                    "--ttl {} is shorter than the redelivery horizon {} (ack wait, back-off and \
+                     nak delays over --max-deliver deliveries): a late redelivery would execute twice",
+                    humantime::format_duration(self.ttl),
+                    humantime::format_duration(horizon)
+                ));
+            }
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -127,5 +224,20 @@ mod tests {
         };
         let problems = config.validate().expect_err("invalid");
         assert_eq!(problems.len(), 3, "{problems:?}");
+    }
+
+    #[test]
+    fn an_outcome_ttl_shorter_than_redelivery_is_refused() {
+        let mut js = JetStreamConfig::new("INTENTS", "workers");
+        js.ack_wait = Duration::from_secs(60);
+        js.max_deliver = 10;
+        let config = WorkerConfig {
+            ttl: Duration::from_secs(600),
+            delivery: Delivery::JetStream(js),
+            ..WorkerConfig::default()
+        };
+        let problems = config.validate().expect_err("invalid");
+        assert_eq!(problems.len(), 1);
+        assert!(problems[0].0.contains("redelivery horizon"), "{problems:?}");
     }
 }

@@ -21,7 +21,9 @@
 //! * [`config`]: [`WorkerConfig`] with the contract's defaults.
 //! * [`stats`]: counters shared by the worker and the service.
 //! * [`service`]: the `idemq` NATS micro service (discovery, stats).
-//! * [`worker`]: the pipeline, intake bound and shutdown ([`Worker`]).
+//! * [`pipeline`]: one delivery's path, decode to verdict ([`Verdict`]).
+//! * [`jetstream`]: JetStream delivery: pull consumer, acks, dead letters.
+//! * [`worker`]: intake, the in-flight bound and shutdown ([`Worker`]).
 //! * [`cli`]: the `idemq` command line (`serve`, `send`, `key`, `get`).
 //!
 //! # Embedding
@@ -52,21 +54,24 @@
 //! # }
 //! ```
 
-pub mod cli;
-pub mod config;
-pub mod handler;
-pub mod intent;
 pub mod key;
+pub mod intent;
 pub mod outcome;
-pub mod service;
-pub mod stats;
 pub mod store;
+pub mod handler;
+pub mod config;
+pub mod stats;
+pub mod service;
+pub mod pipeline;
+pub mod jetstream;
 pub mod worker;
+pub mod cli;
 
 pub use config::WorkerConfig;
 pub use handler::{Call, Handler, HandlerError};
 pub use intent::Intent;
 pub use key::IdempotencyKey;
 pub use outcome::{Outcome, Record, Reply};
+pub use pipeline::{Rejection, Verdict};
 pub use store::IdempotencyStore;
-pub use worker::{Rejection, Worker};
+pub use worker::Worker;

@@ -26,6 +26,8 @@ pub struct Stats {
     pub takeovers: AtomicU64,
     /// Store failures answered `STORE_UNAVAILABLE`.
     pub store_errors: AtomicU64,
+    /// Intents sent to the dead-letter subject (JetStream mode).
+    pub dead_lettered: AtomicU64,
     /// Intents being processed now.
     pub in_flight: AtomicU64,
 }
@@ -43,6 +45,7 @@ pub struct Snapshot {
     pub transient: u64,
     pub takeovers: u64,
     pub store_errors: u64,
+    pub dead_lettered: u64,
     pub in_flight: u64,
 }
 
@@ -65,6 +68,7 @@ impl Stats {
             transient: get(&self.transient),
             takeovers: get(&self.takeovers),
             store_errors: get(&self.store_errors),
+            dead_lettered: get(&self.dead_lettered),
             in_flight: get(&self.in_flight),
         }
     }

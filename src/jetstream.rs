@@ -1,0 +1,356 @@
+//! JetStream delivery: a durable pull consumer, acks after the outcome,
+//! naks with back-off, dead letters.
+//!
+//! What changes from core mode is only what happens with a [`Verdict`]:
+//!
+//! * settled: publish the reply (to `Idem-Reply-To`/`reply_to`; the
+//!   message's own reply subject is the ack subject), then ack. The reply
+//!   carries `Nats-Msg-Id` = the key, so a stream that captures replies
+//!   keeps each outcome once.
+//! * invalid: answer, dead-letter, terminate.
+//! * retry (a transient failure, the key held by another execution): nak
+//!   with a growing delay and say nothing; on the last allowed delivery,
+//!   answer with the failure, dead-letter with reason `max_deliver`,
+//!   terminate. Deliveries that never reach a verdict (a worker died
+//!   holding them) are dead-lettered from the server's max-deliveries
+//!   advisory.
+//!
+//! While the pipeline works, progress acks keep the message from being
+//! redelivered under a slow handler.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::pull;
+use async_nats::jetstream::consumer::{AckPolicy, PullConsumer};
+use async_nats::jetstream::message::AckKind;
+use async_nats::jetstream::stream::{self, RetentionPolicy, StorageType};
+use async_nats::{HeaderMap, Subject};
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{JetStreamConfig, NAK_DELAY_CAP};
+use crate::outcome::Reply;
+use crate::pipeline::{next_with_permit, Pipeline, Verdict};
+use crate::stats::Stats;
+use crate::worker::{Intake, WorkerError};
+
+/// Header on dead letters: the error code, or `max_deliver`.
+pub const DEAD_REASON_HEADER: &str = "Idem-Dead-Reason";
+/// The reason of an intent that ran out of deliveries.
+pub const MAX_DELIVER_REASON: &str = "max_deliver";
+/// How long a pull request waits on the server before it is renewed.
+const PULL_EXPIRES: Duration = Duration::from_secs(30);
+/// Idle heartbeat of pull requests: a silent server is noticed within two.
+const PULL_HEARTBEAT: Duration = Duration::from_secs(5);
+/// Pause before re-creating the message stream after it ended.
+const RESUBSCRIBE_DELAY: Duration = Duration::from_secs(1);
+/// Messages asked for per pull: enough to keep the in-flight bound busy
+/// without buffering much more than it.
+const MAX_BATCH: usize = 256;
+
+/// The stream and durable consumer one worker takes intents from.
+pub(crate) struct Consumer {
+    stream: stream::Stream,
+    consumer: PullConsumer,
+    config: JetStreamConfig,
+}
+
+impl Consumer {
+    /// Opens the stream (creating it over the worker's subjects when
+    /// missing) and creates or updates the durable consumer.
+    pub(crate) async fn open(
+        pipeline: &Pipeline,
+        config: &JetStreamConfig,
+    ) -> Result<Consumer, WorkerError> {
+        let js = async_nats::jetstream::new(pipeline.client.clone());
+        let subjects = pipeline.config.subjects.clone();
+        let stream = js
+            .get_or_create_stream(stream::Config {
+                name: config.stream.clone(),
+                subjects: subjects.clone(),
+                retention: RetentionPolicy::WorkQueue,
+                storage: StorageType::File,
+                num_replicas: config.replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| WorkerError::Nats(format!("stream {}: {e}", config.stream)))?;
+        let (filter_subject, filter_subjects) = match subjects.as_slice() {
+            [one] => (one.clone(), Vec::new()),
+            many => (String::new(), many.to_vec()),
+        };
+        let consumer = stream
+            .create_consumer(pull::Config {
+                durable_name: Some(config.durable.clone()),
+                description: Some("idemq workers".to_owned()),
+                filter_subject,
+                filter_subjects,
+                ack_policy: AckPolicy::Explicit,
+                ack_wait: config.ack_wait,
+                max_deliver: i64::from(config.max_deliver),
+                backoff: config.backoff.clone(),
+                max_ack_pending: i64::from(config.max_ack_pending),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| WorkerError::Nats(format!("consumer {}: {e}", config.durable)))?;
+        Ok(Consumer {
+            stream,
+            consumer,
+            config: config.clone(),
+        })
+    }
+
+    /// Pulls and settles intents until shutdown. A message stream that ends
+    /// (consumer deleted, connection gone for good) is re-created after a
+    /// pause; transient stream errors (missed heartbeats while the server
+    /// restarts) are logged and the stream resumes by itself.
+    pub(crate) async fn take(self, pipeline: &Arc<Pipeline>, intake: &Intake) {
+        let this = Arc::new(self);
+        intake.tracker.spawn(
+            Arc::clone(&this).dead_letter_advisories(Arc::clone(pipeline), intake.shutdown.clone()),
+        );
+        let batch = pipeline.config.concurrency.clamp(1, MAX_BATCH);
+        while !intake.shutdown.is_cancelled() {
+            let messages = this
+                .consumer
+                .stream()
+                .max_messages_per_batch(batch)
+                .expires(PULL_EXPIRES)
+                .heartbeat(PULL_HEARTBEAT)
+                .messages()
+                .await;
+            match messages {
+                Ok(mut messages) => {
+                    while let Some((permit, next)) =
+                        next_with_permit(&mut messages, &intake.permits, &intake.shutdown).await
+                    {
+                        let message = match next {
+                            Ok(message) => message,
+                            Err(error) => {
+                                tracing::warn!(%error, "pull consumer hiccup");
+                                continue;
+                            }
+                        };
+                        let (pipeline, this) = (Arc::clone(pipeline), Arc::clone(&this));
+                        let abandon = intake.abandon.clone();
+                        intake.tracker.spawn(async move {
+                            let _permit = permit;
+                            this.settle(&pipeline, message, &abandon).await;
+                        });
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "cannot pull from the consumer; retrying"),
+            }
+            tokio::select! {
+                () = intake.shutdown.cancelled() => {}
+                () = tokio::time::sleep(RESUBSCRIBE_DELAY) => {}
+            }
+        }
+        // Stopping here stops pulling; messages already pulled but not
+        // taken are redelivered after their ack wait.
+    }
+
+    /// Runs one delivery through the pipeline with progress acks, then acks,
+    /// naks or terminates it.
+    async fn settle(
+        &self,
+        pipeline: &Pipeline,
+        message: async_nats::jetstream::Message,
+        abandon: &CancellationToken,
+    ) {
+        let delivered = message.info().map_or(1, |info| info.delivered.max(1));
+        let work = pipeline.handle(
+            &message.subject,
+            message.headers.as_ref(),
+            &message.payload,
+            abandon,
+        );
+        tokio::pin!(work);
+        let every = self.config.ack_wait / 3;
+        let mut progress = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        let handled = loop {
+            tokio::select! {
+                handled = &mut work => break handled,
+                _ = progress.tick() => {
+                    if let Err(error) = message.ack_with(AckKind::Progress).await {
+                        tracing::debug!(%error, "progress ack failed");
+                    }
+                }
+            }
+        };
+        let reply_to = handled.reply_to.as_deref();
+        let settled = match handled.verdict {
+            Verdict::Settled(reply) => self
+                .answer(pipeline, reply_to, &reply)
+                .await
+                .map(|()| AckKind::Ack),
+            Verdict::Invalid(reply) => {
+                let reason = reply
+                    .result
+                    .error_code()
+                    .unwrap_or("INVALID_INTENT")
+                    .to_owned();
+                self.give_up(pipeline, &message, reply_to, &reply, &reason)
+                    .await
+            }
+            Verdict::Retry { .. } if abandon.is_cancelled() => Ok(AckKind::Nak(None)),
+            Verdict::Retry { reply, .. } if delivered >= i64::from(self.config.max_deliver) => {
+                self.give_up(pipeline, &message, reply_to, &reply, MAX_DELIVER_REASON)
+                    .await
+            }
+            Verdict::Retry { after, .. } => Ok(AckKind::Nak(Some(nak_delay(after, delivered)))),
+        };
+        // A reply that could not be published must not be acked away.
+        let kind = settled.unwrap_or(AckKind::Nak(None));
+        if let Err(error) = message.ack_with(kind).await {
+            tracing::warn!(%error, "ack failed; the message will be redelivered");
+        }
+    }
+
+    /// Publishes the reply, if the intent named somewhere to send it.
+    async fn answer(
+        &self,
+        pipeline: &Pipeline,
+        reply_to: Option<&str>,
+        reply: &Reply,
+    ) -> Result<(), async_nats::PublishError> {
+        let Some(reply_to) = reply_to else {
+            return Ok(());
+        };
+        let mut headers = reply.headers();
+        if let Some(key) = &reply.idem_key {
+            headers.insert("Nats-Msg-Id", key.as_str());
+        }
+        pipeline
+            .client
+            .publish_with_headers(Subject::from(reply_to), headers, reply.to_bytes())
+            .await
+    }
+
+    /// Answers, dead-letters and returns `Term`.
+    async fn give_up(
+        &self,
+        pipeline: &Pipeline,
+        message: &async_nats::jetstream::Message,
+        reply_to: Option<&str>,
+        reply: &Reply,
+        reason: &str,
+    ) -> Result<AckKind, async_nats::PublishError> {
+        self.answer(pipeline, reply_to, reply).await?;
+        self.dead_letter(
+            pipeline,
+            message.headers.clone(),
+            message.payload.clone(),
+            reason,
+        )
+        .await?;
+        tracing::warn!(%reason, subject = %message.subject, "intent dead-lettered");
+        Ok(AckKind::Term)
+    }
+
+    async fn dead_letter(
+        &self,
+        pipeline: &Pipeline,
+        headers: Option<HeaderMap>,
+        payload: Bytes,
+        reason: &str,
+    ) -> Result<(), async_nats::PublishError> {
+        let mut headers = headers.unwrap_or_default();
+        headers.insert(DEAD_REASON_HEADER, reason);
+        Stats::bump(&pipeline.stats.dead_lettered);
+        pipeline
+            .client
+            .publish_with_headers(self.config.dead_letter_subject.clone(), headers, payload)
+            .await
+    }
+
+    /// Dead-letters messages the server gave up on without a verdict (their
+    /// last delivery's worker died or stalled): the max-deliveries
+    /// advisory names the stream sequence; the message is copied to the
+    /// dead-letter subject and removed from the stream. One worker of the
+    /// queue group handles each advisory.
+    async fn dead_letter_advisories(
+        self: Arc<Self>,
+        pipeline: Arc<Pipeline>,
+        shutdown: CancellationToken,
+    ) {
+        let subject = format!(
+            "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{}.{}",
+            self.config.stream, self.config.durable
+        );
+        let mut advisories = match pipeline
+            .client
+            .queue_subscribe(subject, format!("idemq-dlq-{}", self.config.durable))
+            .await
+        {
+            Ok(advisories) => advisories,
+            Err(error) => {
+                tracing::error!(%error, "cannot watch max-deliveries advisories");
+                return;
+            }
+        };
+        loop {
+            let advisory = tokio::select! {
+                () = shutdown.cancelled() => return,
+                advisory = advisories.next() => match advisory {
+                    Some(advisory) => advisory,
+                    None => return,
+                },
+            };
+            let Some(sequence) = serde_json::from_slice::<serde_json::Value>(&advisory.payload)
+                .ok()
+                .and_then(|event| event["stream_seq"].as_u64())
+            else {
+                continue;
+            };
+            let Ok(message) = self.stream.get_raw_message(sequence).await else {
+                // Already gone: terminated or acknowledged after all.
+                continue;
+            };
+            let sent = self
+                .dead_letter(
+                    &pipeline,
+                    Some(message.headers),
+                    message.payload,
+                    MAX_DELIVER_REASON,
+                )
+                .await;
+            if let Err(error) = sent {
+                tracing::error!(%error, sequence, "dead letter not published");
+                continue;
+            }
+            if let Err(error) = self.stream.delete_message(sequence).await {
+                tracing::warn!(%error, sequence, "dead-lettered message not removed from the stream");
+            }
+            tracing::warn!(
+                sequence,
+                reason = MAX_DELIVER_REASON,
+                "intent dead-lettered"
+            );
+        }
+    }
+}
+
+/// The nak delay: the verdict's suggestion, doubled per delivery, capped.
+fn nak_delay(after: Duration, delivered: i64) -> Duration {
+    let doublings = u32::try_from(delivered.saturating_sub(1))
+        .unwrap_or(u32::MAX)
+        .min(16);
+    after.saturating_mul(1 << doublings).min(NAK_DELAY_CAP)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nak_delay_doubles_and_is_capped() {
+        let second = Duration::from_secs(1);
+        assert_eq!(nak_delay(second, 1), second);
+        assert_eq!(nak_delay(second, 3), Duration::from_secs(4));
+        assert_eq!(nak_delay(second, 60), NAK_DELAY_CAP);
+    }
+}

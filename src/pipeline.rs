@@ -1,0 +1,415 @@
+//! The life of one delivery: decode -> key -> claim -> handle -> complete.
+//!
+//! [`Pipeline::handle`] is the whole path of one message in one place; it
+//! ends in a [`Verdict`] that says what to answer and whether the delivery
+//! is settled or should be tried again. The two delivery modes differ only
+//! in what they do with a verdict: core mode answers every one, JetStream
+//! mode answers settled ones and naks the rest (`jetstream.rs`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tracing::{field, Instrument};
+
+use crate::config::WorkerConfig;
+use crate::handler::{Call, Handler, HandlerError};
+use crate::intent::{Intent, IntentError, Limits};
+use crate::outcome::{Outcome, Record, Reply};
+use crate::stats::Stats;
+use crate::store::{Acquire, ClaimRequest, IdempotencyStore, Lease, StoreError};
+
+/// Shortest `retry_after_ms` suggested with `IN_PROGRESS`.
+const MIN_RETRY_AFTER: Duration = Duration::from_millis(100);
+/// Suggested retry delay after a transient failure.
+const TRANSIENT_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// Why the worker refused to execute an intent. Each variant is one wire
+/// error code; [`Rejection::code`] is the only place that mapping lives.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Rejection {
+    /// The intent failed validation.
+    #[error(transparent)]
+    Invalid(#[from] IntentError),
+    /// The key is taken by an intent with another fingerprint.
+    #[error("idempotency key already used by a different intent")]
+    KeyReused,
+    /// Another execution holds the key.
+    #[error("another execution holds this key")]
+    InProgress {
+        /// When to retry.
+        retry_after: Duration,
+    },
+    /// No handler can run the intent now.
+    #[error("{0}")]
+    NoHandler(String),
+    /// The worker is stopping and gave the intent's claim back.
+    #[error("the worker is shutting down; retry")]
+    ShuttingDown,
+    /// The bucket could not be read or written.
+    #[error(transparent)]
+    StoreUnavailable(#[from] StoreError),
+}
+
+impl Rejection {
+    /// The wire error code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Rejection::Invalid(IntentError::PayloadTooLarge { .. }) => "PAYLOAD_TOO_LARGE",
+            Rejection::Invalid(IntentError::InvalidKey(_)) => "INVALID_KEY",
+            Rejection::Invalid(_) => "INVALID_INTENT",
+            Rejection::KeyReused => "KEY_REUSED",
+            Rejection::InProgress { .. } => "IN_PROGRESS",
+            Rejection::NoHandler(_) | Rejection::ShuttingDown => "NO_HANDLER",
+            Rejection::StoreUnavailable(_) => "STORE_UNAVAILABLE",
+        }
+    }
+
+    /// The `Error` outcome that carries this rejection.
+    pub fn outcome(&self) -> Outcome {
+        let retry_after_ms = match self {
+            Rejection::InProgress { retry_after } => {
+                Some(u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX))
+            }
+            _ => None,
+        };
+        Outcome::Error {
+            code: self.code().to_owned(),
+            message: self.to_string(),
+            retry_after_ms,
+        }
+    }
+}
+
+/// What became of one delivery.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    /// Settled: an outcome (fresh or replayed) or a final refusal. Answer it.
+    Settled(Reply),
+    /// The message itself is bad. Answer it; JetStream mode also dead-letters it.
+    Invalid(Reply),
+    /// Worth another try later: core mode answers it; JetStream mode naks
+    /// the delivery (after `after`) and answers only the last one.
+    Retry {
+        /// The reply, should this be the last word.
+        reply: Reply,
+        /// How long to wait before the next try.
+        after: Duration,
+    },
+}
+
+impl Verdict {
+    /// The reply this verdict carries.
+    pub fn reply(&self) -> &Reply {
+        match self {
+            Verdict::Settled(reply) | Verdict::Invalid(reply) | Verdict::Retry { reply, .. } => {
+                reply
+            }
+        }
+    }
+}
+
+/// A handled delivery: the verdict and where the intent asked to be answered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Handled {
+    /// What became of it.
+    pub verdict: Verdict,
+    /// `Idem-Reply-To` or `reply_to`, for messages without a reply subject.
+    pub reply_to: Option<String>,
+}
+
+/// Everything the per-intent path needs, shared by all in-flight intents.
+pub struct Pipeline {
+    /// The connection replies go out on.
+    pub client: async_nats::Client,
+    /// Claims and outcomes.
+    pub store: Arc<dyn IdempotencyStore>,
+    /// What executes intents.
+    pub handler: Arc<dyn Handler>,
+    /// The worker's settings.
+    pub config: WorkerConfig,
+    /// Counters.
+    pub stats: Arc<Stats>,
+    /// Unique per worker process; prefixes claim owner tokens.
+    pub instance: String,
+}
+
+/// Decrements the in-flight gauge however the task ends.
+struct InFlight(Arc<Stats>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Pipeline {
+    /// Handles one delivery. `abandon` is cancelled when shutdown gives up
+    /// waiting: a running handler is then dropped and its claim released.
+    pub async fn handle(
+        &self,
+        subject: &str,
+        headers: Option<&HeaderMap>,
+        payload: &Bytes,
+        abandon: &CancellationToken,
+    ) -> Handled {
+        Stats::bump(&self.stats.received);
+        Stats::bump(&self.stats.in_flight);
+        let _in_flight = InFlight(Arc::clone(&self.stats));
+        let limits = Limits {
+            max_payload: self.config.max_payload,
+        };
+        let intent = match Intent::decode(subject, headers, payload, limits) {
+            Ok(intent) => intent,
+            Err(invalid) => {
+                Stats::bump(&self.stats.invalid);
+                tracing::info!(error = %invalid.error, %subject, "invalid intent");
+                let outcome = Rejection::Invalid(invalid.error).outcome();
+                let reply = Reply::unstored(invalid.idem_key, invalid.intent_id, outcome);
+                return Handled {
+                    verdict: Verdict::Invalid(reply),
+                    reply_to: invalid.reply_to,
+                };
+            }
+        };
+        let span = tracing::info_span!(
+            "intent",
+            idem_key = %intent.key,
+            intent_id = %intent.intent_id,
+            capability = %intent.capability,
+            status = field::Empty,
+            replayed = field::Empty,
+        );
+        let verdict = self
+            .execute(&intent, payload, abandon)
+            .instrument(span.clone())
+            .await;
+        let reply = verdict.reply();
+        span.record("status", reply.result.status());
+        span.record("replayed", reply.replayed);
+        Handled {
+            verdict,
+            reply_to: intent.reply_to,
+        }
+    }
+
+    /// Claims the key (or waits for its holder) and decides.
+    async fn execute(
+        &self,
+        intent: &Intent,
+        payload: &Bytes,
+        abandon: &CancellationToken,
+    ) -> Verdict {
+        let request = ClaimRequest {
+            key: intent.key.clone(),
+            intent_id: intent.intent_id.clone(),
+            fingerprint: intent.fingerprint.clone(),
+            owner: format!("{}.{}", self.instance, nuid::next()),
+            lease: self.config.lease,
+        };
+        match self.store.acquire(&request, self.config.wait).await {
+            Ok(Acquire::Owner(lease)) => self.run_owned(intent, payload, lease, abandon).await,
+            Ok(Acquire::Stored(record)) => self.replay(intent, &record),
+            Ok(Acquire::Reused(_)) => self.refuse(intent, Rejection::KeyReused),
+            Ok(Acquire::Busy(record)) => self.refuse(intent, self.in_progress(&record)),
+            Err(error) => self.refuse(intent, Rejection::StoreUnavailable(error)),
+        }
+    }
+
+    /// Runs the handler under the lease, renewing it, then stores the outcome.
+    async fn run_owned(
+        &self,
+        intent: &Intent,
+        payload: &Bytes,
+        mut lease: Lease,
+        abandon: &CancellationToken,
+    ) -> Verdict {
+        if lease.takeover {
+            Stats::bump(&self.stats.takeovers);
+            tracing::warn!(attempt = lease.record.attempt, "took over an expired claim");
+        }
+        let call = Call {
+            intent,
+            payload,
+            attempt: lease.record.attempt,
+        };
+        let handled = tokio::time::timeout(self.config.handler_timeout, self.handler.handle(call));
+        tokio::pin!(handled);
+        let every = lease.ttl / 3;
+        let mut renewals = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        let result = loop {
+            tokio::select! {
+                result = &mut handled => break result,
+                _ = renewals.tick() => match self.store.renew(&lease).await {
+                    Ok(renewed) => lease = renewed,
+                    Err(StoreError::LeaseLost) => {
+                        tracing::warn!("lease lost while the handler ran; its outcome is dropped");
+                        return self.after_lost_lease(intent).await;
+                    }
+                    // The lease may still be alive; try again at the next tick.
+                    Err(error) => tracing::warn!(%error, "lease renewal failed"),
+                },
+                () = abandon.cancelled() => {
+                    self.release(&lease).await;
+                    return self.refuse(intent, Rejection::ShuttingDown);
+                }
+            }
+        };
+        let outcome = match result {
+            Err(_elapsed) => Outcome::Timeout,
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(HandlerError::Transient { code, message })) => {
+                self.release(&lease).await;
+                Stats::bump(&self.stats.transient);
+                tracing::info!(%code, "transient failure; claim released");
+                let reply = self.unstored(intent, Outcome::error(code, message));
+                return Verdict::Retry {
+                    reply,
+                    after: TRANSIENT_RETRY_AFTER,
+                };
+            }
+            Ok(Err(HandlerError::NoHandler(reason))) => {
+                self.release(&lease).await;
+                return self.refuse(intent, Rejection::NoHandler(reason));
+            }
+        };
+        let ttl = match intent.ttl_secs {
+            Some(secs) => Duration::from_secs(secs).min(self.config.ttl),
+            None => self.config.ttl,
+        };
+        match self.store.complete(&lease, outcome.clone(), ttl).await {
+            Ok(record) => {
+                Stats::bump(&self.stats.executed);
+                let reply = Reply::from_record(&record, false)
+                    .unwrap_or_else(|| self.unstored(intent, outcome));
+                Verdict::Settled(reply)
+            }
+            Err(StoreError::LeaseLost) => {
+                tracing::warn!("lease lost before the outcome was stored; it is dropped");
+                self.after_lost_lease(intent).await
+            }
+            Err(error) => {
+                // The handler ran: its outcome is the answer even though it
+                // could not be kept. A copy arriving after the lease expires
+                // will execute again; the log says why.
+                Stats::bump(&self.stats.store_errors);
+                tracing::error!(%error, "outcome executed but not stored");
+                Verdict::Settled(self.unstored(intent, outcome))
+            }
+        }
+    }
+
+    /// After losing the lease, answer with what the new owner stored, if anything.
+    async fn after_lost_lease(&self, intent: &Intent) -> Verdict {
+        Stats::bump(&self.stats.takeovers);
+        match self.store.get(&intent.key).await {
+            Ok(Some(record))
+                if record.result.is_some() && record.fingerprint == intent.fingerprint =>
+            {
+                self.replay(intent, &record)
+            }
+            Ok(_) => self.refuse(
+                intent,
+                Rejection::InProgress {
+                    retry_after: self.config.wait.max(MIN_RETRY_AFTER),
+                },
+            ),
+            Err(error) => self.refuse(intent, Rejection::StoreUnavailable(error)),
+        }
+    }
+
+    async fn release(&self, lease: &Lease) {
+        if let Err(error) = self.store.release(lease).await {
+            // The lease's TTL frees the key anyway.
+            tracing::warn!(%error, "claim not released; it frees itself when the lease expires");
+        }
+    }
+
+    /// `IN_PROGRESS`, suggesting a retry when the holder's lease ends (at most `--wait`).
+    fn in_progress(&self, record: &Record) -> Rejection {
+        let until_expiry = (record.expires_at - chrono::Utc::now())
+            .to_std()
+            .unwrap_or_default();
+        Rejection::InProgress {
+            retry_after: until_expiry.min(self.config.wait).max(MIN_RETRY_AFTER),
+        }
+    }
+
+    fn replay(&self, intent: &Intent, record: &Record) -> Verdict {
+        match Reply::from_record(record, true) {
+            Some(reply) => {
+                Stats::bump(&self.stats.replayed);
+                Verdict::Settled(reply)
+            }
+            None => self.refuse(
+                intent,
+                Rejection::StoreUnavailable(StoreError::Corrupt {
+                    key: intent.key.to_string(),
+                    reason: "done record without a result".to_owned(),
+                }),
+            ),
+        }
+    }
+
+    fn unstored(&self, intent: &Intent, outcome: Outcome) -> Reply {
+        Reply::unstored(
+            Some(intent.key.clone()),
+            Some(intent.intent_id.clone()),
+            outcome,
+        )
+    }
+
+    /// The verdict for a refusal: final ones settle, the rest are retried.
+    fn refuse(&self, intent: &Intent, rejection: Rejection) -> Verdict {
+        tracing::info!(code = rejection.code(), reason = %rejection, "intent refused");
+        let reply = self.unstored(intent, rejection.outcome());
+        let retry = |counter: &std::sync::atomic::AtomicU64, after| {
+            Stats::bump(counter);
+            Verdict::Retry {
+                reply: reply.clone(),
+                after,
+            }
+        };
+        match &rejection {
+            Rejection::Invalid(_) => Verdict::Invalid(reply),
+            Rejection::KeyReused => {
+                Stats::bump(&self.stats.key_reused);
+                Verdict::Settled(reply)
+            }
+            Rejection::InProgress { retry_after } => retry(&self.stats.in_progress, *retry_after),
+            Rejection::StoreUnavailable(_) => {
+                retry(&self.stats.store_errors, TRANSIENT_RETRY_AFTER)
+            }
+            Rejection::NoHandler(_) | Rejection::ShuttingDown => {
+                retry(&self.stats.transient, TRANSIENT_RETRY_AFTER)
+            }
+        }
+    }
+}
+
+/// Takes the next message only once a permit is free, so at the in-flight
+/// bound intake simply stops reading: nothing queues inside idemq. Returns
+/// `None` on shutdown or when the source ends.
+pub async fn next_with_permit<S: Stream + Unpin>(
+    source: &mut S,
+    permits: &Arc<Semaphore>,
+    shutdown: &CancellationToken,
+) -> Option<(OwnedSemaphorePermit, S::Item)> {
+    let permit = tokio::select! {
+        biased;
+        () = shutdown.cancelled() => return None,
+        permit = Arc::clone(permits).acquire_owned() => permit.ok()?,
+    };
+    let item = tokio::select! {
+        biased;
+        () = shutdown.cancelled() => return None,
+        item = source.next() => item?,
+    };
+    Some((permit, item))
+}
