@@ -271,12 +271,18 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
     }
 }
 
-/// Connects with a bounded timeout and a name servers can show.
+/// Connects with a bounded timeout and a name servers can show. `url` may
+/// list several servers of a cluster, comma-separated.
 pub async fn connect(url: &str) -> Result<Client, CliError> {
+    let servers: Vec<&str> = url
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
     async_nats::ConnectOptions::new()
         .name("idemq")
         .connection_timeout(Duration::from_secs(5))
-        .connect(url)
+        .connect(servers.as_slice())
         .await
         .map_err(|e| CliError::Failed(format!("cannot connect to NATS at {url}: {e}")))
 }

@@ -18,12 +18,14 @@
 //! While the pipeline works, progress acks keep the message from being
 //! redelivered under a slow handler.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::pull;
 use async_nats::jetstream::consumer::{AckPolicy, PullConsumer};
-use async_nats::jetstream::message::AckKind;
+use async_nats::jetstream::context::GetStreamByNameErrorKind;
+use async_nats::jetstream::message::{AckKind, PublishMessage};
 use async_nats::jetstream::stream::{self, RetentionPolicy, StorageType};
 use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
@@ -46,6 +48,55 @@ const PULL_EXPIRES: Duration = Duration::from_secs(30);
 const PULL_HEARTBEAT: Duration = Duration::from_secs(5);
 /// Pause before re-creating the message stream after it ended.
 const RESUBSCRIBE_DELAY: Duration = Duration::from_secs(1);
+/// How long a reply may take to be safe before the intent is nak'ed instead of acked.
+const REPLY_BOUND: Duration = Duration::from_secs(5);
+/// Pause between attempts to store a reply in the stream that captures it.
+const REPLY_RETRY_PAUSE: Duration = Duration::from_millis(200);
+/// How long a reply subject's capture by a stream is remembered.
+const ROUTE_TTL: Duration = Duration::from_secs(30);
+/// Most reply subjects remembered at once; the memory is cleared past it.
+const MAX_ROUTES: usize = 1024;
+
+/// Why a delivery could not be settled (it is nak'ed and redelivered).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct SettleError(String);
+
+/// Which reply subjects a stream captures, looked up once in a while.
+struct ReplyRoutes {
+    js: async_nats::jetstream::Context,
+    known: Mutex<HashMap<String, (bool, Instant)>>,
+}
+
+impl ReplyRoutes {
+    /// Whether a stream captures `subject`; `None` when the lookup failed.
+    async fn captured(&self, subject: &str) -> Option<bool> {
+        let now = Instant::now();
+        if let Some((captured, at)) = self.lock().get(subject) {
+            if now.duration_since(*at) < ROUTE_TTL {
+                return Some(*captured);
+            }
+        }
+        let captured = match self.js.stream_by_subject(subject).await {
+            Ok(_) => true,
+            Err(error) if error.kind() == GetStreamByNameErrorKind::NotFound => false,
+            Err(_) => return None,
+        };
+        let mut known = self.lock();
+        if known.len() >= MAX_ROUTES {
+            known.clear();
+        }
+        known.insert(subject.to_owned(), (captured, now));
+        Some(captured)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (bool, Instant)>> {
+        // The map is only a cache; a panic while holding it leaves it usable.
+        self.known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
 /// Messages asked for per pull: enough to keep the in-flight bound busy
 /// without buffering much more than it.
 const MAX_BATCH: usize = 256;
@@ -55,6 +106,7 @@ pub(crate) struct Consumer {
     stream: stream::Stream,
     consumer: PullConsumer,
     config: JetStreamConfig,
+    routes: ReplyRoutes,
 }
 
 impl Consumer {
@@ -100,6 +152,10 @@ impl Consumer {
             stream,
             consumer,
             config: config.clone(),
+            routes: ReplyRoutes {
+                js,
+                known: Mutex::default(),
+            },
         })
     }
 
@@ -204,19 +260,29 @@ impl Consumer {
             Verdict::Retry { after, .. } => Ok(AckKind::Nak(Some(nak_delay(after, delivered)))),
         };
         // A reply that could not be published must not be acked away.
-        let kind = settled.unwrap_or(AckKind::Nak(None));
+        let kind = settled.unwrap_or_else(|error| {
+            tracing::warn!(%error, "not settled; the intent will be redelivered");
+            AckKind::Nak(Some(REPLY_RETRY_PAUSE))
+        });
         if let Err(error) = message.ack_with(kind).await {
             tracing::warn!(%error, "ack failed; the message will be redelivered");
         }
     }
 
     /// Publishes the reply, if the intent named somewhere to send it.
+    ///
+    /// The ack that follows removes the intent for good, so the reply must
+    /// be safe first. When a stream captures the reply subject the reply is
+    /// a JetStream publish with `Nats-Msg-Id` = the key, retried (bounded)
+    /// until the stream acknowledges it: through a leader election too, and
+    /// the stream keeps each outcome once. Otherwise it is a core publish
+    /// that must at least reach the server.
     async fn answer(
         &self,
         pipeline: &Pipeline,
         reply_to: Option<&str>,
         reply: &Reply,
-    ) -> Result<(), async_nats::PublishError> {
+    ) -> Result<(), SettleError> {
         let Some(reply_to) = reply_to else {
             return Ok(());
         };
@@ -224,10 +290,35 @@ impl Consumer {
         if let Some(key) = &reply.idem_key {
             headers.insert("Nats-Msg-Id", key.as_str());
         }
-        pipeline
-            .client
-            .publish_with_headers(Subject::from(reply_to), headers, reply.to_bytes())
-            .await
+        let payload = reply.to_bytes();
+        if self.routes.captured(reply_to).await == Some(false) {
+            pipeline
+                .client
+                .publish_with_headers(Subject::from(reply_to), headers, payload)
+                .await
+                .map_err(|e| SettleError(e.to_string()))?;
+            return match tokio::time::timeout(REPLY_BOUND, pipeline.client.flush()).await {
+                Ok(Ok(())) => Ok(()),
+                _ => Err(SettleError("the reply did not reach the server".to_owned())),
+            };
+        }
+        let deadline = tokio::time::Instant::now() + REPLY_BOUND;
+        loop {
+            let message = PublishMessage::build()
+                .headers(headers.clone())
+                .payload(payload.clone());
+            let acked = match self.routes.js.send_publish(reply_to.to_owned(), message).await {
+                Ok(ack) => ack.await.map(drop).map_err(|e| e.to_string()),
+                Err(error) => Err(error.to_string()),
+            };
+            match acked {
+                Ok(()) => return Ok(()),
+                Err(error) if tokio::time::Instant::now() >= deadline => {
+                    return Err(SettleError(format!("the reply stream did not take the reply: {error}")))
+                }
+                Err(_) => tokio::time::sleep(REPLY_RETRY_PAUSE).await,
+            }
+        }
     }
 
     /// Answers, dead-letters and returns `Term`.
@@ -238,7 +329,7 @@ impl Consumer {
         reply_to: Option<&str>,
         reply: &Reply,
         reason: &str,
-    ) -> Result<AckKind, async_nats::PublishError> {
+    ) -> Result<AckKind, SettleError> {
         self.answer(pipeline, reply_to, reply).await?;
         self.dead_letter(
             pipeline,
@@ -257,7 +348,7 @@ impl Consumer {
         headers: Option<HeaderMap>,
         payload: Bytes,
         reason: &str,
-    ) -> Result<(), async_nats::PublishError> {
+    ) -> Result<(), SettleError> {
         let mut headers = headers.unwrap_or_default();
         headers.insert(DEAD_REASON_HEADER, reason);
         Stats::bump(&pipeline.stats.dead_lettered);
@@ -265,6 +356,7 @@ impl Consumer {
             .client
             .publish_with_headers(self.config.dead_letter_subject.clone(), headers, payload)
             .await
+            .map_err(|e| SettleError(e.to_string()))
     }
 
     /// Dead-letters messages the server gave up on without a verdict (their

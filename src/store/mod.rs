@@ -32,6 +32,10 @@ use crate::outcome::{Outcome, Record, RecordState, RECORD_VERSION};
 /// How often a claim is retried when the key changes under it (the
 /// create/delete race, an expiry between two calls) before giving up.
 const MAX_CLAIM_ROUNDS: usize = 8;
+/// First pause before retrying an owner's write on an unavailable store.
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
+/// Longest pause between such retries.
+const MAX_RETRY_PAUSE: Duration = Duration::from_secs(1);
 
 /// What the latest revision of a key holds.
 #[derive(Debug, Clone, PartialEq)]
@@ -328,7 +332,11 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     async fn renew(&self, lease: &Lease) -> Result<Lease, StoreError> {
         let mut record = lease.record.clone();
         record.expires_at = Utc::now() + lease.ttl;
-        let revision = self.write_as_owner(lease, &record, lease.ttl).await?;
+        // A renewal that cannot land within a third of the lease is retried
+        // at the next tick instead.
+        let revision = self
+            .write_as_owner(lease, &record, lease.ttl, lease.ttl / 3)
+            .await?;
         Ok(Lease {
             revision,
             record,
@@ -354,7 +362,9 @@ pub trait IdempotencyStore: Send + Sync + 'static {
             expires_at: now + ttl,
             ..lease.record.clone()
         };
-        self.write_as_owner(lease, &record, ttl).await?;
+        // Until the lease runs out nobody else can write the key, so the
+        // outcome is worth waiting for the store that long.
+        self.write_as_owner(lease, &record, ttl, lease.ttl).await?;
         Ok(record)
     }
 
@@ -368,35 +378,60 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         }
     }
 
-    /// A fenced write by the lease's owner. A write whose acknowledgement was
-    /// lost is settled by reading the key back: it is ours if the latest
-    /// revision is newer than the lease and carries our owner token and state.
+    /// A fenced write by the lease's owner, patient with a store that is
+    /// briefly unavailable (a leader election) for up to `patience`.
+    ///
+    /// Retrying is safe because every attempt is a compare-and-swap on the
+    /// same revision. A write whose acknowledgement was lost is settled by
+    /// reading the key back: it is ours if the latest revision is newer than
+    /// the lease and carries our owner token and state.
     async fn write_as_owner(
         &self,
         lease: &Lease,
         record: &Record,
         ttl: Duration,
+        patience: Duration,
     ) -> Result<u64, StoreError> {
         let key = &lease.record.idem_key;
-        match self.write(key, lease.revision, record, ttl).await {
-            Ok(revision) => Ok(revision),
-            Err(StoreError::Conflict) => Err(StoreError::LeaseLost),
-            Err(StoreError::Unacknowledged(reason)) => match self.read(key).await? {
-                Some(Versioned {
-                    revision,
-                    slot: Slot::Record(found),
-                }) if revision > lease.revision
-                    && found.owner == record.owner
-                    && found.state == record.state =>
-                {
-                    Ok(revision)
+        let deadline = Instant::now() + patience;
+        let mut pause = RETRY_PAUSE;
+        let mut uncertain = false;
+        loop {
+            let failure = match self.write(key, lease.revision, record, ttl).await {
+                Ok(revision) => return Ok(revision),
+                Err(StoreError::Conflict) if !uncertain => return Err(StoreError::LeaseLost),
+                // Someone wrote, or an earlier attempt of ours did: look.
+                Err(StoreError::Conflict) => StoreError::Conflict,
+                Err(StoreError::Unacknowledged(reason)) => {
+                    uncertain = true;
+                    StoreError::Unavailable(reason)
                 }
-                Some(Versioned { revision, .. }) if revision > lease.revision => {
-                    Err(StoreError::LeaseLost)
+                Err(error @ StoreError::Unavailable(_)) => error,
+                Err(other) => return Err(other),
+            };
+            if uncertain {
+                match self.read(key).await {
+                    Ok(Some(Versioned {
+                        revision,
+                        slot: Slot::Record(found),
+                    })) if revision > lease.revision
+                        && found.owner == record.owner
+                        && found.state == record.state =>
+                    {
+                        return Ok(revision)
+                    }
+                    Ok(Some(Versioned { revision, .. })) if revision > lease.revision => {
+                        return Err(StoreError::LeaseLost)
+                    }
+                    Ok(_) if failure == StoreError::Conflict => return Err(StoreError::LeaseLost),
+                    _ => {}
                 }
-                _ => Err(StoreError::Unavailable(reason)),
-            },
-            Err(other) => Err(other),
+            }
+            if Instant::now() + pause > deadline {
+                return Err(failure);
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(MAX_RETRY_PAUSE);
         }
     }
 }
