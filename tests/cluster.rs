@@ -1,0 +1,134 @@
+//! idemq on a 3-node JetStream cluster (bucket and stream at R3): a node
+//! dies mid-run, and every intent is still answered and executed once.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use common::cluster::NatsCluster;
+use common::upstream::{Upstream, FORWARD};
+use common::workers::wait_for_workers;
+use serde_json::json;
+
+const BIN: &str = env!("CARGO_BIN_EXE_idemq");
+const INTENTS: usize = 200;
+
+struct WorkerProcess(Child);
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        // Errors only mean the process already exited.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn leader(js: &jetstream::Context, stream: &str) -> Option<String> {
+    let mut stream = js.get_stream(stream).await.ok()?;
+    let info = stream.info().await.ok()?;
+    info.cluster.as_ref().and_then(|c| c.leader.clone())
+}
+
+/// Publishes into the stream, retrying (bounded) while a leader is elected.
+async fn publish_with_retry(js: &jetstream::Context, body: String) {
+    for _ in 0..100 {
+        if let Ok(ack) = js.publish("intents.work", body.clone().into()).await {
+            if ack.await.is_ok() {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("the stream did not accept an intent within ~20s");
+}
+
+#[tokio::test]
+async fn a_node_lost_mid_run_loses_no_intent_and_repeats_none() {
+    let mut cluster = NatsCluster::start(3);
+    // The test's own connections stay on node 0; a node other than 0 dies.
+    let client = cluster.connect_to(0).await;
+    let js = jetstream::new(client.clone());
+    let upstream = Upstream::start(&client).await;
+    js.create_stream(jetstream::stream::Config {
+        name: "RESULTS".to_owned(),
+        subjects: vec!["results.>".to_owned()],
+        num_replicas: 3,
+        ..Default::default()
+    })
+    .await
+    .expect("results stream");
+    let urls = cluster.urls();
+    let spawn = || {
+        let child = Command::new(BIN)
+            .args(["serve", "--nats-url", &urls, "--replicas", "3"])
+            .args([
+                "--stream",
+                "INTENTS",
+                "--durable",
+                "workers",
+                "--forward",
+                FORWARD,
+            ])
+            .args([
+                "--concurrency",
+                "8",
+                "--handler-timeout",
+                "5s",
+                "--ack-wait",
+                "5s",
+            ])
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn idemq serve");
+        WorkerProcess(child)
+    };
+    let _workers = [spawn(), spawn()];
+    wait_for_workers(&client, 2).await;
+
+    for name in ["KV_IDEMPOTENCY", "INTENTS"] {
+        let mut stream = js.get_stream(name).await.expect("stream");
+        let replicas = stream.info().await.expect("info").config.num_replicas;
+        assert_eq!(replicas, 3, "{name} is R3");
+    }
+    let victim = match leader(&js, "KV_IDEMPOTENCY")
+        .await
+        .and_then(|l| cluster.index_of(&l))
+    {
+        Some(i) if i != 0 => i,
+        _ => 2,
+    };
+
+    for i in 0..INTENTS {
+        let body = json!({
+            "intent_id": format!("c-{i}"), "actor": "agent", "episode": "ep",
+            "capability": "slow", "params": {"sleep_ms": 20}, "reply_to": "results.out",
+        });
+        publish_with_retry(&js, body.to_string()).await;
+        if i == INTENTS / 4 {
+            cluster.kill(victim);
+        }
+    }
+
+    let mut answered = 0;
+    for _ in 0..300 {
+        // JetStream API calls may time out while leaders move: keep asking.
+        if let Ok(mut results) = js.get_stream("RESULTS").await {
+            answered = results.info().await.map_or(answered, |i| i.state.messages);
+        }
+        if answered >= INTENTS as u64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!(
+        "3-node cluster, node {victim} killed: {answered} answered, {} executions",
+        upstream.total()
+    );
+    assert_eq!(answered, INTENTS as u64, "every intent answered once");
+    assert_eq!(upstream.total() as usize, INTENTS, "each executed once");
+    assert!(upstream.duplicates().is_empty());
+}

@@ -1,0 +1,500 @@
+//! A real JetStream cluster of `nats-server` processes on loopback, for tests
+//! of replicated buckets and of failover (kill a node, keep working).
+//!
+//! Each node is spawned exactly like the single-server fixture
+//! ([`super::NatsServer`]): same binary lookup, `-a 127.0.0.1 -js -sd <dir>/js`,
+//! log in `<dir>/server.log`, client port chosen by the server (`-p -1`) and
+//! read back from its ports file. On top of that each node gets a small
+//! config file, `<dir>/node.conf`, with its `server_name` (`n1`, `n2`, ...),
+//! the cluster name [`CLUSTER_NAME`], its route listener and routes to every
+//! node (a node ignores the route to itself).
+//!
+//! Route ports have to be known before any node starts (every node's config
+//! lists them all), so they are picked by binding `127.0.0.1:0` and closing
+//! the listener. That is racy: another process can take the port before the
+//! node binds it. The node then exits at once ("Error listening on router
+//! port"), and [`NatsCluster::start`] throws the whole attempt away and starts
+//! over with fresh ports and a fresh store, up to [`START_ATTEMPTS`] times.
+//!
+//! `start` returns only once JetStream is usable cluster-wide: the account
+//! info answers and an R3 stream (`READY_CHECK`) can be created and deleted,
+//! i.e. a meta leader is elected and every node is a JetStream peer.
+
+use std::fs;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use super::{
+    check_alive, find_nats_server, log_tail, port_from_url, spawn, wait_for_ports_file,
+    wait_for_tcp, CONNECT_TIMEOUT, POLL_STEP, RESTART_ATTEMPTS,
+};
+
+/// The `cluster.name` every node is configured with.
+pub const CLUSTER_NAME: &str = "idemq-test";
+/// Whole-cluster start attempts (each with fresh ports) before giving up.
+pub const START_ATTEMPTS: u32 = 3;
+/// Bound on waiting for JetStream to be usable cluster-wide after the nodes
+/// are up (meta leader election takes a few seconds).
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on one JetStream API call while probing readiness.
+const PROBE_CALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// Pause between readiness probes.
+const PROBE_STEP: Duration = Duration::from_millis(200);
+/// The R3 stream created and deleted to prove the cluster can place replicas.
+const READY_STREAM: &str = "READY_CHECK";
+
+/// One `nats-server` process of the cluster.
+struct Node {
+    /// `server_name`: `n1`, `n2`, ...
+    name: String,
+    /// Store dir, config, ports file and log of this node.
+    dir: PathBuf,
+    /// `<dir>/node.conf`.
+    conf: PathBuf,
+    client_port: u16,
+    route_port: u16,
+    child: Option<Child>,
+}
+
+impl Node {
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.client_port)
+    }
+
+    fn extra_args(&self) -> Vec<String> {
+        vec!["-c".to_owned(), self.conf.display().to_string()]
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // Errors mean the process already exited; either way it is gone.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A running JetStream cluster; dropping it kills every node, then removes
+/// the temp dir holding all stores and logs.
+pub struct NatsCluster {
+    nodes: Vec<Node>,
+    bin: PathBuf,
+    // Declared last so it is dropped after `Drop::drop` has killed the nodes.
+    root: tempfile::TempDir,
+}
+
+impl NatsCluster {
+    /// Starts an `n`-node cluster (n = 3 for R3 streams) with empty stores and
+    /// returns once JetStream accepts an R3 stream. Panics, with the tail of
+    /// every node's log, if that fails [`START_ATTEMPTS`] times.
+    ///
+    /// Blocking; may be called from inside a tokio runtime (the readiness
+    /// probe runs on a runtime of its own in a helper thread).
+    pub fn start(n: usize) -> NatsCluster {
+        assert!(n >= 1, "a cluster needs at least one node");
+        let bin = find_nats_server();
+        let mut failures = Vec::new();
+        for attempt in 1..=START_ATTEMPTS {
+            match NatsCluster::try_start(&bin, n) {
+                Ok(cluster) => return cluster,
+                Err(msg) => {
+                    // Visible with --nocapture; a retry is normal after a
+                    // lost port race, frequent ones are worth a look.
+                    let first = msg.lines().next().unwrap_or_default();
+                    eprintln!(
+                        "nats cluster start attempt {attempt}/{START_ATTEMPTS} failed: {first}"
+                    );
+                    failures.push(format!("attempt {attempt}: {msg}"));
+                }
+            }
+        }
+        panic!(
+            "{n}-node nats-server cluster failed to start:\n{}",
+            failures.join("\n")
+        );
+    }
+
+    /// One attempt; on failure every node of it is killed (by `Drop`) and the
+    /// error carries the logs.
+    fn try_start(bin: &Path, n: usize) -> Result<NatsCluster, String> {
+        let root = tempfile::TempDir::new().expect("create temp dir for nats cluster");
+        let route_ports = free_ports(n);
+        let routes = route_ports
+            .iter()
+            .map(|p| format!("nats-route://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+
+        let nodes = route_ports
+            .iter()
+            .enumerate()
+            .map(|(i, &route_port)| {
+                let name = format!("n{}", i + 1);
+                let dir = root.path().join(&name);
+                fs::create_dir_all(&dir)
+                    .unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+                let conf = dir.join("node.conf");
+                fs::write(&conf, node_config(&name, route_port, &routes))
+                    .unwrap_or_else(|e| panic!("write {}: {e}", conf.display()));
+                Node {
+                    name,
+                    dir,
+                    conf,
+                    client_port: 0,
+                    route_port,
+                    child: None,
+                }
+            })
+            .collect();
+        let mut cluster = NatsCluster {
+            nodes,
+            bin: bin.to_owned(),
+            root,
+        };
+
+        for i in 0..n {
+            if let Err(msg) = cluster.first_spawn(i) {
+                return Err(cluster.failure(&msg));
+            }
+        }
+        match cluster.wait_ready_blocking() {
+            Ok(()) => Ok(cluster),
+            Err(msg) => Err(cluster.failure(&msg)),
+        }
+    }
+
+    /// Spawns node `i` on a server-chosen client port and records the port.
+    fn first_spawn(&mut self, i: usize) -> Result<(), String> {
+        let node = &mut self.nodes[i];
+        let mut child = spawn(&self.bin, &node.dir, "-1", &node.extra_args());
+        let result = wait_for_ports_file(&mut child, &node.dir).and_then(|url| {
+            node.client_port = port_from_url(&url);
+            wait_for_tcp(&mut child, node.client_port)
+        });
+        // Kept even on error, so that `Drop` kills it.
+        node.child = Some(child);
+        result.map_err(|msg| format!("{}: {msg}", node.name))
+    }
+
+    /// Runs the readiness probe in a helper thread (own runtime) while this
+    /// thread watches the nodes; a node dying (e.g. its route port was taken)
+    /// cuts the wait short.
+    fn wait_ready_blocking(&mut self) -> Result<(), String> {
+        let urls = self.url_list();
+        let abort = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            let probe = scope.spawn(|| {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("build tokio runtime for readiness probe")
+                    .block_on(probe_jetstream(
+                        &urls,
+                        Instant::now() + READY_TIMEOUT,
+                        &abort,
+                    ))
+            });
+            let mut dead = None;
+            while !probe.is_finished() {
+                if dead.is_none() {
+                    dead = self.nodes.iter_mut().find_map(|node| {
+                        let child = node.child.as_mut()?;
+                        check_alive(child)
+                            .err()
+                            .map(|msg| format!("{}: {msg}", node.name))
+                    });
+                    if dead.is_some() {
+                        abort.store(true, Ordering::Relaxed);
+                    }
+                }
+                std::thread::sleep(POLL_STEP);
+            }
+            let probed = probe
+                .join()
+                .unwrap_or_else(|_| Err("readiness probe panicked".to_owned()));
+            match dead {
+                Some(msg) => Err(msg),
+                None => probed,
+            }
+        })
+    }
+
+    /// `msg` plus the log tail of every node.
+    fn failure(&self, msg: &str) -> String {
+        let logs: Vec<String> = self.nodes.iter().map(|n| log_tail(&n.dir)).collect();
+        format!("{msg}\n{}", logs.join("\n"))
+    }
+
+    fn url_list(&self) -> Vec<String> {
+        self.nodes.iter().map(Node::url).collect()
+    }
+
+    /// Number of nodes.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Always false (a cluster has at least one node); for clippy.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// All client URLs, comma-separated (`nats://127.0.0.1:p1,nats://...`),
+    /// the form idemq's `--nats-url` takes.
+    pub fn urls(&self) -> String {
+        self.url_list().join(",")
+    }
+
+    /// Client URL of node `i` (0-based).
+    pub fn url(&self, i: usize) -> String {
+        self.nodes[i].url()
+    }
+
+    /// Client port of node `i`.
+    pub fn port(&self, i: usize) -> u16 {
+        self.nodes[i].client_port
+    }
+
+    /// Route (cluster) port of node `i`.
+    pub fn route_port(&self, i: usize) -> u16 {
+        self.nodes[i].route_port
+    }
+
+    /// `server_name` of node `i`: `n{i+1}`. This is what stream info reports
+    /// as `cluster.leader` and in `cluster.replicas[].name`.
+    pub fn server_name(&self, i: usize) -> &str {
+        &self.nodes[i].name
+    }
+
+    /// Index of the node with this `server_name`, e.g. of a stream leader.
+    pub fn index_of(&self, server_name: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| n.name == server_name)
+    }
+
+    /// Directory of node `i`: `js/` store, `node.conf`, `server.log`.
+    pub fn dir(&self, i: usize) -> &Path {
+        &self.nodes[i].dir
+    }
+
+    /// Root temp dir holding every node's dir.
+    pub fn root(&self) -> &Path {
+        self.root.path()
+    }
+
+    /// Whether node `i` is running (not killed, not exited).
+    pub fn is_running(&mut self, i: usize) -> bool {
+        self.nodes[i]
+            .child
+            .as_mut()
+            .is_some_and(|c| check_alive(c).is_ok())
+    }
+
+    /// Kills node `i` (SIGKILL, a crash) and waits for it. Its store is kept
+    /// for [`NatsCluster::restart`]. No-op if already stopped.
+    pub fn kill(&mut self, i: usize) {
+        self.nodes[i].kill();
+    }
+
+    /// Kills node `i` if running, then starts it again with the same client
+    /// and route ports, config and store dir. Returns once it accepts client
+    /// connections; it may take a few more seconds to catch up as a
+    /// JetStream peer (see [`NatsCluster::wait_ready`]).
+    pub fn restart(&mut self, i: usize) {
+        self.nodes[i].kill();
+        let node = &mut self.nodes[i];
+        let port = node.client_port.to_string();
+        let mut last_err = String::new();
+        for _ in 0..RESTART_ATTEMPTS {
+            let mut child = spawn(&self.bin, &node.dir, &port, &node.extra_args());
+            match wait_for_tcp(&mut child, node.client_port) {
+                Ok(()) => {
+                    node.child = Some(child);
+                    return;
+                }
+                Err(msg) => {
+                    // Typically "address already in use" right after the kill.
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    last_err = msg;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+        panic!(
+            "restart of {} (client port {}, route port {}) failed after {RESTART_ATTEMPTS} attempts: {last_err}\n{}",
+            node.name,
+            node.client_port,
+            node.route_port,
+            log_tail(&node.dir)
+        );
+    }
+
+    /// Waits (bounded by [`READY_TIMEOUT`]) until JetStream can place an R3
+    /// stream again, e.g. after [`NatsCluster::restart`]. Needs every node
+    /// running: with one down, an R3 stream cannot be placed.
+    pub async fn wait_ready(&self) {
+        let abort = AtomicBool::new(false);
+        if let Err(msg) =
+            probe_jetstream(&self.url_list(), Instant::now() + READY_TIMEOUT, &abort).await
+        {
+            panic!("nats cluster not ready: {}", self.failure(&msg));
+        }
+    }
+
+    /// Connects a client that knows every node (and so fails over to the
+    /// others when its server dies); panics after 5 s or on error.
+    pub async fn connect(&self) -> async_nats::Client {
+        let urls = self.url_list();
+        match tokio::time::timeout(CONNECT_TIMEOUT, async_nats::connect(urls.clone())).await {
+            Ok(Ok(client)) => client,
+            Ok(Err(e)) => panic!("connect to nats cluster {urls:?} failed: {e}"),
+            Err(_) => {
+                panic!("connect to nats cluster {urls:?} timed out after {CONNECT_TIMEOUT:?}")
+            }
+        }
+    }
+
+    /// Connects a client to node `i` only; panics after 5 s or on error.
+    pub async fn connect_to(&self, i: usize) -> async_nats::Client {
+        let url = self.url(i);
+        match tokio::time::timeout(CONNECT_TIMEOUT, async_nats::connect(url.as_str())).await {
+            Ok(Ok(client)) => client,
+            Ok(Err(e)) => panic!("connect to {} at {url} failed: {e}", self.nodes[i].name),
+            Err(_) => panic!(
+                "connect to {} at {url} timed out after {CONNECT_TIMEOUT:?}",
+                self.nodes[i].name
+            ),
+        }
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            node.kill();
+        }
+    }
+}
+
+/// The per-node config; listen address, client port and JetStream (with
+/// its store dir) come from the command line, as for the single server.
+fn node_config(name: &str, route_port: u16, routes: &str) -> String {
+    format!(
+        "# Written by tests/common/cluster.rs.\n\
+         server_name: {name}\n\
+         cluster {{\n  \
+           name: {CLUSTER_NAME}\n  \
+           listen: 127.0.0.1:{route_port}\n  \
+           routes: [{routes}]\n\
+         }}\n"
+    )
+}
+
+/// `n` distinct ports that were free a moment ago (all listeners are held
+/// until every port is picked, so they differ). Racy, see the module docs.
+fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0 to pick a port"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("local_addr of picked port").port())
+        .collect()
+}
+
+/// Polls until JetStream answers account info and can create and delete an
+/// R3 memory stream, or `deadline` passes, or `abort` is set.
+async fn probe_jetstream(
+    urls: &[String],
+    deadline: Instant,
+    abort: &AtomicBool,
+) -> Result<(), String> {
+    use async_nats::jetstream;
+
+    let expired = |step: &str, last: &str| -> Option<String> {
+        if abort.load(Ordering::Relaxed) {
+            Some(format!(
+                "readiness probe aborted at {step} (last error: {last})"
+            ))
+        } else if Instant::now() >= deadline {
+            Some(format!(
+                "JetStream not ready after {READY_TIMEOUT:?}: {step} failed, last error: {last}"
+            ))
+        } else {
+            None
+        }
+    };
+    let mut last: String;
+
+    let client = loop {
+        match tokio::time::timeout(PROBE_CALL_TIMEOUT, async_nats::connect(urls.to_vec())).await {
+            Ok(Ok(client)) => break client,
+            Ok(Err(e)) => last = e.to_string(),
+            Err(_) => last = "timed out".to_owned(),
+        }
+        if let Some(msg) = expired("connect", &last) {
+            return Err(msg);
+        }
+        tokio::time::sleep(PROBE_STEP).await;
+    };
+    let js = jetstream::new(client);
+
+    loop {
+        match tokio::time::timeout(PROBE_CALL_TIMEOUT, js.query_account()).await {
+            Ok(Ok(_)) => break,
+            Ok(Err(e)) => last = e.to_string(),
+            Err(_) => last = "timed out".to_owned(),
+        }
+        if let Some(msg) = expired("account info ($JS.API.INFO)", &last) {
+            return Err(msg);
+        }
+        tokio::time::sleep(PROBE_STEP).await;
+    }
+
+    let replicas = urls.len();
+    let config = jetstream::stream::Config {
+        name: READY_STREAM.to_owned(),
+        subjects: vec!["ready.check".to_owned()],
+        storage: jetstream::stream::StorageType::Memory,
+        num_replicas: replicas,
+        ..Default::default()
+    };
+    loop {
+        // Creating a stream with an identical config is idempotent, so a
+        // create that timed out but went through is fine to repeat.
+        match tokio::time::timeout(PROBE_CALL_TIMEOUT, js.create_stream(config.clone())).await {
+            Ok(Ok(_)) => break,
+            Ok(Err(e)) => last = e.to_string(),
+            Err(_) => last = "timed out".to_owned(),
+        }
+        if let Some(msg) = expired(
+            &format!("creating R{replicas} stream {READY_STREAM}"),
+            &last,
+        ) {
+            return Err(msg);
+        }
+        tokio::time::sleep(PROBE_STEP).await;
+    }
+
+    loop {
+        match tokio::time::timeout(PROBE_CALL_TIMEOUT, js.delete_stream(READY_STREAM)).await {
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(e)) => {
+                if let jetstream::context::DeleteStreamErrorKind::JetStream(inner) = e.kind() {
+                    if inner.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND {
+                        return Ok(());
+                    }
+                }
+                last = e.to_string();
+            }
+            Err(_) => last = "timed out".to_owned(),
+        }
+        if let Some(msg) = expired(&format!("deleting stream {READY_STREAM}"), &last) {
+            return Err(msg);
+        }
+        tokio::time::sleep(PROBE_STEP).await;
+    }
+}

@@ -1,0 +1,380 @@
+//! JetStream delivery against a real nats-server: intents published into a
+//! stream, answered on their `reply_to`, acked only after the outcome; dead
+//! letters; crashes and restarts lose nothing.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::PullConsumer};
+use async_nats::{Client, HeaderMap, Subscriber};
+use common::upstream::{Upstream, FORWARD};
+use common::workers::{start_worker, test_config, wait_for_workers};
+use common::NatsServer;
+use futures::StreamExt;
+use idemq::config::{Delivery, JetStreamConfig};
+use idemq::WorkerConfig;
+use serde_json::{json, Value};
+
+const STREAM: &str = "INTENTS";
+const DURABLE: &str = "workers";
+const BIN: &str = env!("CARGO_BIN_EXE_idemq");
+
+fn js_config(tune: impl FnOnce(&mut JetStreamConfig)) -> WorkerConfig {
+    let mut js = JetStreamConfig::new(STREAM, DURABLE);
+    js.ack_wait = Duration::from_secs(2);
+    tune(&mut js);
+    WorkerConfig {
+        delivery: Delivery::JetStream(js),
+        ..test_config()
+    }
+}
+
+fn intent(id: &str, capability: &str, params: Value) -> Value {
+    json!({
+        "intent_id": id, "actor": "agent", "episode": "ep",
+        "capability": capability, "params": params, "reply_to": "results.out",
+    })
+}
+
+/// Publishes into the stream and waits for the stream's ack.
+async fn publish(js: &jetstream::Context, body: &Value) {
+    js.publish("intents.work", body.to_string().into())
+        .await
+        .expect("publish")
+        .await
+        .expect("stream ack");
+}
+
+/// Collects replies until `count` arrived or `bound` passed.
+async fn collect(replies: &mut Subscriber, count: usize, bound: Duration) -> Vec<Value> {
+    let deadline = tokio::time::Instant::now() + bound;
+    let mut seen = Vec::new();
+    while seen.len() < count {
+        match tokio::time::timeout_at(deadline, replies.next()).await {
+            Ok(Some(message)) => seen.push(serde_json::from_slice(&message.payload).expect("JSON")),
+            _ => break,
+        }
+    }
+    seen
+}
+
+async fn results(client: &Client) -> Subscriber {
+    let subscriber = client.subscribe("results.>").await.expect("subscribe");
+    client.flush().await.expect("flush");
+    subscriber
+}
+
+async fn consumer(js: &jetstream::Context) -> PullConsumer {
+    js.get_stream(STREAM)
+        .await
+        .expect("stream")
+        .get_consumer(DURABLE)
+        .await
+        .expect("consumer")
+}
+
+/// Waits (bounded) until the consumer has nothing pending or unacked.
+async fn until_drained(js: &jetstream::Context) {
+    let mut consumer = consumer(js).await;
+    for _ in 0..100 {
+        let info = consumer.info().await.expect("consumer info");
+        if info.num_pending == 0 && info.num_ack_pending == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the consumer still has pending or unacked messages after 10s");
+}
+
+#[tokio::test]
+async fn two_hundred_intents_two_hundred_replies_two_hundred_executions() {
+    let server = NatsServer::start();
+    let client = server.connect().await;
+    let upstream = Upstream::start(&client).await;
+    let worker = start_worker(&server, js_config(|_| {}), Some(FORWARD)).await;
+    let js = jetstream::new(client.clone());
+    let mut replies = results(&client).await;
+
+    for i in 0..200 {
+        publish(&js, &intent(&format!("bulk-{i}"), "ok", json!(i))).await;
+    }
+    let seen = collect(&mut replies, 200, Duration::from_secs(30)).await;
+    assert_eq!(seen.len(), 200);
+    let keys: HashSet<&str> = seen
+        .iter()
+        .map(|r| r["idem_key"].as_str().expect("key"))
+        .collect();
+    assert_eq!(keys.len(), 200);
+    assert!(seen
+        .iter()
+        .all(|r| r["replayed"] == false && r["result"]["status"] == "Success"));
+    assert_eq!(upstream.total(), 200);
+    until_drained(&js).await;
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn intents_published_three_times_execute_once_and_answer_each_copy() {
+    let server = NatsServer::start();
+    let client = server.connect().await;
+    let upstream = Upstream::start(&client).await;
+    let worker = start_worker(&server, js_config(|_| {}), Some(FORWARD)).await;
+    let js = jetstream::new(client.clone());
+    let mut replies = results(&client).await;
+
+    for _copy in 0..3 {
+        for i in 0..50 {
+            let body = intent(&format!("dup-{i}"), "slow", json!({"sleep_ms": 20}));
+            publish(&js, &body).await;
+        }
+    }
+    let seen = collect(&mut replies, 150, Duration::from_secs(30)).await;
+    assert_eq!(seen.len(), 150);
+    let fresh = seen.iter().filter(|r| r["replayed"] == false).count();
+    assert_eq!(fresh, 50);
+    let mut per_key: HashMap<&str, Vec<&Value>> = HashMap::new();
+    for reply in &seen {
+        per_key
+            .entry(reply["idem_key"].as_str().expect("key"))
+            .or_default()
+            .push(&reply["result"]);
+    }
+    assert_eq!(per_key.len(), 50);
+    assert!(per_key
+        .values()
+        .all(|copies| copies.len() == 3 && copies.iter().all(|r| *r == copies[0])));
+    assert_eq!(upstream.total(), 50);
+    assert!(upstream.duplicates().is_empty());
+    until_drained(&js).await;
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn an_invalid_intent_is_answered_dead_lettered_and_not_redelivered() {
+    let server = NatsServer::start();
+    let client = server.connect().await;
+    let worker = start_worker(
+        &server,
+        js_config(|js| js.ack_wait = Duration::from_secs(1)),
+        None,
+    )
+    .await;
+    let js = jetstream::new(client.clone());
+    let mut replies = results(&client).await;
+    let mut dead = client
+        .subscribe("idemq.dlq.INTENTS")
+        .await
+        .expect("subscribe");
+    client.flush().await.expect("flush");
+
+    let mut headers = HeaderMap::new();
+    headers.insert("Idem-Reply-To", "results.bad");
+    headers.insert("Trace", "t-1");
+    let body = r#"{"intent_id":"bad","episode":"ep"}"#;
+    js.publish_with_headers("intents.work", headers, body.into())
+        .await
+        .expect("publish")
+        .await
+        .expect("ack");
+
+    let letter = tokio::time::timeout(Duration::from_secs(10), dead.next())
+        .await
+        .expect("a dead letter within 10s")
+        .expect("subscription");
+    let letter_headers = letter.headers.clone().expect("headers");
+    assert_eq!(
+        letter_headers.get("Idem-Dead-Reason").map(|v| v.as_str()),
+        Some("INVALID_INTENT")
+    );
+    assert_eq!(letter_headers.get("Trace").map(|v| v.as_str()), Some("t-1"));
+    assert_eq!(&letter.payload[..], body.as_bytes());
+    let reply = collect(&mut replies, 1, Duration::from_secs(5)).await;
+    assert_eq!(reply.len(), 1);
+    assert_eq!(reply[0]["result"]["data"]["code"], "INVALID_INTENT");
+
+    // Past several ack waits: no redelivery, no second dead letter.
+    let again = tokio::time::timeout(Duration::from_secs(3), dead.next()).await;
+    assert!(again.is_err(), "the invalid intent was redelivered");
+    until_drained(&js).await;
+    assert_eq!(worker.stats.snapshot().received, 1);
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn an_intent_out_of_deliveries_is_answered_once_and_dead_lettered() {
+    let server = NatsServer::start();
+    let client = server.connect().await;
+    let config = js_config(|js| js.max_deliver = 2);
+    let worker = start_worker(&server, config, Some("nobody.{capability}")).await;
+    let js = jetstream::new(client.clone());
+    let mut replies = results(&client).await;
+    let mut dead = client
+        .subscribe("idemq.dlq.INTENTS")
+        .await
+        .expect("subscribe");
+    client.flush().await.expect("flush");
+
+    publish(&js, &intent("orphan", "ok", json!(null))).await;
+    let letter = tokio::time::timeout(Duration::from_secs(15), dead.next())
+        .await
+        .expect("a dead letter within 15s")
+        .expect("subscription");
+    let reason = letter
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("Idem-Dead-Reason"))
+        .map(|v| v.as_str().to_owned());
+    assert_eq!(reason.as_deref(), Some("max_deliver"));
+    let seen = collect(&mut replies, 2, Duration::from_secs(3)).await;
+    assert_eq!(
+        seen.len(),
+        1,
+        "answered once, on the last delivery: {seen:?}"
+    );
+    assert_eq!(seen[0]["result"]["data"]["code"], "NO_HANDLER");
+    assert_eq!(worker.stats.snapshot().received, 2);
+    until_drained(&js).await;
+    worker.stop().await;
+}
+
+/// A worker process in JetStream mode; killed on drop.
+struct WorkerProcess(Child);
+
+impl WorkerProcess {
+    fn spawn(url: &str, extra: &[&str]) -> WorkerProcess {
+        let child = Command::new(BIN)
+            .args([
+                "serve",
+                "--nats-url",
+                url,
+                "--stream",
+                STREAM,
+                "--durable",
+                DURABLE,
+            ])
+            .args(["--forward", FORWARD, "--ack-wait", "2s", "--lease", "2s"])
+            .args(extra)
+            .env(
+                "RUST_LOG",
+                std::env::var("IDEMQ_TEST_LOG").unwrap_or_else(|_| "error".to_owned()),
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn idemq serve");
+        WorkerProcess(child)
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        // Most are killed on purpose; errors only mean it already exited.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn a_worker_killed_mid_run_loses_nothing_and_repeats_at_most_its_in_flight() {
+    const INTENTS: usize = 500;
+    const CONCURRENCY: u32 = 4;
+    let server = NatsServer::start();
+    let client = server.connect().await;
+    let upstream = Upstream::start(&client).await;
+    let url = server.url();
+    let concurrency = CONCURRENCY.to_string();
+    let args = ["--concurrency", concurrency.as_str()];
+    let mut doomed = WorkerProcess::spawn(&url, &args);
+    let _steady = WorkerProcess::spawn(&url, &args);
+    wait_for_workers(&client, 2).await;
+    let js = jetstream::new(client.clone());
+    let mut replies = results(&client).await;
+
+    for i in 0..INTENTS {
+        publish(
+            &js,
+            &intent(&format!("crash-{i}"), "slow", json!({"sleep_ms": 20})),
+        )
+        .await;
+    }
+    let mut seen = collect(&mut replies, 100, Duration::from_secs(30)).await;
+    doomed.0.kill().expect("SIGKILL the worker");
+    doomed.0.wait().expect("reap");
+    let _restarted = WorkerProcess::spawn(&url, &args);
+    seen.extend(collect(&mut replies, INTENTS * 2, Duration::from_secs(20)).await);
+
+    let answered: HashSet<&str> = seen
+        .iter()
+        .map(|r| r["idem_key"].as_str().expect("key"))
+        .collect();
+    assert_eq!(answered.len(), INTENTS, "every intent answered");
+    assert!(seen.iter().all(|r| r["result"]["status"] == "Success"));
+    let executions = upstream.total() as usize;
+    println!(
+        "killed worker mid-run: {INTENTS} intents, {executions} executions ({} repeated; bound {CONCURRENCY})",
+        executions - INTENTS
+    );
+    assert!(executions >= INTENTS);
+    assert!(
+        executions - INTENTS <= CONCURRENCY as usize,
+        "repeats {:?}",
+        upstream.duplicates()
+    );
+    until_drained(&js).await;
+}
+
+#[tokio::test]
+async fn a_nats_server_restart_mid_run_loses_no_intent() {
+    let mut server = NatsServer::start();
+    let client = server.connect().await;
+    let js = jetstream::new(client.clone());
+    // Replies land in a stream, so none is lost while clients reconnect;
+    // Nats-Msg-Id keeps one per key.
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "RESULTS".to_owned(),
+        subjects: vec!["results.>".to_owned()],
+        ..Default::default()
+    })
+    .await
+    .expect("results stream");
+    let url = server.url();
+    // A small in-flight bound keeps the worker busy across the restart. An
+    // upstream request lost in the restart ends in Timeout after 3s: an
+    // answer too.
+    let _worker = WorkerProcess::spawn(&url, &["--concurrency", "4", "--handler-timeout", "3s"]);
+    let _first_upstream = Upstream::start(&client).await;
+    wait_for_workers(&client, 1).await;
+
+    for i in 0..100 {
+        publish(
+            &js,
+            &intent(&format!("restart-{i}"), "slow", json!({"sleep_ms": 20})),
+        )
+        .await;
+    }
+    server.restart();
+    let client = server.connect().await;
+    let _upstream = Upstream::start(&client).await;
+    let js = jetstream::new(client.clone());
+    for i in 100..200 {
+        publish(
+            &js,
+            &intent(&format!("restart-{i}"), "slow", json!({"sleep_ms": 20})),
+        )
+        .await;
+    }
+    let mut results = js.get_stream("RESULTS").await.expect("results stream");
+    let mut stored = 0;
+    for _ in 0..150 {
+        stored = results.info().await.expect("info").state.messages;
+        if stored >= 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(stored, 200, "one reply per intent, none lost");
+    until_drained(&js).await;
+}
