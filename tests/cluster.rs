@@ -3,27 +3,15 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use async_nats::jetstream;
 use common::cluster::NatsCluster;
 use common::upstream::{Upstream, FORWARD};
-use common::workers::wait_for_workers;
+use common::workers::{wait_for_workers, WorkerProcess};
 use serde_json::json;
 
-const BIN: &str = env!("CARGO_BIN_EXE_idemq");
 const INTENTS: usize = 200;
-
-struct WorkerProcess(Child);
-
-impl Drop for WorkerProcess {
-    fn drop(&mut self) {
-        // Errors only mean the process already exited.
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 async fn leader(js: &jetstream::Context, stream: &str) -> Option<String> {
     let mut stream = js.get_stream(stream).await.ok()?;
@@ -60,32 +48,23 @@ async fn a_node_lost_mid_run_loses_no_intent_and_repeats_none() {
     .await
     .expect("results stream");
     let urls = cluster.urls();
-    let spawn = || {
-        let child = Command::new(BIN)
-            .args(["serve", "--nats-url", &urls, "--replicas", "3"])
-            .args([
-                "--stream",
-                "INTENTS",
-                "--durable",
-                "workers",
-                "--forward",
-                FORWARD,
-            ])
-            .args([
-                "--concurrency",
-                "8",
-                "--handler-timeout",
-                "5s",
-                "--ack-wait",
-                "5s",
-            ])
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn idemq serve");
-        WorkerProcess(child)
-    };
+    let args = [
+        "--replicas",
+        "3",
+        "--stream",
+        "INTENTS",
+        "--durable",
+        "workers",
+        "--forward",
+        FORWARD,
+        "--concurrency",
+        "8",
+        "--handler-timeout",
+        "5s",
+        "--ack-wait",
+        "5s",
+    ];
+    let spawn = || WorkerProcess::serve(&urls, &args);
     let _workers = [spawn(), spawn()];
     wait_for_workers(&client, 2).await;
 

@@ -5,13 +5,12 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::PullConsumer};
 use async_nats::{Client, HeaderMap, Subscriber};
 use common::upstream::{Upstream, FORWARD};
-use common::workers::{start_worker, test_config, wait_for_workers};
+use common::workers::{start_worker, test_config, wait_for_workers, WorkerProcess};
 use common::NatsServer;
 use futures::StreamExt;
 use idemq::config::{Delivery, JetStreamConfig};
@@ -20,7 +19,6 @@ use serde_json::{json, Value};
 
 const STREAM: &str = "INTENTS";
 const DURABLE: &str = "workers";
-const BIN: &str = env!("CARGO_BIN_EXE_idemq");
 
 fn js_config(tune: impl FnOnce(&mut JetStreamConfig)) -> WorkerConfig {
     let mut js = JetStreamConfig::new(STREAM, DURABLE);
@@ -240,41 +238,19 @@ async fn an_intent_out_of_deliveries_is_answered_once_and_dead_lettered() {
     worker.stop().await;
 }
 
-/// A worker process in JetStream mode; killed on drop.
-struct WorkerProcess(Child);
-
-impl WorkerProcess {
-    fn spawn(url: &str, extra: &[&str]) -> WorkerProcess {
-        let child = Command::new(BIN)
-            .args([
-                "serve",
-                "--nats-url",
-                url,
-                "--stream",
-                STREAM,
-                "--durable",
-                DURABLE,
-            ])
-            .args(["--forward", FORWARD, "--ack-wait", "2s", "--lease", "2s"])
-            .args(extra)
-            .env(
-                "RUST_LOG",
-                std::env::var("IDEMQ_TEST_LOG").unwrap_or_else(|_| "error".to_owned()),
-            )
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn idemq serve");
-        WorkerProcess(child)
-    }
-}
-
-impl Drop for WorkerProcess {
-    fn drop(&mut self) {
-        // Most are killed on purpose; errors only mean it already exited.
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// A worker process in JetStream mode.
+fn spawn_worker(url: &str, extra: &[&str]) -> WorkerProcess {
+    let mut args = vec![
+        "--stream",
+        STREAM,
+        "--durable",
+        DURABLE,
+        "--forward",
+        FORWARD,
+    ];
+    args.extend(["--ack-wait", "2s", "--lease", "2s"]);
+    args.extend(extra);
+    WorkerProcess::serve(url, &args)
 }
 
 #[tokio::test]
@@ -287,8 +263,8 @@ async fn a_worker_killed_mid_run_loses_nothing_and_repeats_at_most_its_in_flight
     let url = server.url();
     let concurrency = CONCURRENCY.to_string();
     let args = ["--concurrency", concurrency.as_str()];
-    let mut doomed = WorkerProcess::spawn(&url, &args);
-    let _steady = WorkerProcess::spawn(&url, &args);
+    let mut doomed = spawn_worker(&url, &args);
+    let _steady = spawn_worker(&url, &args);
     wait_for_workers(&client, 2).await;
     let js = jetstream::new(client.clone());
     let mut replies = results(&client).await;
@@ -301,9 +277,9 @@ async fn a_worker_killed_mid_run_loses_nothing_and_repeats_at_most_its_in_flight
         .await;
     }
     let mut seen = collect(&mut replies, 100, Duration::from_secs(30)).await;
-    doomed.0.kill().expect("SIGKILL the worker");
-    doomed.0.wait().expect("reap");
-    let _restarted = WorkerProcess::spawn(&url, &args);
+    doomed.signal("-KILL");
+    doomed.wait(Duration::from_secs(5)).await;
+    let _restarted = spawn_worker(&url, &args);
     seen.extend(collect(&mut replies, INTENTS * 2, Duration::from_secs(20)).await);
 
     let answered: HashSet<&str> = seen
@@ -344,7 +320,7 @@ async fn a_nats_server_restart_mid_run_loses_no_intent() {
     // A small in-flight bound keeps the worker busy across the restart. An
     // upstream request lost in the restart ends in Timeout after 3s: an
     // answer too.
-    let _worker = WorkerProcess::spawn(&url, &["--concurrency", "4", "--handler-timeout", "3s"]);
+    let _worker = spawn_worker(&url, &["--concurrency", "4", "--handler-timeout", "3s"]);
     let _first_upstream = Upstream::start(&client).await;
     wait_for_workers(&client, 1).await;
 

@@ -4,65 +4,14 @@
 
 mod common;
 
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::Output;
 use std::time::Duration;
 
 use common::upstream::{Upstream, FORWARD};
-use common::workers::{send, start_worker, test_config, wait_for_workers};
+use common::workers::{send, start_worker, test_config, wait_for_workers, WorkerProcess, BIN};
 use common::NatsServer;
 use idemq::IdempotencyKey;
 use serde_json::{json, Value};
-
-const BIN: &str = env!("CARGO_BIN_EXE_idemq");
-
-/// A worker process; killed on drop if still running.
-struct WorkerProcess(Child);
-
-impl WorkerProcess {
-    fn spawn(server: &NatsServer, args: &[&str]) -> WorkerProcess {
-        let child = Command::new(BIN)
-            .arg("serve")
-            .args(["--nats-url", &server.url()])
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn idemq serve");
-        WorkerProcess(child)
-    }
-
-    fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([signal, &self.0.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill {signal}");
-    }
-
-    /// Waits (at most `bound`) for the process to exit.
-    async fn wait(&mut self, bound: Duration) -> ExitStatus {
-        let deadline = tokio::time::Instant::now() + bound;
-        loop {
-            if let Some(status) = self.0.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "worker still running after {bound:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for WorkerProcess {
-    fn drop(&mut self) {
-        // Already exited in most tests; an error here only means that.
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn intent(id: &str, params: Value) -> Value {
     json!({ "intent_id": id, "actor": "agent", "episode": "ep", "params": params })
@@ -91,7 +40,7 @@ async fn a_killed_worker_is_taken_over_after_its_lease() {
     let upstream = Upstream::start(&client).await;
     // The lease outlives the restart below, so the retry finds the dead
     // worker's claim still held and must wait it out.
-    let mut first = WorkerProcess::spawn(&server, &["--forward", FORWARD, "--lease", "4s"]);
+    let mut first = WorkerProcess::serve(&server.url(), &["--forward", FORWARD, "--lease", "4s"]);
     wait_for_workers(&client, 1).await;
 
     // The first attempt hangs in the upstream; the worker dies mid-execution.
@@ -147,7 +96,7 @@ async fn sigterm_with_an_intent_in_flight_still_replies_and_exits_zero() {
     let server = NatsServer::start();
     let client = server.connect().await;
     let upstream = Upstream::start(&client).await;
-    let mut worker = WorkerProcess::spawn(&server, &["--forward", FORWARD, "--grace", "10s"]);
+    let mut worker = WorkerProcess::serve(&server.url(), &["--forward", FORWARD, "--grace", "10s"]);
     wait_for_workers(&client, 1).await;
 
     let body = intent("in-flight", json!({"sleep_ms": 1500}));
@@ -180,7 +129,8 @@ async fn sigterm_past_the_grace_period_releases_the_claim() {
     let server = NatsServer::start();
     let client = server.connect().await;
     let _upstream = Upstream::start(&client).await;
-    let mut worker = WorkerProcess::spawn(&server, &["--forward", FORWARD, "--grace", "500ms"]);
+    let mut worker =
+        WorkerProcess::serve(&server.url(), &["--forward", FORWARD, "--grace", "500ms"]);
     wait_for_workers(&client, 1).await;
 
     let body = intent("abandoned", json!({"sleep_ms": 20000}));
@@ -208,7 +158,7 @@ async fn sigterm_past_the_grace_period_releases_the_claim() {
 #[tokio::test]
 async fn the_worker_survives_a_nats_server_restart() {
     let mut server = NatsServer::start();
-    let _worker = WorkerProcess::spawn(&server, &[]);
+    let _worker = WorkerProcess::serve(&server.url(), &[]);
     let client = server.connect().await;
     wait_for_workers(&client, 1).await;
     let before = send(&client, "intents.echo", &intent("before", json!(1))).await;

@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use super::{
-    check_alive, find_nats_server, log_tail, port_from_url, spawn, wait_for_ports_file,
+    check_alive, find_nats_server, log_tail, port_from_url, respawn, spawn, wait_for_ports_file,
     wait_for_tcp, CONNECT_TIMEOUT, POLL_STEP, RESTART_ATTEMPTS,
 };
 
@@ -305,31 +305,16 @@ impl NatsCluster {
     pub fn restart(&mut self, i: usize) {
         self.nodes[i].kill();
         let node = &mut self.nodes[i];
-        let port = node.client_port.to_string();
-        let mut last_err = String::new();
-        for _ in 0..RESTART_ATTEMPTS {
-            let mut child = spawn(&self.bin, &node.dir, &port, &node.extra_args());
-            match wait_for_tcp(&mut child, node.client_port) {
-                Ok(()) => {
-                    node.child = Some(child);
-                    return;
-                }
-                Err(msg) => {
-                    // Typically "address already in use" right after the kill.
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    last_err = msg;
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-            }
+        match respawn(&self.bin, &node.dir, node.client_port, &node.extra_args()) {
+            Ok(child) => node.child = Some(child),
+            Err(last_err) => panic!(
+                "restart of {} (client port {}, route port {}) failed after {RESTART_ATTEMPTS} attempts: {last_err}\n{}",
+                node.name,
+                node.client_port,
+                node.route_port,
+                log_tail(&node.dir)
+            ),
         }
-        panic!(
-            "restart of {} (client port {}, route port {}) failed after {RESTART_ATTEMPTS} attempts: {last_err}\n{}",
-            node.name,
-            node.client_port,
-            node.route_port,
-            log_tail(&node.dir)
-        );
     }
 
     /// Waits (bounded by [`READY_TIMEOUT`]) until JetStream can place an R3

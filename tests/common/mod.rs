@@ -108,29 +108,15 @@ impl NatsServer {
     /// reconnect enabled come back to the same URL.
     pub fn restart(&mut self) {
         self.stop();
-        let port = self.port.to_string();
-        let mut last_err = String::new();
-        for _ in 0..RESTART_ATTEMPTS {
-            let mut child = spawn(&self.bin, self.dir.path(), &port, &self.extra_args);
-            match wait_for_tcp(&mut child, self.port) {
-                Ok(()) => {
-                    self.child = Some(child);
-                    return;
-                }
-                Err(msg) => {
-                    // Typically "address already in use" right after the kill.
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    last_err = msg;
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-            }
-        }
-        panic!(
-            "nats-server restart on port {} failed after {RESTART_ATTEMPTS} attempts: {last_err}\n{}",
-            self.port,
-            log_tail(self.dir.path())
-        );
+        let child = respawn(&self.bin, self.dir.path(), self.port, &self.extra_args)
+            .unwrap_or_else(|last_err| {
+                panic!(
+                    "nats-server restart on port {} failed after {RESTART_ATTEMPTS} attempts: {last_err}\n{}",
+                    self.port,
+                    log_tail(self.dir.path())
+                )
+            });
+        self.child = Some(child);
     }
 
     /// Connects a client, panicking if that takes longer than 5 s or fails.
@@ -276,4 +262,24 @@ fn log_tail(dir: &Path) -> String {
     let lines: Vec<&str> = text.lines().collect();
     let tail = lines[lines.len().saturating_sub(20)..].join("\n");
     format!("--- last lines of {} ---\n{tail}", path.display())
+}
+
+/// Starts a server again on a known port, retrying while the port is still
+/// held by the process that just died.
+fn respawn(bin: &Path, dir: &Path, port: u16, extra_args: &[String]) -> Result<Child, String> {
+    let mut last_err = String::new();
+    for _ in 0..RESTART_ATTEMPTS {
+        let mut child = spawn(bin, dir, &port.to_string(), extra_args);
+        match wait_for_tcp(&mut child, port) {
+            Ok(()) => return Ok(child),
+            Err(msg) => {
+                // Typically "address already in use" right after the kill.
+                let _ = child.kill();
+                let _ = child.wait();
+                last_err = msg;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    Err(last_err)
 }

@@ -1,6 +1,7 @@
 //! Starting in-process workers against a test server, and talking to them.
 
 use std::collections::HashSet;
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -152,4 +153,59 @@ pub fn code(reply: &Value) -> &str {
     reply["result"]["data"]["code"]
         .as_str()
         .unwrap_or_else(|| panic!("not an error reply: {reply}"))
+}
+
+/// The `idemq` binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_idemq");
+
+/// An `idemq serve` process; killed on drop if still running.
+pub struct WorkerProcess(Child);
+
+impl WorkerProcess {
+    /// Starts `idemq serve --nats-url URL ARGS...`. Its logs go to the test's
+    /// stderr at the level of `IDEMQ_TEST_LOG` (default `error`).
+    pub fn serve(url: &str, args: &[&str]) -> WorkerProcess {
+        let level = std::env::var("IDEMQ_TEST_LOG").unwrap_or_else(|_| "error".to_owned());
+        let child = Command::new(BIN)
+            .args(["serve", "--nats-url", url])
+            .args(args)
+            .env("RUST_LOG", level)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn idemq serve");
+        WorkerProcess(child)
+    }
+
+    /// Sends a signal (`-TERM`, `-KILL`) with kill(1).
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.0.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {signal}");
+    }
+
+    /// Waits (at most `bound`) for the process to exit.
+    pub async fn wait(&mut self, bound: Duration) -> ExitStatus {
+        let deadline = tokio::time::Instant::now() + bound;
+        loop {
+            if let Some(status) = self.0.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "worker still running after {bound:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        // Already exited in most tests; an error here only means that.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
