@@ -307,14 +307,21 @@ impl Consumer {
             let message = PublishMessage::build()
                 .headers(headers.clone())
                 .payload(payload.clone());
-            let acked = match self.routes.js.send_publish(reply_to.to_owned(), message).await {
+            let acked = match self
+                .routes
+                .js
+                .send_publish(reply_to.to_owned(), message)
+                .await
+            {
                 Ok(ack) => ack.await.map(drop).map_err(|e| e.to_string()),
                 Err(error) => Err(error.to_string()),
             };
             match acked {
                 Ok(()) => return Ok(()),
                 Err(error) if tokio::time::Instant::now() >= deadline => {
-                    return Err(SettleError(format!("the reply stream did not take the reply: {error}")))
+                    return Err(SettleError(format!(
+                        "the reply stream did not take the reply: {error}"
+                    )))
                 }
                 Err(_) => tokio::time::sleep(REPLY_RETRY_PAUSE).await,
             }
