@@ -31,6 +31,11 @@ pub struct WorkerConfig {
     pub grace: Duration,
     /// Where intents come from.
     pub delivery: Delivery,
+    /// The bucket's name: purges of it are announced on `idemq.purge.<bucket>`.
+    pub bucket: String,
+    /// Stored outcomes kept in memory to answer replays without a KV read
+    /// (0 turns the cache off).
+    pub cache_capacity: usize,
 }
 
 /// Where the worker takes intents from.
@@ -109,6 +114,8 @@ impl Default for WorkerConfig {
             max_payload: 1024 * 1024,
             grace: Duration::from_secs(10),
             delivery: Delivery::Core,
+            bucket: "IDEMPOTENCY".to_owned(),
+            cache_capacity: 10_000,
         }
     }
 }

@@ -21,6 +21,7 @@
 //! * [`config`]: [`WorkerConfig`] with the contract's defaults.
 //! * [`stats`]: counters shared by the worker and the service.
 //! * [`service`]: the `idemq` NATS micro service (discovery, stats).
+//! * [`cache`]: stored outcomes kept in memory for replays; purge notices.
 //! * [`pipeline`]: one delivery's path, decode to verdict ([`Verdict`]).
 //! * [`jetstream`]: JetStream delivery: pull consumer, acks, dead letters.
 //! * [`worker`]: intake, the in-flight bound and shutdown ([`Worker`]).
@@ -62,6 +63,7 @@ pub mod handler;
 pub mod config;
 pub mod stats;
 pub mod service;
+pub mod cache;
 pub mod pipeline;
 pub mod jetstream;
 pub mod worker;

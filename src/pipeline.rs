@@ -16,6 +16,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{field, Instrument};
 
+use crate::cache::{Lookup, OutcomeCache};
 use crate::config::WorkerConfig;
 use crate::handler::{Call, Handler, HandlerError};
 use crate::intent::{Intent, IntentError, Limits};
@@ -136,6 +137,8 @@ pub struct Pipeline {
     pub stats: Arc<Stats>,
     /// Unique per worker process; prefixes claim owner tokens.
     pub instance: String,
+    /// Outcomes this worker has seen, to answer replays without the store.
+    pub cache: OutcomeCache,
 }
 
 /// Decrements the in-flight gauge however the task ends.
@@ -206,6 +209,11 @@ impl Pipeline {
         payload: &Bytes,
         abandon: &CancellationToken,
     ) -> Verdict {
+        match self.cache.lookup(&intent.key, &intent.fingerprint) {
+            Lookup::Stored(record) => return self.replay(intent, &record),
+            Lookup::Reused => return self.refuse(intent, Rejection::KeyReused),
+            Lookup::Miss => {}
+        }
         let request = ClaimRequest {
             key: intent.key.clone(),
             intent_id: intent.intent_id.clone(),
@@ -215,7 +223,10 @@ impl Pipeline {
         };
         match self.store.acquire(&request, self.config.wait).await {
             Ok(Acquire::Owner(lease)) => self.run_owned(intent, payload, lease, abandon).await,
-            Ok(Acquire::Stored(record)) => self.replay(intent, &record),
+            Ok(Acquire::Stored(record)) => {
+                self.cache.insert(&record);
+                self.replay(intent, &record)
+            }
             Ok(Acquire::Reused(_)) => self.refuse(intent, Rejection::KeyReused),
             Ok(Acquire::Busy(record)) => self.refuse(intent, self.in_progress(&record)),
             Err(error) => self.refuse(intent, Rejection::StoreUnavailable(error)),
@@ -286,6 +297,7 @@ impl Pipeline {
         match self.store.complete(&lease, outcome.clone(), ttl).await {
             Ok(record) => {
                 Stats::bump(&self.stats.executed);
+                self.cache.insert(&record);
                 let reply = Reply::from_record(&record, false)
                     .unwrap_or_else(|| self.unstored(intent, outcome));
                 Verdict::Settled(reply)

@@ -12,13 +12,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::{Client, Message};
+use futures::StreamExt;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::cache::{purge_subject, OutcomeCache};
 use crate::config::{Delivery, WorkerConfig};
 use crate::handler::Handler;
 use crate::jetstream;
+use crate::key::IdempotencyKey;
 use crate::pipeline::{next_with_permit, Pipeline};
 use crate::service;
 use crate::stats::Stats;
@@ -67,9 +70,10 @@ impl Worker {
                 client,
                 store,
                 handler,
-                config,
                 stats: Arc::default(),
                 instance: nuid::next().to_string(),
+                cache: OutcomeCache::new(config.cache_capacity),
+                config,
             },
         }
     }
@@ -103,6 +107,16 @@ impl Worker {
             ("instance".to_owned(), self.pipeline.instance.clone()),
         ]);
         let pipeline = Arc::new(self.pipeline);
+        let purges = pipeline
+            .client
+            .subscribe(purge_subject(&pipeline.config.bucket))
+            .await
+            .map_err(|e| WorkerError::Nats(format!("subscribe to purge notices: {e}")))?;
+        intake.tracker.spawn(evict_purged(
+            Arc::clone(&pipeline),
+            purges,
+            intake.shutdown.clone(),
+        ));
         match pipeline.config.delivery.clone() {
             Delivery::Core => {
                 let subscriptions = subscribe(&pipeline).await?;
@@ -149,6 +163,28 @@ impl Worker {
             tracing::warn!("flushing the last replies timed out");
         }
         Ok(())
+    }
+}
+
+/// Evicts purged keys from the outcome cache until shutdown. Every worker
+/// subscribes (no queue group): each has its own cache.
+async fn evict_purged(
+    pipeline: Arc<Pipeline>,
+    mut purges: async_nats::Subscriber,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let notice = tokio::select! {
+            () = shutdown.cancelled() => return,
+            notice = purges.next() => match notice {
+                Some(notice) => notice,
+                None => return,
+            },
+        };
+        match std::str::from_utf8(&notice.payload).map(IdempotencyKey::parse) {
+            Ok(Ok(key)) => pipeline.cache.remove(&key),
+            _ => tracing::debug!("ignored a malformed purge notice"),
+        }
     }
 }
 

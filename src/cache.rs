@@ -1,0 +1,194 @@
+//! A bounded in-process cache of stored outcomes.
+//!
+//! An outcome never changes once stored: until it expires (or an operator
+//! purges it) every copy of the intent gets exactly that record. So a
+//! worker that has seen an outcome can answer later copies without a KV
+//! round trip. Two things keep that honest:
+//!
+//! * entries live no longer than [`MAX_AGE`] and stop [`EXPIRY_MARGIN`]
+//!   before the record's own expiry (computed from this host's monotonic
+//!   clock at insertion), so a clock skew between workers or a missed purge
+//!   notice costs at most that long;
+//! * a purge is announced on `idemq.purge.<bucket>` and every worker evicts
+//!   the key at once ([`purge_subject`]).
+//!
+//! The cache is bounded by entry count; the oldest insertion goes first.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::key::IdempotencyKey;
+use crate::outcome::Record;
+
+/// Longest time an entry is served from the cache.
+pub const MAX_AGE: Duration = Duration::from_secs(300);
+/// How long before the record's expiry an entry stops being served.
+pub const EXPIRY_MARGIN: Duration = Duration::from_secs(2);
+
+/// The subject on which purges of `bucket` are announced (payload: the key).
+pub fn purge_subject(bucket: &str) -> String {
+    format!("idemq.purge.{bucket}")
+}
+
+/// What the cache knows about a key.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Lookup {
+    /// A stored outcome with the same fingerprint.
+    Stored(Arc<Record>),
+    /// A stored outcome with another fingerprint: `KEY_REUSED`.
+    Reused,
+    /// Nothing (or nothing fresh enough).
+    Miss,
+}
+
+struct Entry {
+    record: Arc<Record>,
+    until: Instant,
+}
+
+#[derive(Default)]
+struct Inner {
+    entries: HashMap<IdempotencyKey, Entry>,
+    order: VecDeque<IdempotencyKey>,
+}
+
+/// The outcome cache.
+pub struct OutcomeCache {
+    capacity: usize,
+    inner: Mutex<Inner>,
+}
+
+impl OutcomeCache {
+    /// A cache of at most `capacity` outcomes (0 disables it).
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            inner: Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // Only a cache: a panic while holding it leaves it usable.
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Looks a key up for an intent with `fingerprint`.
+    pub fn lookup(&self, key: &IdempotencyKey, fingerprint: &str) -> Lookup {
+        let mut inner = self.lock();
+        let Some(entry) = inner.entries.get(key) else {
+            return Lookup::Miss;
+        };
+        if entry.until <= Instant::now() {
+            inner.entries.remove(key);
+            return Lookup::Miss;
+        }
+        if entry.record.fingerprint == fingerprint {
+            Lookup::Stored(Arc::clone(&entry.record))
+        } else {
+            Lookup::Reused
+        }
+    }
+
+    /// Remembers a stored outcome (records without one are ignored).
+    pub fn insert(&self, record: &Record) {
+        if self.capacity == 0 || record.result.is_none() {
+            return;
+        }
+        let left = (record.expires_at - chrono::Utc::now())
+            .to_std()
+            .unwrap_or_default();
+        let Some(left) = left.checked_sub(EXPIRY_MARGIN) else {
+            return;
+        };
+        let until = Instant::now() + left.min(MAX_AGE);
+        let mut inner = self.lock();
+        let key = record.idem_key.clone();
+        let entry = Entry {
+            record: Arc::new(record.clone()),
+            until,
+        };
+        if inner.entries.insert(key.clone(), entry).is_none() {
+            inner.order.push_back(key);
+        }
+        while inner.entries.len() > self.capacity {
+            let Some(oldest) = inner.order.pop_front() else {
+                break;
+            };
+            inner.entries.remove(&oldest);
+        }
+        // Keys evicted by lookup or purge leave stale names in `order`;
+        // drop them once they outnumber live entries.
+        if inner.order.len() > 2 * self.capacity.max(1) {
+            let Inner { entries, order } = &mut *inner;
+            order.retain(|key| entries.contains_key(key));
+        }
+    }
+
+    /// Forgets a key (purged).
+    pub fn remove(&self, key: &IdempotencyKey) {
+        self.lock().entries.remove(key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outcome::{Outcome, RecordState, RECORD_VERSION};
+
+    fn record(step: u32, fingerprint: &str, ttl_secs: i64) -> Record {
+        let now = chrono::Utc::now();
+        Record {
+            v: RECORD_VERSION,
+            idem_key: IdempotencyKey::generate("cache", "ep", step),
+            intent_id: "i".to_owned(),
+            fingerprint: fingerprint.to_owned(),
+            state: RecordState::Done,
+            owner: "o".to_owned(),
+            attempt: 1,
+            result: Some(Outcome::Timeout),
+            stored_at: now,
+            expires_at: now + chrono::Duration::seconds(ttl_secs),
+        }
+    }
+
+    #[test]
+    fn serves_same_fingerprint_and_refuses_another() {
+        let cache = OutcomeCache::new(10);
+        let stored = record(1, "fp", 60);
+        cache.insert(&stored);
+        assert_eq!(
+            cache.lookup(&stored.idem_key, "fp"),
+            Lookup::Stored(Arc::new(stored.clone()))
+        );
+        assert_eq!(cache.lookup(&stored.idem_key, "other"), Lookup::Reused);
+        cache.remove(&stored.idem_key);
+        assert_eq!(cache.lookup(&stored.idem_key, "fp"), Lookup::Miss);
+    }
+
+    #[test]
+    fn outcomes_about_to_expire_are_not_cached() {
+        let cache = OutcomeCache::new(10);
+        let stored = record(2, "fp", 1);
+        cache.insert(&stored);
+        assert_eq!(cache.lookup(&stored.idem_key, "fp"), Lookup::Miss);
+    }
+
+    #[test]
+    fn the_oldest_entry_goes_first_at_capacity() {
+        let cache = OutcomeCache::new(2);
+        let records: Vec<Record> = (0..3).map(|i| record(i, "fp", 60)).collect();
+        for r in &records {
+            cache.insert(r);
+        }
+        assert_eq!(cache.lookup(&records[0].idem_key, "fp"), Lookup::Miss);
+        assert!(matches!(
+            cache.lookup(&records[2].idem_key, "fp"),
+            Lookup::Stored(_)
+        ));
+    }
+}
