@@ -22,6 +22,7 @@ use tokio::time::Instant;
 
 use crate::key::IdempotencyKey;
 use crate::outcome::Record;
+use crate::store::{IdempotencyStore, StoreError};
 
 /// Longest time an entry is served from the cache.
 pub const MAX_AGE: Duration = Duration::from_secs(300);
@@ -31,6 +32,26 @@ pub const EXPIRY_MARGIN: Duration = Duration::from_secs(2);
 /// The subject on which purges of `bucket` are announced (payload: the key).
 pub fn purge_subject(bucket: &str) -> String {
     format!("idemq.purge.{bucket}")
+}
+
+/// Removes a stored outcome so the next copy executes again, and tells
+/// every worker to forget it (the announcement is flushed before returning).
+pub async fn purge(
+    client: &async_nats::Client,
+    store: &dyn IdempotencyStore,
+    bucket: &str,
+    key: &IdempotencyKey,
+) -> Result<(), StoreError> {
+    store.purge(key).await?;
+    let notice = bytes::Bytes::copy_from_slice(key.as_str().as_bytes());
+    client
+        .publish(purge_subject(bucket), notice)
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("purge notice: {e}")))?;
+    client
+        .flush()
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("purge notice: {e}")))
 }
 
 /// What the cache knows about a key.

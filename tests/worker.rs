@@ -517,3 +517,54 @@ async fn the_worker_is_a_micro_service_with_its_counters() {
     assert_eq!(data["replayed"], 1);
     worker.stop().await;
 }
+
+#[tokio::test]
+async fn a_purge_reaches_the_cache_of_every_worker_at_once() {
+    let server = NatsServer::start();
+    let client = server.connect().await;
+    let upstream = Upstream::start(&client).await;
+    let workers = [
+        start_worker(&server, test_config(), Some(FORWARD)).await,
+        start_worker(&server, test_config(), Some(FORWARD)).await,
+    ];
+    let body = intent("purged", json!(1));
+    // Enough copies that both workers have the outcome in their caches.
+    for _ in 0..10 {
+        send(&client, "intents.ok", &body).await;
+    }
+    let cached_replays: u64 = workers.iter().map(|w| w.stats.snapshot().replayed).sum();
+    assert_eq!(cached_replays, 9);
+    assert_eq!(upstream.executions(&key_of("purged")), 1);
+
+    let store = idemq::store::kv::KvStore::open(
+        async_nats::jetstream::new(client.clone()),
+        &idemq::store::kv::BucketConfig::default(),
+    )
+    .await
+    .expect("bucket");
+    let key = IdempotencyKey::parse(&key_of("purged")).expect("key");
+    idemq::cache::purge(&client, &store, "IDEMPOTENCY", &key)
+        .await
+        .expect("purge");
+    // The notice reaches the workers within a second (here: at once).
+    let mut fresh = false;
+    for _ in 0..10 {
+        if send(&client, "intents.ok", &body).await["replayed"] == false {
+            fresh = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(fresh, "a copy executed again within a second of the purge");
+    for _ in 0..4 {
+        assert_eq!(send(&client, "intents.ok", &body).await["replayed"], true);
+    }
+    assert_eq!(
+        upstream.executions(&key_of("purged")),
+        2,
+        "executed again after the purge, once"
+    );
+    for worker in workers {
+        worker.stop().await;
+    }
+}
