@@ -105,6 +105,7 @@ impl Worker {
         let mut metadata = HashMap::from([
             ("subjects".to_owned(), config.subjects.join(",")),
             ("instance".to_owned(), self.pipeline.instance.clone()),
+            ("bucket".to_owned(), config.bucket.clone()),
         ]);
         let pipeline = Arc::new(self.pipeline);
         let purges = pipeline

@@ -59,7 +59,12 @@ pub struct KvStore {
 
 /// Fails unless the connected server is at least [`MIN_SERVER_VERSION`].
 pub fn check_server_version(client: &async_nats::Client) -> Result<(), StoreError> {
-    let version = client.server_info().version;
+    require_server_version(&client.server_info().version)
+}
+
+/// Fails unless `version` (as a server reports it, e.g. `2.15.1` or
+/// `2.12.0-beta.1`) is at least [`MIN_SERVER_VERSION`].
+pub fn require_server_version(version: &str) -> Result<(), StoreError> {
     let mut parts = version
         .split(['.', '-', '+'])
         .map(|part| part.parse::<u64>().unwrap_or(0));
@@ -246,5 +251,25 @@ impl IdempotencyStore for KvStore {
             let entry = entry.map_err(|e| StoreError::Unavailable(e.to_string()))?;
             decode(&entry.key, entry.revision, entry.operation, &entry.value)
         })))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn servers_older_than_2_11_are_refused_with_both_versions() {
+        for ok in ["2.11.0", "2.15.1", "2.12.0-beta.1", "3.0.0"] {
+            assert!(require_server_version(ok).is_ok(), "{ok}");
+        }
+        let Err(StoreError::Setup(reason)) = require_server_version("2.9.25") else {
+            panic!("2.9 must be refused");
+        };
+        assert!(
+            reason.contains("2.9.25") && reason.contains("2.11"),
+            "{reason}"
+        );
+        assert!(require_server_version("").is_err());
     }
 }
