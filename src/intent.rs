@@ -6,10 +6,11 @@
 //! and never a KV write.
 
 use async_nats::HeaderMap;
-use serde_json::{json, Map, Value};
+use serde::Serialize;
+use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
-use crate::key::{IdempotencyKey, KeyError};
+use crate::key::{push_hex, IdempotencyKey, KeyError};
 
 /// Header that overrides the derived key.
 pub const IDEMPOTENCY_KEY_HEADER: &str = "Idempotency-Key";
@@ -254,13 +255,21 @@ impl Intent {
         let (key, key_inputs) = match header_key {
             Some(parsed) => {
                 let key = parsed?;
-                let inputs = json!({ "idempotency_key": key.as_str() });
-                (key, inputs)
+                (
+                    key.clone(),
+                    KeyInputs::Header {
+                        idempotency_key: key,
+                    },
+                )
             }
             None => match &run_id {
                 Some(run_id) => (
                     IdempotencyKey::generate(run_id, &episode, step_idx),
-                    json!({ "run_id": run_id, "episode": episode, "step_idx": step_idx }),
+                    KeyInputs::Run {
+                        episode: &episode,
+                        run_id,
+                        step_idx,
+                    },
                 ),
                 None => (
                     IdempotencyKey::from_intent_metadata(
@@ -269,16 +278,20 @@ impl Intent {
                         &episode,
                         Some(step_idx),
                     ),
-                    json!({
-                        "intent_id": intent_id,
-                        "actor": actor,
-                        "episode": episode,
-                        "step_idx": step_idx,
-                    }),
+                    KeyInputs::Metadata {
+                        actor: &actor,
+                        episode: &episode,
+                        intent_id: &intent_id,
+                        step_idx,
+                    },
                 ),
             },
         };
-        let fingerprint = fingerprint(&capability, &params, key_inputs);
+        let fingerprint = fingerprint(&Canonical {
+            capability: &capability,
+            key_inputs,
+            params: &params,
+        });
 
         Ok(Intent {
             key,
@@ -296,20 +309,49 @@ impl Intent {
     }
 }
 
-/// SHA-256 (hex) over the canonical JSON of `{capability, key_inputs, params}`.
+/// What the fingerprint covers: `{capability, key_inputs, params}`.
 ///
-/// serde_json's default map is sorted and its compact writer emits no
-/// whitespace, so `to_vec` of a `Value` is already the canonical form.
-fn fingerprint(capability: &str, params: &Value, key_inputs: Value) -> String {
-    let canonical = json!({
-        "capability": capability,
-        "key_inputs": key_inputs,
-        "params": params,
-    });
-    // Serialising a `Value` cannot fail: its keys are strings.
-    let bytes = serde_json::to_vec(&canonical).unwrap_or_default();
+/// The canonical JSON is sorted by key with no white space. Fields are
+/// declared in sorted order, so serde writes them sorted; `params` is a
+/// `Value` whose maps are sorted already (serde_json without
+/// `preserve_order`). Borrowing avoids copying the params per message.
+#[derive(Serialize)]
+struct Canonical<'a> {
+    capability: &'a str,
+    key_inputs: KeyInputs<'a>,
+    params: &'a Value,
+}
+
+/// Exactly the fields the key was derived from, with defaults applied.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum KeyInputs<'a> {
+    Header {
+        idempotency_key: IdempotencyKey,
+    },
+    Metadata {
+        actor: &'a str,
+        episode: &'a str,
+        intent_id: &'a str,
+        step_idx: u32,
+    },
+    Run {
+        episode: &'a str,
+        run_id: &'a str,
+        step_idx: u32,
+    },
+}
+
+/// SHA-256 (hex) of the canonical JSON.
+fn fingerprint(canonical: &Canonical<'_>) -> String {
+    // Strings, numbers and `Value`s only: serialising cannot fail.
+    let bytes = serde_json::to_vec(canonical).unwrap_or_default();
     let digest = Sha256::digest(&bytes);
-    digest.iter().map(|b| format!("{b:02x}")).collect()
+    let mut hex = String::with_capacity(2 * digest.len());
+    for byte in digest {
+        push_hex(&mut hex, byte);
+    }
+    hex
 }
 
 /// A field that is present and not `null`.
@@ -384,6 +426,45 @@ pub fn is_publish_subject(subject: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    /// The contract's definition, written out with `json!`: SHA-256 over the
+    /// sorted, compact JSON of `{capability, key_inputs, params}`.
+    fn reference(capability: &str, key_inputs: Value, params: Value) -> String {
+        let canonical =
+            json!({"capability": capability, "key_inputs": key_inputs, "params": params});
+        let digest = Sha256::digest(serde_json::to_vec(&canonical).expect("json"));
+        digest.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[test]
+    fn fingerprint_is_the_canonical_json_of_the_contract() {
+        let params = json!({"z": [1, {"b": 2, "a": 1}], "a": null});
+        let meta = Intent::decode(
+            "intents.x",
+            None,
+            json!({"intent_id":"i","actor":"a","episode":"e","step_idx":3,"params":params})
+                .to_string()
+                .as_bytes(),
+            Limits::default(),
+        )
+        .expect("valid");
+        let inputs = json!({"intent_id":"i","actor":"a","episode":"e","step_idx":3});
+        assert_eq!(meta.fingerprint, reference("x", inputs, params.clone()));
+
+        let run =
+            decode(r#"{"intent_id":"i","actor":"a","episode":"e","run_id":"r"}"#).expect("valid");
+        let inputs = json!({"run_id":"r","episode":"e","step_idx":0});
+        assert_eq!(run.fingerprint, reference("echo", inputs, Value::Null));
+
+        let mut headers = HeaderMap::new();
+        headers.insert(IDEMPOTENCY_KEY_HEADER, "idem_F52983C9C6E4FB21");
+        let body = br#"{"intent_id":"i","actor":"a","episode":"e"}"#;
+        let keyed =
+            Intent::decode("intents.echo", Some(&headers), body, Limits::default()).expect("valid");
+        let inputs = json!({"idempotency_key": "idem_f52983c9c6e4fb21"});
+        assert_eq!(keyed.fingerprint, reference("echo", inputs, Value::Null));
+    }
 
     fn decode(payload: &str) -> Result<Intent, Box<Invalid>> {
         Intent::decode("intents.echo", None, payload.as_bytes(), Limits::default())

@@ -74,7 +74,8 @@ impl IdempotencyKey {
     }
 }
 
-fn push_hex(out: &mut String, byte: u8) {
+/// Appends a byte as two lowercase hex digits.
+pub(crate) fn push_hex(out: &mut String, byte: u8) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     out.push(char::from(DIGITS[usize::from(byte >> 4)]));
     out.push(char::from(DIGITS[usize::from(byte & 0x0f)]));
