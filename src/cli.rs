@@ -43,6 +43,8 @@ pub enum Command {
     Key(KeyArgs),
     /// Print the record stored under a key (exit status 1 when absent).
     Get(GetArgs),
+    /// Measure idemq beside baselines against a nats-server.
+    Bench(crate::bench::BenchArgs),
 }
 
 /// Where the NATS servers are.
@@ -273,6 +275,10 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Get(args) => get(args).await,
+        Command::Bench(args) => crate::bench::command(&args).await.map_err(|e| match e {
+            crate::bench::BenchError::Usage(text) => CliError::Usage(text),
+            other => CliError::Failed(other.to_string()),
+        }),
     }
 }
 

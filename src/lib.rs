@@ -25,6 +25,7 @@
 //! * [`pipeline`]: one delivery's path, decode to verdict ([`Verdict`]).
 //! * [`jetstream`]: JetStream delivery: pull consumer, acks, dead letters.
 //! * [`worker`]: intake, the in-flight bound and shutdown ([`Worker`]).
+//! * [`bench`]: `idemq bench`, idemq measured beside baselines in one run.
 //! * [`cli`]: the `idemq` command line (`serve`, `send`, `key`, `get`).
 //!
 //! # Embedding
@@ -67,6 +68,7 @@ pub mod cache;
 pub mod pipeline;
 pub mod jetstream;
 pub mod worker;
+pub mod bench;
 pub mod cli;
 
 pub use config::WorkerConfig;

@@ -1,0 +1,439 @@
+//! What answers the load: the baseline responders, and idemq itself.
+//!
+//! Every responder takes requests the way the worker does: a subscription
+//! read through [`next_with_permit`], one task per message holding a
+//! permit of the same in-flight bound. So a baseline differs from idemq
+//! only in the work done per message, which is what the ratios compare.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use async_nats::{Client, HeaderMap, Message, Request, RequestErrorKind, Subject};
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::BenchError;
+use crate::config::WorkerConfig;
+use crate::handler::{Call, Echo, Handler, HandlerError};
+use crate::key::IdempotencyKey;
+use crate::outcome::{Outcome, Reply, ERROR_CODE_HEADER, STATUS_HEADER};
+use crate::pipeline::next_with_permit;
+use crate::store::kv::{BucketConfig, KvStore};
+use crate::worker::Worker;
+
+/// How long a stopping responder waits for its in-flight messages, and a
+/// stopping worker for its shutdown (its grace, releases and flush).
+const STOP_BOUND: Duration = Duration::from_secs(15);
+/// The benchmarked worker's shutdown grace: the load has ended by then.
+const WORKER_GRACE: Duration = Duration::from_secs(2);
+/// How long a responder may take to answer its first probe.
+const READY_BOUND: Duration = Duration::from_secs(10);
+/// Timeout of one readiness probe.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Pause between probes that found no responder yet.
+const PROBE_PAUSE: Duration = Duration::from_millis(50);
+/// The error code of a baseline's failed request.
+const BASELINE_ERROR: &str = "BENCH_BASELINE_FAILED";
+
+/// Counts handler executions per key, to find duplicates.
+///
+/// Keys are held as the 64-bit number their 16 hex digits spell, not as
+/// strings: the count lives in the process whose peak RSS is measured.
+#[derive(Debug, Default)]
+pub(super) struct Executions {
+    per_key: Mutex<HashMap<u64, u32>>,
+}
+
+/// Executions counted since the last [`Executions::take`].
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Tally {
+    /// Handler executions.
+    pub executions: u64,
+    /// Executions beyond the first of their key.
+    pub duplicates: u64,
+}
+
+impl Executions {
+    fn record(&self, key: &IdempotencyKey) {
+        let hex = key.as_str().trim_start_matches("idem_");
+        // A valid key is `idem_` and 16 hex digits, so this cannot fail;
+        // were it to, all such keys would count as one (never as fewer
+        // duplicates than there are).
+        let number = u64::from_str_radix(hex, 16).unwrap_or(u64::MAX);
+        // A poisoned lock only means a counting thread panicked; the map
+        // itself is still a valid count.
+        let mut per_key = self.per_key.lock().unwrap_or_else(PoisonError::into_inner);
+        *per_key.entry(number).or_default() += 1;
+    }
+
+    /// Returns the count so far and starts a new one.
+    pub fn take(&self) -> Tally {
+        let per_key =
+            std::mem::take(&mut *self.per_key.lock().unwrap_or_else(PoisonError::into_inner));
+        per_key.values().fold(Tally::default(), |tally, &n| Tally {
+            executions: tally.executions + u64::from(n),
+            duplicates: tally.duplicates + u64::from(n.saturating_sub(1)),
+        })
+    }
+}
+
+/// The echo handler, counting its executions per key.
+struct CountingEcho {
+    executions: Arc<Executions>,
+}
+
+#[async_trait]
+impl Handler for CountingEcho {
+    async fn handle(&self, call: Call<'_>) -> Result<Outcome, HandlerError> {
+        self.executions.record(&call.intent.key);
+        Echo.handle(call).await
+    }
+}
+
+/// The baselines: what each does per request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Baseline {
+    /// (a) Reply with the payload.
+    Echo,
+    /// (b) Create the key, run the handler, update the key with the outcome, reply.
+    CreateUpdate,
+    /// (c) Get the key, reply with what is stored.
+    Get,
+    /// (d) Get the key; reply with it if stored, else run the handler, put
+    /// the outcome, reply. No claim: concurrent copies can all execute.
+    Naive,
+}
+
+/// The fields a seed-era worker reads from an intent.
+#[derive(Deserialize)]
+struct SeedIntent {
+    intent_id: String,
+    actor: String,
+    episode: String,
+    step_idx: Option<u32>,
+    #[serde(default)]
+    params: serde_json::Value,
+}
+
+/// A baseline's per-message work.
+struct Work {
+    client: Client,
+    baseline: Baseline,
+    kv: Option<kv::Store>,
+    executions: Arc<Executions>,
+}
+
+impl Work {
+    async fn answer(&self, message: Message) {
+        let Some(reply_to) = message.reply else {
+            return;
+        };
+        let published = match self.reply(&message.payload).await {
+            Ok(body) => self.client.publish(reply_to, body).await,
+            Err(problem) => {
+                let mut headers = HeaderMap::new();
+                headers.insert(STATUS_HEADER, "Error");
+                headers.insert(ERROR_CODE_HEADER, BASELINE_ERROR);
+                self.client
+                    .publish_with_headers(reply_to, headers, problem.into())
+                    .await
+            }
+        };
+        if let Err(error) = published {
+            tracing::debug!(%error, "baseline reply not sent");
+        }
+    }
+
+    async fn reply(&self, payload: &Bytes) -> Result<Bytes, String> {
+        match self.baseline {
+            Baseline::Echo => Ok(payload.clone()),
+            Baseline::CreateUpdate => {
+                let (kv, key, intent) = self.decode(payload)?;
+                let claim = Bytes::from_static(br#"{"state":"in_progress"}"#);
+                let revision = kv
+                    .create(key.as_str(), claim)
+                    .await
+                    .map_err(|e| format!("create: {e}"))?;
+                let reply = self.execute(&key, intent);
+                kv.update(key.as_str(), reply.clone(), revision)
+                    .await
+                    .map_err(|e| format!("update: {e}"))?;
+                Ok(reply)
+            }
+            Baseline::Get => {
+                let (kv, key, _) = self.decode(payload)?;
+                kv.get(key.as_str())
+                    .await
+                    .map_err(|e| format!("get: {e}"))?
+                    .ok_or_else(|| format!("{key} is not stored"))
+            }
+            Baseline::Naive => {
+                let (kv, key, intent) = self.decode(payload)?;
+                let stored = kv
+                    .get(key.as_str())
+                    .await
+                    .map_err(|e| format!("get: {e}"))?;
+                if let Some(stored) = stored {
+                    return Ok(stored);
+                }
+                let reply = self.execute(&key, intent);
+                kv.put(key.as_str(), reply.clone())
+                    .await
+                    .map_err(|e| format!("put: {e}"))?;
+                Ok(reply)
+            }
+        }
+    }
+
+    /// The bucket, and the intent and its key as a seed-era worker reads them.
+    fn decode(&self, payload: &Bytes) -> Result<(&kv::Store, IdempotencyKey, SeedIntent), String> {
+        let kv = self.kv.as_ref().ok_or("no bucket")?;
+        let intent: SeedIntent =
+            serde_json::from_slice(payload).map_err(|e| format!("not an intent: {e}"))?;
+        let key = IdempotencyKey::from_intent_metadata(
+            &intent.intent_id,
+            &intent.actor,
+            &intent.episode,
+            intent.step_idx,
+        );
+        Ok((kv, key, intent))
+    }
+
+    /// The handler: idemq's echo, as a reply.
+    fn execute(&self, key: &IdempotencyKey, intent: SeedIntent) -> Bytes {
+        self.executions.record(key);
+        let outcome = Outcome::Success(json!({ "echo": intent.params }));
+        Reply::unstored(Some(key.clone()), Some(intent.intent_id), outcome).to_bytes()
+    }
+}
+
+/// A running responder: a baseline, an in-process idemq worker, or an
+/// external worker that only needs a subject.
+pub(super) struct Responder {
+    /// Where requests go.
+    pub subject: Subject,
+    /// Handler executions per key, where they can be counted in process.
+    pub executions: Option<Arc<Executions>>,
+    /// True when the responder runs in this process (its CPU and memory
+    /// are this process's, less the load generator's).
+    pub in_process: bool,
+    shutdown: CancellationToken,
+    /// The responder's task; it ends with an error only if it could not start.
+    task: Option<JoinHandle<Result<(), String>>>,
+}
+
+impl Responder {
+    /// Starts a baseline on `subject`, with `kv` for those that use a bucket.
+    pub async fn baseline(
+        client: &Client,
+        baseline: Baseline,
+        subject: String,
+        kv: Option<kv::Store>,
+        concurrency: usize,
+    ) -> Result<Responder, BenchError> {
+        let subscriber =
+            client
+                .subscribe(subject.clone())
+                .await
+                .map_err(|e| BenchError::Setup {
+                    what: format!("subscription to {subject}"),
+                    reason: e.to_string(),
+                })?;
+        let executions = Arc::new(Executions::default());
+        let work = Arc::new(Work {
+            client: client.clone(),
+            baseline,
+            kv,
+            executions: Arc::clone(&executions),
+        });
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        let task = tokio::spawn(async move {
+            take(subscriber, work, concurrency, stop).await;
+            Ok(())
+        });
+        // The echo and the get run no handler: nothing to count.
+        let runs_handler = matches!(baseline, Baseline::CreateUpdate | Baseline::Naive);
+        Ok(Responder {
+            subject: Subject::from(subject),
+            executions: runs_handler.then_some(executions),
+            in_process: true,
+            shutdown,
+            task: Some(task),
+        })
+    }
+
+    /// Starts an idemq worker with the counting echo handler on
+    /// `<prefix>.>`, its claims and outcomes in a new bucket.
+    pub async fn idemq(
+        client: &Client,
+        bucket: &str,
+        prefix: &str,
+        concurrency: usize,
+    ) -> Result<Responder, BenchError> {
+        let config = BucketConfig {
+            bucket: bucket.to_owned(),
+            replicas: 1,
+        };
+        let store = KvStore::open(async_nats::jetstream::new(client.clone()), &config)
+            .await
+            .map_err(|e| BenchError::Setup {
+                what: format!("bucket {bucket}"),
+                reason: e.to_string(),
+            })?;
+        let executions = Arc::new(Executions::default());
+        let handler = CountingEcho {
+            executions: Arc::clone(&executions),
+        };
+        let config = WorkerConfig {
+            subjects: vec![format!("{prefix}.>")],
+            concurrency,
+            grace: WORKER_GRACE,
+            bucket: bucket.to_owned(),
+            ..WorkerConfig::default()
+        };
+        let worker = Worker::new(client.clone(), Arc::new(store), Arc::new(handler), config);
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        let task = tokio::spawn(async move { worker.run(stop).await.map_err(|e| e.to_string()) });
+        Ok(Responder {
+            subject: Subject::from(format!("{prefix}.echo")),
+            executions: Some(executions),
+            in_process: true,
+            shutdown,
+            task: Some(task),
+        })
+    }
+
+    /// A worker running elsewhere, taking intents on `subject`.
+    pub fn external(subject: String) -> Responder {
+        Responder {
+            subject: Subject::from(subject),
+            executions: None,
+            in_process: false,
+            shutdown: CancellationToken::new(),
+            task: None,
+        }
+    }
+
+    /// Waits until `probe` gets a reply, whatever it says.
+    pub async fn ready(&mut self, client: &Client, probe: Bytes) -> Result<(), BenchError> {
+        let deadline = Instant::now() + READY_BOUND;
+        let mut last = String::from("no answer");
+        while Instant::now() < deadline {
+            if let Some(task) = self.task.take_if(|task| task.is_finished()) {
+                let reason = match task.await {
+                    Ok(Err(error)) => error,
+                    Ok(Ok(())) => "it stopped".to_owned(),
+                    Err(error) => error.to_string(),
+                };
+                return Err(BenchError::Setup {
+                    what: format!("the responder on {}", self.subject),
+                    reason,
+                });
+            }
+            let request = Request::new()
+                .payload(probe.clone())
+                .timeout(Some(PROBE_TIMEOUT));
+            match client.send_request(self.subject.clone(), request).await {
+                Ok(_) => return Ok(()),
+                Err(error) => {
+                    if error.kind() == RequestErrorKind::NoResponders {
+                        tokio::time::sleep(PROBE_PAUSE).await;
+                    }
+                    last = error.to_string();
+                }
+            }
+        }
+        Err(BenchError::NotReady {
+            subject: self.subject.to_string(),
+            reason: last,
+        })
+    }
+
+    /// Stops taking requests and waits (bounded) for the ones in flight.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            match tokio::time::timeout(STOP_BOUND, task).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(error))) => tracing::warn!(%error, "a responder stopped with an error"),
+                Ok(Err(error)) => tracing::warn!(%error, "a responder task failed"),
+                Err(_elapsed) => {
+                    tracing::warn!(subject = %self.subject, "a responder did not stop in time")
+                }
+            }
+        }
+    }
+}
+
+/// A responder dropped without [`Responder::stop`] (a run ending in an
+/// error) still stops, unwaited.
+impl Drop for Responder {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// A baseline's intake: the worker's, bound and all.
+async fn take(
+    mut subscriber: async_nats::Subscriber,
+    work: Arc<Work>,
+    concurrency: usize,
+    shutdown: CancellationToken,
+) {
+    let permits = Arc::new(Semaphore::new(concurrency));
+    let tracker = TaskTracker::new();
+    while let Some((permit, message)) = next_with_permit(&mut subscriber, &permits, &shutdown).await
+    {
+        let work = Arc::clone(&work);
+        tracker.spawn(async move {
+            let _permit = permit;
+            work.answer(message).await;
+        });
+    }
+    tracker.close();
+    if tokio::time::timeout(STOP_BOUND, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("baseline requests still running at stop");
+    }
+}
+
+/// Creates a bucket as a baseline would: history 1, file storage, no TTLs.
+pub(super) async fn plain_bucket(
+    js: &async_nats::jetstream::Context,
+    name: &str,
+) -> Result<kv::Store, BenchError> {
+    js.create_key_value(kv::Config {
+        bucket: name.to_owned(),
+        history: 1,
+        storage: async_nats::jetstream::stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| BenchError::Setup {
+        what: format!("bucket {name}"),
+        reason: e.to_string(),
+    })
+}
+
+/// Deletes a bucket; a failure is only logged (it is the bench's litter,
+/// not its result).
+pub(super) async fn delete_bucket(js: &async_nats::jetstream::Context, name: &str) {
+    match tokio::time::timeout(STOP_BOUND, js.delete_key_value(name)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(error)) => tracing::warn!(%error, bucket = name, "bucket not deleted"),
+        Err(_elapsed) => tracing::warn!(bucket = name, "deleting the bucket timed out"),
+    }
+}

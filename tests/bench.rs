@@ -1,0 +1,150 @@
+//! `idemq bench` end to end with tiny counts against a real nats-server:
+//! every pass runs and the counts add up. No timing is asserted: the
+//! figures themselves depend on the machine.
+
+mod common;
+
+use idemq::bench::{names, BenchError, BenchOptions, Report, Scenario};
+
+const COUNT: usize = 200;
+const COPIES: usize = 4;
+
+fn scenario<'r>(report: &'r Report, name: &str) -> &'r Scenario {
+    report
+        .scenarios
+        .iter()
+        .find(|s| s.name == name)
+        .unwrap_or_else(|| panic!("no scenario {name} in {:?}", report.scenarios))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_pass_runs_and_the_counts_add_up() {
+    let server = common::NatsServer::start();
+    let options = BenchOptions {
+        count: COUNT,
+        concurrency: 16,
+        copies: COPIES,
+        rss_concurrency: 32,
+        ..BenchOptions::default()
+    };
+    let mut progress_lines = 0;
+    let report = idemq::bench::run(&server.url(), &options, |_| progress_lines += 1)
+        .await
+        .expect("the bench runs");
+
+    let all = [
+        names::A_ECHO,
+        names::B_CREATE_UPDATE,
+        names::C_GET,
+        names::D_NAIVE_FRESH,
+        names::D_NAIVE_STORM,
+        names::IDEMQ_FRESH,
+        names::IDEMQ_REPLAYED,
+        names::IDEMQ_STORM,
+        names::IDEMQ_PACED,
+        names::IDEMQ_SATURATED,
+        names::B_PACED,
+    ];
+    assert!(report.skipped.is_empty(), "skipped: {:?}", report.skipped);
+    assert_eq!(report.scenarios.len(), all.len());
+    for name in all {
+        let s = scenario(&report, name);
+        assert_eq!(s.requests, s.ok, "{name}: every request answered: {s:?}");
+        assert!(!s.truncated, "{name}");
+        assert!(s.latency_ms.is_some(), "{name}");
+        assert_eq!(s.curve.len(), 301, "{name}");
+    }
+    assert!(progress_lines > 0);
+
+    // Nothing runs a handler in (a) and (c); (b) and (d) run it once per fresh key.
+    assert_eq!(scenario(&report, names::A_ECHO).executions, None);
+    assert_eq!(scenario(&report, names::C_GET).executions, None);
+    for name in [names::B_CREATE_UPDATE, names::D_NAIVE_FRESH] {
+        assert_eq!(
+            scenario(&report, name).executions,
+            Some(COUNT as u64),
+            "{name}"
+        );
+    }
+
+    // idemq: once per fresh key, never on replay, once per key in the storm.
+    let fresh = scenario(&report, names::IDEMQ_FRESH);
+    assert_eq!(
+        (fresh.executions, fresh.duplicates),
+        (Some(COUNT as u64), Some(0))
+    );
+    let replayed = scenario(&report, names::IDEMQ_REPLAYED);
+    assert_eq!(
+        (replayed.executions, replayed.duplicates),
+        (Some(0), Some(0))
+    );
+    let storm = scenario(&report, names::IDEMQ_STORM);
+    let storm_keys = (COUNT / COPIES) as u64;
+    assert_eq!((storm.keys, storm.copies), (COUNT / COPIES, COPIES));
+    assert_eq!(storm.requests, COUNT as u64);
+    assert_eq!(
+        (storm.executions, storm.duplicates),
+        (Some(storm_keys), Some(0))
+    );
+
+    // The naive worker's duplicates are whatever it ran beyond one per key.
+    let naive = scenario(&report, names::D_NAIVE_STORM);
+    let executions = naive.executions.expect("counted");
+    assert!(executions >= storm_keys);
+    assert_eq!(naive.duplicates, Some(executions - storm_keys));
+
+    // Ratios and targets are filled in; the storm's duplicates target holds.
+    assert_eq!(fresh.ratios.len(), 2);
+    assert_eq!(report.targets.len(), 8);
+    let zero_duplicates = report
+        .targets
+        .iter()
+        .find(|t| t.goal.contains("duplicate"))
+        .expect("a duplicates target");
+    assert_eq!(zero_duplicates.met, Some(true));
+    assert!(report.settings.paced_rate.is_some());
+
+    // The three outputs: table, JSON, chart.
+    let table = report.table();
+    for name in all {
+        assert!(table.contains(name), "{name} missing from\n{table}");
+    }
+    let json = serde_json::to_value(&report).expect("the report serialises");
+    assert_eq!(json["scenarios"].as_array().map(Vec::len), Some(all.len()));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let chart = dir.path().join("latency.svg");
+    report.plot(&chart).expect("the chart is written");
+    let svg = std::fs::read_to_string(&chart).expect("the chart is readable");
+    assert!(svg.starts_with("<svg") && svg.contains(names::IDEMQ_STORM));
+}
+
+#[tokio::test]
+async fn options_no_run_can_honour_are_refused() {
+    let refused = |options: BenchOptions| matches!(options.validate(), Err(BenchError::Usage(_)));
+    let base = BenchOptions::default();
+    assert!(base.validate().is_ok());
+    assert!(refused(BenchOptions {
+        count: 0,
+        ..base.clone()
+    }));
+    assert!(refused(BenchOptions {
+        copies: 0,
+        ..base.clone()
+    }));
+    assert!(refused(BenchOptions {
+        copies: 65,
+        ..base.clone()
+    }));
+    assert!(refused(BenchOptions {
+        target: Some("intents.>".to_owned()),
+        ..base.clone()
+    }));
+    // Refused before anything connects.
+    let result = idemq::bench::run(
+        "nats://127.0.0.1:1",
+        &BenchOptions { count: 0, ..base },
+        |_| {},
+    )
+    .await;
+    assert!(matches!(result, Err(BenchError::Usage(_))));
+}
