@@ -12,16 +12,13 @@ use async_nats::{Client, HeaderMap, RequestErrorKind};
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Delivery, JetStreamConfig, WorkerConfig};
+use crate::config::{Delivery, JetStreamConfig, NatsArgs, WorkerConfig};
 use crate::handler::{Echo, Forward, Handler};
 use crate::intent::IDEMPOTENCY_KEY_HEADER;
 use crate::key::IdempotencyKey;
 use crate::store::kv::{check_server_version, BucketConfig, KvStore};
 use crate::store::IdempotencyStore;
 use crate::worker::Worker;
-
-/// The default server, when neither `--nats-url`, `IDEMQ_NATS_URL` nor `NATS_URL` is set.
-pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
 
 /// idemq: execute each NATS intent once per idempotency key, answer every copy alike.
 #[derive(Debug, Parser)]
@@ -45,25 +42,6 @@ pub enum Command {
     Get(GetArgs),
     /// Measure idemq beside baselines against a nats-server.
     Bench(crate::bench::BenchArgs),
-}
-
-/// Where the NATS servers are.
-#[derive(Debug, Args)]
-pub struct NatsArgs {
-    /// NATS server URL(s), comma-separated for a cluster [env: IDEMQ_NATS_URL, NATS_URL]
-    /// [default: nats://127.0.0.1:4222]
-    #[arg(long, env = "IDEMQ_NATS_URL", hide_env = true)]
-    pub nats_url: Option<String>,
-}
-
-impl NatsArgs {
-    /// The URL list: the flag, `IDEMQ_NATS_URL`, `NATS_URL`, or the default.
-    pub fn url(&self) -> String {
-        self.nats_url
-            .clone()
-            .or_else(|| std::env::var("NATS_URL").ok().filter(|url| !url.is_empty()))
-            .unwrap_or_else(|| DEFAULT_NATS_URL.to_owned())
-    }
 }
 
 /// `idemq serve`.
@@ -282,18 +260,9 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
     }
 }
 
-/// Connects with a bounded timeout and a name servers can show. `url` may
-/// list several servers of a cluster, comma-separated.
+/// Connects (see [`crate::config::connect`]); failure is exit status 1.
 pub async fn connect(url: &str) -> Result<Client, CliError> {
-    let servers: Vec<&str> = url
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .collect();
-    async_nats::ConnectOptions::new()
-        .name("idemq")
-        .connection_timeout(Duration::from_secs(5))
-        .connect(servers.as_slice())
+    crate::config::connect(url, "idemq")
         .await
         .map_err(|e| CliError::Failed(format!("cannot connect to NATS at {url}: {e}")))
 }

@@ -6,7 +6,51 @@
 
 use std::time::Duration;
 
+use clap::Args;
+
 use crate::intent::is_publish_subject;
+
+/// The default server, when neither `--nats-url`, `IDEMQ_NATS_URL` nor `NATS_URL` is set.
+pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+/// Bound on establishing a connection.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where the NATS servers are: one flag shared by every subcommand.
+#[derive(Debug, Clone, Args)]
+pub struct NatsArgs {
+    /// NATS server URL(s), comma-separated for a cluster [env: IDEMQ_NATS_URL, NATS_URL]
+    /// [default: nats://127.0.0.1:4222]
+    #[arg(long, env = "IDEMQ_NATS_URL", hide_env = true)]
+    pub nats_url: Option<String>,
+}
+
+impl NatsArgs {
+    /// The URL list: the flag, `IDEMQ_NATS_URL`, `NATS_URL`, or the default.
+    pub fn url(&self) -> String {
+        self.nats_url
+            .clone()
+            .or_else(|| std::env::var("NATS_URL").ok().filter(|url| !url.is_empty()))
+            .unwrap_or_else(|| DEFAULT_NATS_URL.to_owned())
+    }
+}
+
+/// Connects to a comma-separated server list with a bounded timeout and a
+/// connection name the server shows.
+pub async fn connect(
+    url: &str,
+    name: &str,
+) -> Result<async_nats::Client, async_nats::ConnectError> {
+    let servers: Vec<&str> = url
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    async_nats::ConnectOptions::new()
+        .name(name)
+        .connection_timeout(CONNECT_TIMEOUT)
+        .connect(servers.as_slice())
+        .await
+}
 
 /// How the worker takes and executes intents.
 #[derive(Debug, Clone)]

@@ -87,8 +87,6 @@ const PROGRESS_LOG_EVERY: Duration = Duration::from_secs(10);
 const MAX_WARM_UP: usize = 1000;
 /// Resolution of the latency chart's curves, in points per nine.
 const CURVE_STEPS_PER_NINE: u32 = 100;
-/// Connection timeout of the bench's clients.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Errors of a bench run.
 #[derive(Debug, thiserror::Error)]
@@ -139,10 +137,9 @@ pub enum BenchError {
 /// `idemq bench`.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// NATS server URL(s), comma-separated [env: IDEMQ_NATS_URL, NATS_URL]
-    /// [default: nats://127.0.0.1:4222]
-    #[arg(long, env = "IDEMQ_NATS_URL", hide_env = true)]
-    pub nats_url: Option<String>,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub nats: crate::config::NatsArgs,
     /// Requests per pass.
     #[arg(long, default_value_t = 20_000)]
     pub count: usize,
@@ -183,15 +180,6 @@ pub struct BenchArgs {
 }
 
 impl BenchArgs {
-    /// The URL list: the flag, `IDEMQ_NATS_URL`, `NATS_URL`, or the default
-    /// (as `idemq serve` picks it).
-    pub fn url(&self) -> String {
-        self.nats_url
-            .clone()
-            .or_else(|| std::env::var("NATS_URL").ok().filter(|url| !url.is_empty()))
-            .unwrap_or_else(|| "nats://127.0.0.1:4222".to_owned())
-    }
-
     /// The options these flags describe.
     pub fn options(&self) -> BenchOptions {
         BenchOptions {
@@ -285,7 +273,7 @@ pub async fn command(args: &BenchArgs) -> Result<ExitCode, BenchError> {
     options.validate()?;
     let interactive = std::io::stderr().is_terminal();
     let mut logged: Option<Instant> = None;
-    let report = run(&args.url(), &options, |line| {
+    let report = run(&args.nats.url(), &options, |line| {
         if interactive {
             eprint!("\r\x1b[2K{line}");
         } else if logged.is_none_or(|at| at.elapsed() >= PROGRESS_LOG_EVERY) {
@@ -383,17 +371,9 @@ pub async fn run(
     Ok(bench.report)
 }
 
-/// Connects with a bounded timeout and a name the server shows.
+/// Connects (see [`crate::config::connect`]).
 async fn connect(url: &str, name: &str) -> Result<Client, BenchError> {
-    let servers: Vec<&str> = url
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .collect();
-    async_nats::ConnectOptions::new()
-        .name(name)
-        .connection_timeout(CONNECT_TIMEOUT)
-        .connect(servers.as_slice())
+    crate::config::connect(url, name)
         .await
         .map_err(|e| BenchError::Connect {
             url: url.to_owned(),
