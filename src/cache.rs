@@ -18,6 +18,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::key::IdempotencyKey;
@@ -156,6 +157,66 @@ impl OutcomeCache {
     }
 }
 
+/// Keys this worker is working on right now.
+///
+/// The first delivery of a key leads: it claims (or waits in the store) as
+/// usual. Copies of the same key that reach this worker meanwhile follow:
+/// they wait for the leader to finish and then read its outcome from the
+/// [`OutcomeCache`], instead of each claiming, reading and watching the key
+/// in the store. In a retry storm that turns K store round trips and up to
+/// K JetStream watch consumers per key into one.
+#[derive(Default)]
+pub struct InFlightKeys {
+    keys: Mutex<HashMap<IdempotencyKey, watch::Receiver<()>>>,
+}
+
+/// This delivery's turn on a key.
+pub enum Turn<'a> {
+    /// Do the work; dropping the guard releases the followers.
+    Lead(LeadGuard<'a>),
+    /// Wait for the leader: `changed()` returns (with an error) when it is done.
+    Follow(watch::Receiver<()>),
+}
+
+/// Held by the leading delivery of a key.
+pub struct LeadGuard<'a> {
+    keys: &'a InFlightKeys,
+    key: IdempotencyKey,
+    // Dropped after `Drop::drop` has removed the entry: followers wake to
+    // find the key no longer in flight and the outcome (if any) cached.
+    _done: watch::Sender<()>,
+}
+
+impl InFlightKeys {
+    fn lock(&self) -> MutexGuard<'_, HashMap<IdempotencyKey, watch::Receiver<()>>> {
+        // A plain map with single inserts and removes: usable after a panic.
+        self.keys
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Leads on `key`, or follows the delivery that already does.
+    pub fn enter(&self, key: &IdempotencyKey) -> Turn<'_> {
+        let mut keys = self.lock();
+        if let Some(done) = keys.get(key) {
+            return Turn::Follow(done.clone());
+        }
+        let (sender, receiver) = watch::channel(());
+        keys.insert(key.clone(), receiver);
+        Turn::Lead(LeadGuard {
+            keys: self,
+            key: key.clone(),
+            _done: sender,
+        })
+    }
+}
+
+impl Drop for LeadGuard<'_> {
+    fn drop(&mut self) {
+        self.keys.lock().remove(&self.key);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,6 +258,27 @@ mod tests {
         let stored = record(2, "fp", 1);
         cache.insert(&stored);
         assert_eq!(cache.lookup(&stored.idem_key, "fp"), Lookup::Miss);
+    }
+
+    #[tokio::test]
+    async fn followers_wake_when_the_leader_is_done() {
+        let keys = InFlightKeys::default();
+        let key = IdempotencyKey::generate("inflight", "ep", 1);
+        let Turn::Lead(guard) = keys.enter(&key) else {
+            panic!("the first delivery leads");
+        };
+        let Turn::Follow(mut done) = keys.enter(&key) else {
+            panic!("a second delivery follows");
+        };
+        drop(guard);
+        assert!(
+            done.changed().await.is_err(),
+            "the leader's end wakes followers"
+        );
+        assert!(
+            matches!(keys.enter(&key), Turn::Lead(_)),
+            "the key is free again"
+        );
     }
 
     #[test]

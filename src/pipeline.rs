@@ -16,7 +16,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{field, Instrument};
 
-use crate::cache::{Lookup, OutcomeCache};
+use crate::cache::{InFlightKeys, Lookup, OutcomeCache, Turn};
 use crate::config::WorkerConfig;
 use crate::handler::{Call, Handler, HandlerError};
 use crate::intent::{Intent, IntentError, Limits};
@@ -139,6 +139,8 @@ pub struct Pipeline {
     pub instance: String,
     /// Outcomes this worker has seen, to answer replays without the store.
     pub cache: OutcomeCache,
+    /// Keys being worked on here, so local copies wait instead of racing.
+    pub in_flight: InFlightKeys,
 }
 
 /// Decrements the in-flight gauge however the task ends.
@@ -209,11 +211,31 @@ impl Pipeline {
         payload: &Bytes,
         abandon: &CancellationToken,
     ) -> Verdict {
-        match self.cache.lookup(&intent.key, &intent.fingerprint) {
-            Lookup::Stored(record) => return self.replay(intent, &record),
-            Lookup::Reused => return self.refuse(intent, Rejection::KeyReused),
-            Lookup::Miss => {}
+        if let Some(verdict) = self.cached(intent) {
+            return verdict;
         }
+        // Held until this delivery is done; `None` for a follower that
+        // goes on to the store itself.
+        let _lead = match self.in_flight.enter(&intent.key) {
+            Turn::Lead(guard) => Some(guard),
+            Turn::Follow(mut done) => {
+                // Another delivery of this key is at work here: wait for it,
+                // then answer from what it left in the cache.
+                if tokio::time::timeout(self.config.wait, done.changed())
+                    .await
+                    .is_err()
+                {
+                    let retry_after = self.config.wait.max(MIN_RETRY_AFTER);
+                    return self.refuse(intent, Rejection::InProgress { retry_after });
+                }
+                if let Some(verdict) = self.cached(intent) {
+                    return verdict;
+                }
+                // It ended without a stored outcome (a transient failure, a
+                // refusal, nothing cacheable): this copy asks the store.
+                None
+            }
+        };
         let request = ClaimRequest {
             key: intent.key.clone(),
             intent_id: intent.intent_id.clone(),
@@ -230,6 +252,15 @@ impl Pipeline {
             Ok(Acquire::Reused(_)) => self.refuse(intent, Rejection::KeyReused),
             Ok(Acquire::Busy(record)) => self.refuse(intent, self.in_progress(&record)),
             Err(error) => self.refuse(intent, Rejection::StoreUnavailable(error)),
+        }
+    }
+
+    /// The verdict the cache already knows, if any.
+    fn cached(&self, intent: &Intent) -> Option<Verdict> {
+        match self.cache.lookup(&intent.key, &intent.fingerprint) {
+            Lookup::Stored(record) => Some(self.replay(intent, &record)),
+            Lookup::Reused => Some(self.refuse(intent, Rejection::KeyReused)),
+            Lookup::Miss => None,
         }
     }
 

@@ -17,7 +17,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::cache::{purge_subject, OutcomeCache};
+use crate::cache::{purge_subject, InFlightKeys, OutcomeCache};
 use crate::config::{Delivery, WorkerConfig};
 use crate::handler::Handler;
 use crate::jetstream;
@@ -73,6 +73,7 @@ impl Worker {
                 stats: Arc::default(),
                 instance: nuid::next().to_string(),
                 cache: OutcomeCache::new(config.cache_capacity),
+                in_flight: InFlightKeys::default(),
                 config,
             },
         }
