@@ -116,22 +116,24 @@ impl OutcomeCache {
         }
     }
 
-    /// Remembers a stored outcome (records without one are ignored).
-    pub fn insert(&self, record: &Record) {
+    /// Remembers a stored outcome (records without one are ignored) and
+    /// hands the record back shared, so callers need no copy of their own.
+    pub fn insert(&self, record: Record) -> Arc<Record> {
+        let record = Arc::new(record);
         if self.capacity == 0 || record.result.is_none() {
-            return;
+            return record;
         }
         let left = (record.expires_at - chrono::Utc::now())
             .to_std()
             .unwrap_or_default();
         let Some(left) = left.checked_sub(EXPIRY_MARGIN) else {
-            return;
+            return record;
         };
         let until = Instant::now() + left.min(MAX_AGE);
         let mut inner = self.lock();
         let key = record.idem_key.clone();
         let entry = Entry {
-            record: Arc::new(record.clone()),
+            record: Arc::clone(&record),
             until,
         };
         if inner.entries.insert(key.clone(), entry).is_none() {
@@ -149,6 +151,8 @@ impl OutcomeCache {
             let Inner { entries, order } = &mut *inner;
             order.retain(|key| entries.contains_key(key));
         }
+        drop(inner);
+        record
     }
 
     /// Forgets a key (purged).
@@ -242,7 +246,7 @@ mod tests {
     fn serves_same_fingerprint_and_refuses_another() {
         let cache = OutcomeCache::new(10);
         let stored = record(1, "fp", 60);
-        cache.insert(&stored);
+        cache.insert(stored.clone());
         assert_eq!(
             cache.lookup(&stored.idem_key, "fp"),
             Lookup::Stored(Arc::new(stored.clone()))
@@ -256,7 +260,7 @@ mod tests {
     fn outcomes_about_to_expire_are_not_cached() {
         let cache = OutcomeCache::new(10);
         let stored = record(2, "fp", 1);
-        cache.insert(&stored);
+        cache.insert(stored.clone());
         assert_eq!(cache.lookup(&stored.idem_key, "fp"), Lookup::Miss);
     }
 
@@ -286,7 +290,7 @@ mod tests {
         let cache = OutcomeCache::new(2);
         let records: Vec<Record> = (0..3).map(|i| record(i, "fp", 60)).collect();
         for r in &records {
-            cache.insert(r);
+            cache.insert(r.clone());
         }
         assert_eq!(cache.lookup(&records[0].idem_key, "fp"), Lookup::Miss);
         assert!(matches!(

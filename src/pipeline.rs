@@ -246,7 +246,7 @@ impl Pipeline {
         match self.store.acquire(&request, self.config.wait).await {
             Ok(Acquire::Owner(lease)) => self.run_owned(intent, payload, lease, abandon).await,
             Ok(Acquire::Stored(record)) => {
-                self.cache.insert(&record);
+                let record = self.cache.insert(record);
                 self.replay(intent, &record)
             }
             Ok(Acquire::Reused(_)) => self.refuse(intent, Rejection::KeyReused),
@@ -328,7 +328,7 @@ impl Pipeline {
         match self.store.complete(&lease, outcome.clone(), ttl).await {
             Ok(record) => {
                 Stats::bump(&self.stats.executed);
-                self.cache.insert(&record);
+                let record = self.cache.insert(record);
                 let reply = Reply::from_record(&record, false)
                     .unwrap_or_else(|| self.unstored(intent, outcome));
                 Verdict::Settled(reply)
