@@ -49,11 +49,17 @@ pub async fn purge(
         .publish(purge_subject(bucket), notice)
         .await
         .map_err(|e| StoreError::Unavailable(format!("purge notice: {e}")))?;
-    client
-        .flush()
-        .await
-        .map_err(|e| StoreError::Unavailable(format!("purge notice: {e}")))
+    match tokio::time::timeout(NOTICE_FLUSH_BOUND, client.flush()).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(StoreError::Unavailable(format!("purge notice: {e}"))),
+        Err(_) => Err(StoreError::Unavailable(
+            "purge notice: not flushed in time".to_owned(),
+        )),
+    }
 }
+
+/// How long a purge waits for its notice to reach the server.
+const NOTICE_FLUSH_BOUND: Duration = Duration::from_secs(5);
 
 /// What the cache knows about a key.
 #[derive(Debug, Clone, PartialEq)]

@@ -1,4 +1,4 @@
-//! The `idemq` command line: `serve`, `send`, `key`, `get`.
+//! The `idemq` command line: `serve`, `send`, `key`, `get`, `bench`.
 //!
 //! Flags, their `IDEMQ_*` environment variables and their defaults are
 //! declared here and nowhere else; `main.rs` only parses and calls [`run`].

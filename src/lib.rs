@@ -26,7 +26,7 @@
 //! * [`jetstream`]: JetStream delivery: pull consumer, acks, dead letters.
 //! * [`worker`]: intake, the in-flight bound and shutdown ([`Worker`]).
 //! * [`bench`]: `idemq bench`, idemq measured beside baselines in one run.
-//! * [`cli`]: the `idemq` command line (`serve`, `send`, `key`, `get`).
+//! * [`cli`]: the `idemq` command line (`serve`, `send`, `key`, `get`, `bench`).
 //!
 //! # Embedding
 //!
