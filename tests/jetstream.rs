@@ -10,7 +10,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer::PullConsumer};
 use async_nats::{Client, HeaderMap, Subscriber};
 use common::upstream::{Upstream, FORWARD};
-use common::workers::{start_worker, test_config, wait_for_workers, WorkerProcess};
+use common::workers::{start_worker, test_config, wait_for_workers, RunningWorker, WorkerProcess};
 use common::NatsServer;
 use futures::StreamExt;
 use idemq::config::{Delivery, JetStreamConfig};
@@ -87,14 +87,44 @@ async fn until_drained(js: &jetstream::Context) {
     panic!("the consumer still has pending or unacked messages after 10s");
 }
 
-#[tokio::test]
-async fn two_hundred_intents_two_hundred_replies_two_hundred_executions() {
+/// A server, an upstream, one in-process worker in JetStream mode, and a
+/// subscription to the replies: what most tests here start from.
+struct Rig {
+    server: NatsServer,
+    client: Client,
+    upstream: Upstream,
+    worker: RunningWorker,
+    js: jetstream::Context,
+    replies: Subscriber,
+}
+
+async fn rig(config: WorkerConfig, forward: Option<&str>) -> Rig {
     let server = NatsServer::start();
     let client = server.connect().await;
     let upstream = Upstream::start(&client).await;
-    let worker = start_worker(&server, js_config(|_| {}), Some(FORWARD)).await;
+    let worker = start_worker(&server, config, forward).await;
     let js = jetstream::new(client.clone());
-    let mut replies = results(&client).await;
+    let replies = results(&client).await;
+    Rig {
+        server,
+        client,
+        upstream,
+        worker,
+        js,
+        replies,
+    }
+}
+
+#[tokio::test]
+async fn two_hundred_intents_two_hundred_replies_two_hundred_executions() {
+    let Rig {
+        server: _server,
+        client: _client,
+        upstream,
+        worker,
+        js,
+        mut replies,
+    } = rig(js_config(|_| {}), Some(FORWARD)).await;
 
     for i in 0..200 {
         publish(&js, &intent(&format!("bulk-{i}"), "ok", json!(i))).await;
@@ -116,12 +146,14 @@ async fn two_hundred_intents_two_hundred_replies_two_hundred_executions() {
 
 #[tokio::test]
 async fn intents_published_three_times_execute_once_and_answer_each_copy() {
-    let server = NatsServer::start();
-    let client = server.connect().await;
-    let upstream = Upstream::start(&client).await;
-    let worker = start_worker(&server, js_config(|_| {}), Some(FORWARD)).await;
-    let js = jetstream::new(client.clone());
-    let mut replies = results(&client).await;
+    let Rig {
+        server: _server,
+        client: _client,
+        upstream,
+        worker,
+        js,
+        mut replies,
+    } = rig(js_config(|_| {}), Some(FORWARD)).await;
 
     for _copy in 0..3 {
         for i in 0..50 {
@@ -152,16 +184,14 @@ async fn intents_published_three_times_execute_once_and_answer_each_copy() {
 
 #[tokio::test]
 async fn an_invalid_intent_is_answered_dead_lettered_and_not_redelivered() {
-    let server = NatsServer::start();
-    let client = server.connect().await;
-    let worker = start_worker(
-        &server,
-        js_config(|js| js.ack_wait = Duration::from_secs(1)),
-        None,
-    )
-    .await;
-    let js = jetstream::new(client.clone());
-    let mut replies = results(&client).await;
+    let Rig {
+        server: _server,
+        client,
+        worker,
+        js,
+        mut replies,
+        ..
+    } = rig(js_config(|js| js.ack_wait = Duration::from_secs(1)), None).await;
     let mut dead = client
         .subscribe("idemq.dlq.INTENTS")
         .await
@@ -203,12 +233,15 @@ async fn an_invalid_intent_is_answered_dead_lettered_and_not_redelivered() {
 
 #[tokio::test]
 async fn an_intent_out_of_deliveries_is_answered_once_and_dead_lettered() {
-    let server = NatsServer::start();
-    let client = server.connect().await;
     let config = js_config(|js| js.max_deliver = 2);
-    let worker = start_worker(&server, config, Some("nobody.{capability}")).await;
-    let js = jetstream::new(client.clone());
-    let mut replies = results(&client).await;
+    let Rig {
+        server: _server,
+        client,
+        worker,
+        js,
+        mut replies,
+        ..
+    } = rig(config, Some("nobody.{capability}")).await;
     let mut dead = client
         .subscribe("idemq.dlq.INTENTS")
         .await
