@@ -217,6 +217,7 @@ impl Consumer {
         message: async_nats::jetstream::Message,
         abandon: &CancellationToken,
     ) {
+        let started = std::time::Instant::now();
         let delivered = message.info().map_or(1, |info| info.delivered.max(1));
         let work = pipeline.handle(
             &message.subject,
@@ -267,6 +268,7 @@ impl Consumer {
         if let Err(error) = message.ack_with(kind).await {
             tracing::warn!(%error, "ack failed; the message will be redelivered");
         }
+        Stats::observe(&pipeline.stats.intent_seconds, started.elapsed());
     }
 
     /// Publishes the reply, if the intent named somewhere to send it.
@@ -358,7 +360,7 @@ impl Consumer {
     ) -> Result<(), SettleError> {
         let mut headers = headers.unwrap_or_default();
         headers.insert(DEAD_REASON_HEADER, reason);
-        Stats::bump(&pipeline.stats.dead_lettered);
+        pipeline.stats.dead_lettered.inc();
         pipeline
             .client
             .publish_with_headers(self.config.dead_letter_subject.clone(), headers, payload)

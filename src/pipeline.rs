@@ -23,6 +23,7 @@ use crate::intent::{Intent, IntentError, Limits};
 use crate::outcome::{Outcome, Record, Reply};
 use crate::stats::Stats;
 use crate::store::{Acquire, ClaimRequest, IdempotencyStore, Lease, StoreError};
+use prometheus_client::metrics::counter::Counter;
 
 /// Shortest `retry_after_ms` suggested with `IN_PROGRESS`.
 const MIN_RETRY_AFTER: Duration = Duration::from_millis(100);
@@ -148,9 +149,7 @@ struct InFlight(Arc<Stats>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0
-            .in_flight
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.0.in_flight.dec();
     }
 }
 
@@ -164,8 +163,8 @@ impl Pipeline {
         payload: &Bytes,
         abandon: &CancellationToken,
     ) -> Handled {
-        Stats::bump(&self.stats.received);
-        Stats::bump(&self.stats.in_flight);
+        self.stats.received.inc();
+        self.stats.in_flight.inc();
         let _in_flight = InFlight(Arc::clone(&self.stats));
         let limits = Limits {
             max_payload: self.config.max_payload,
@@ -173,9 +172,10 @@ impl Pipeline {
         let intent = match Intent::decode(subject, headers, payload, limits) {
             Ok(intent) => intent,
             Err(invalid) => {
-                Stats::bump(&self.stats.invalid);
-                tracing::info!(error = %invalid.error, %subject, "invalid intent");
-                let outcome = Rejection::Invalid(invalid.error).outcome();
+                let rejection = Rejection::Invalid(invalid.error);
+                self.stats.count_invalid(rejection.code());
+                tracing::info!(error = %rejection, %subject, "invalid intent");
+                let outcome = rejection.outcome();
                 let reply = Reply::unstored(invalid.idem_key, invalid.intent_id, outcome);
                 return Handled {
                     verdict: Verdict::Invalid(reply),
@@ -188,7 +188,8 @@ impl Pipeline {
             idem_key = %intent.key,
             intent_id = %intent.intent_id,
             capability = %intent.capability,
-            status = field::Empty,
+            outcome = field::Empty,
+            code = field::Empty,
             replayed = field::Empty,
         );
         let verdict = self
@@ -196,8 +197,12 @@ impl Pipeline {
             .instrument(span.clone())
             .await;
         let reply = verdict.reply();
-        span.record("status", reply.result.status());
+        span.record("outcome", reply.result.status());
         span.record("replayed", reply.replayed);
+        if let Some(code) = reply.result.error_code() {
+            span.record("code", code);
+        }
+        span.in_scope(|| tracing::debug!("answered"));
         Handled {
             verdict,
             reply_to: intent.reply_to,
@@ -219,6 +224,7 @@ impl Pipeline {
         let _lead = match self.in_flight.enter(&intent.key) {
             Turn::Lead(guard) => Some(guard),
             Turn::Follow(mut done) => {
+                self.stats.waited.inc();
                 // Another delivery of this key is at work here: wait for it,
                 // then answer from what it left in the cache.
                 if tokio::time::timeout(self.config.wait, done.changed())
@@ -245,12 +251,20 @@ impl Pipeline {
         };
         match self.store.acquire(&request, self.config.wait).await {
             Ok(Acquire::Owner(lease)) => self.run_owned(intent, payload, lease, abandon).await,
-            Ok(Acquire::Stored(record)) => {
+            Ok(Acquire::Stored { record, waited }) => {
+                if waited {
+                    self.stats.waited.inc();
+                }
                 let record = self.cache.insert(record);
                 self.replay(intent, &record)
             }
             Ok(Acquire::Reused(_)) => self.refuse(intent, Rejection::KeyReused),
-            Ok(Acquire::Busy(record)) => self.refuse(intent, self.in_progress(&record)),
+            Ok(Acquire::Busy(record)) => {
+                if !self.config.wait.is_zero() {
+                    self.stats.waited.inc();
+                }
+                self.refuse(intent, self.in_progress(&record))
+            }
             Err(error) => self.refuse(intent, Rejection::StoreUnavailable(error)),
         }
     }
@@ -273,7 +287,7 @@ impl Pipeline {
         abandon: &CancellationToken,
     ) -> Verdict {
         if lease.takeover {
-            Stats::bump(&self.stats.takeovers);
+            self.stats.takeovers.inc();
             tracing::warn!(attempt = lease.record.attempt, "took over an expired claim");
         }
         let call = Call {
@@ -281,6 +295,7 @@ impl Pipeline {
             payload,
             attempt: lease.record.attempt,
         };
+        let started = std::time::Instant::now();
         let handled = tokio::time::timeout(self.config.handler_timeout, self.handler.handle(call));
         tokio::pin!(handled);
         let every = lease.ttl / 3;
@@ -303,12 +318,13 @@ impl Pipeline {
                 }
             }
         };
+        Stats::observe(&self.stats.handler_seconds, started.elapsed());
         let outcome = match result {
             Err(_elapsed) => Outcome::Timeout,
             Ok(Ok(outcome)) => outcome,
             Ok(Err(HandlerError::Transient { code, message })) => {
                 self.release(&lease).await;
-                Stats::bump(&self.stats.transient);
+                self.stats.transient.inc();
                 tracing::info!(%code, "transient failure; claim released");
                 let reply = self.unstored(intent, Outcome::error(code, message));
                 return Verdict::Retry {
@@ -327,7 +343,7 @@ impl Pipeline {
         };
         match self.store.complete(&lease, outcome.clone(), ttl).await {
             Ok(record) => {
-                Stats::bump(&self.stats.executed);
+                self.stats.executed.inc();
                 let record = self.cache.insert(record);
                 let reply = Reply::from_record(&record, false)
                     .unwrap_or_else(|| self.unstored(intent, outcome));
@@ -341,7 +357,7 @@ impl Pipeline {
                 // The handler ran: its outcome is the answer even though it
                 // could not be kept. A copy arriving after the lease expires
                 // will execute again; the log says why.
-                Stats::bump(&self.stats.store_errors);
+                self.stats.store_errors.inc();
                 tracing::error!(%error, "outcome executed but not stored");
                 Verdict::Settled(self.unstored(intent, outcome))
             }
@@ -350,7 +366,7 @@ impl Pipeline {
 
     /// After losing the lease, answer with what the new owner stored, if anything.
     async fn after_lost_lease(&self, intent: &Intent) -> Verdict {
-        Stats::bump(&self.stats.takeovers);
+        self.stats.takeovers.inc();
         match self.store.get(&intent.key).await {
             Ok(Some(record))
                 if record.result.is_some() && record.fingerprint == intent.fingerprint =>
@@ -387,7 +403,7 @@ impl Pipeline {
     fn replay(&self, intent: &Intent, record: &Record) -> Verdict {
         match Reply::from_record(record, true) {
             Some(reply) => {
-                Stats::bump(&self.stats.replayed);
+                self.stats.replayed.inc();
                 Verdict::Settled(reply)
             }
             None => self.refuse(
@@ -412,8 +428,8 @@ impl Pipeline {
     fn refuse(&self, intent: &Intent, rejection: Rejection) -> Verdict {
         tracing::info!(code = rejection.code(), reason = %rejection, "intent refused");
         let reply = self.unstored(intent, rejection.outcome());
-        let retry = |counter: &std::sync::atomic::AtomicU64, after| {
-            Stats::bump(counter);
+        let retry = |counter: &Counter, after| {
+            counter.inc();
             Verdict::Retry {
                 reply: reply.clone(),
                 after,
@@ -422,7 +438,7 @@ impl Pipeline {
         match &rejection {
             Rejection::Invalid(_) => Verdict::Invalid(reply),
             Rejection::KeyReused => {
-                Stats::bump(&self.stats.key_reused);
+                self.stats.key_reused.inc();
                 Verdict::Settled(reply)
             }
             Rejection::InProgress { retry_after } => retry(&self.stats.in_progress, *retry_after),

@@ -1,44 +1,74 @@
-//! Counters of what the worker did, shared by the worker and the service.
+//! What the worker did, counted once and shown three ways: Prometheus
+//! metrics (`--metrics-addr`), the `$SRV.STATS.idemq` reply, and the
+//! `idemq.status.<instance>` endpoint.
+//!
+//! The counters are prometheus-client metrics (atomics behind an `Arc`),
+//! so the worker increments them without locks and the exposition reads
+//! the same values the [`Snapshot`] does.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
-use serde::Serialize;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
 
-/// One counter per thing an operator asks about. Relaxed atomics: each is
-/// an independent tally, read only for reporting.
-#[derive(Debug, Default)]
-pub struct Stats {
-    /// Messages taken from the intent subjects.
-    pub received: AtomicU64,
-    /// Handler executions whose outcome was stored.
-    pub executed: AtomicU64,
-    /// Copies answered with a stored outcome.
-    pub replayed: AtomicU64,
-    /// Copies answered `IN_PROGRESS`.
-    pub in_progress: AtomicU64,
-    /// Copies answered `KEY_REUSED`.
-    pub key_reused: AtomicU64,
-    /// Messages refused as invalid.
-    pub invalid: AtomicU64,
-    /// Transient failures: claim released, nothing stored.
-    pub transient: AtomicU64,
-    /// Claims taken over from an owner whose lease expired.
-    pub takeovers: AtomicU64,
-    /// Store failures answered `STORE_UNAVAILABLE`.
-    pub store_errors: AtomicU64,
-    /// Intents sent to the dead-letter subject (JetStream mode).
-    pub dead_lettered: AtomicU64,
-    /// Intents being processed now.
-    pub in_flight: AtomicU64,
+/// The wire codes an invalid message is refused with (see `pipeline::Rejection::code`).
+pub const INVALID_CODES: [&str; 3] = ["INVALID_INTENT", "INVALID_KEY", "PAYLOAD_TOO_LARGE"];
+
+/// The label of `idemq_intents_invalid_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    /// The contract's error code.
+    pub code: String,
 }
 
-/// A point-in-time copy of [`Stats`], as JSON-friendly numbers.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+/// One metric per thing an operator asks about.
+#[derive(Debug)]
+pub struct Stats {
+    /// Messages taken from the intent subjects.
+    pub received: Counter,
+    /// Handler executions whose outcome was stored.
+    pub executed: Counter,
+    /// Copies answered with a stored outcome.
+    pub replayed: Counter,
+    /// Copies that found the key held by a running execution and waited for it.
+    pub waited: Counter,
+    /// Copies answered `IN_PROGRESS`.
+    pub in_progress: Counter,
+    /// Copies answered `KEY_REUSED`.
+    pub key_reused: Counter,
+    /// Messages refused as invalid, one counter per code in [`INVALID_CODES`].
+    invalid: [Counter; 3],
+    /// Transient failures: claim released, nothing stored.
+    pub transient: Counter,
+    /// Claims taken over from an owner whose lease expired.
+    pub takeovers: Counter,
+    /// Store failures answered `STORE_UNAVAILABLE`.
+    pub store_errors: Counter,
+    /// Intents sent to the dead-letter subject (JetStream mode).
+    pub dead_lettered: Counter,
+    /// Intents being processed now.
+    pub in_flight: Gauge,
+    /// How long handlers ran.
+    pub handler_seconds: Histogram,
+    /// From receipt of a message to its answer.
+    pub intent_seconds: Histogram,
+    registry: Registry,
+}
+
+/// A point-in-time copy of the counters, as JSON-friendly numbers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 #[allow(missing_docs)] // the fields mirror `Stats`, documented there
 pub struct Snapshot {
     pub received: u64,
     pub executed: u64,
     pub replayed: u64,
+    pub waited: u64,
     pub in_progress: u64,
     pub key_reused: u64,
     pub invalid: u64,
@@ -49,27 +79,164 @@ pub struct Snapshot {
     pub in_flight: u64,
 }
 
+/// Latency buckets from 100 µs to about 105 s, doubling.
+fn seconds_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0001, 2.0, 21))
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("idemq");
+        let counter = |registry: &mut Registry, name: &str, help: &str| {
+            let counter = Counter::default();
+            registry.register(name, help, counter.clone());
+            counter
+        };
+        let received = counter(
+            &mut registry,
+            "intents_received",
+            "Messages taken from the intent subjects",
+        );
+        let executed = counter(
+            &mut registry,
+            "intents_executed",
+            "Handler executions whose outcome was stored",
+        );
+        let replayed = counter(
+            &mut registry,
+            "intents_replayed",
+            "Copies answered with a stored outcome",
+        );
+        let waited = counter(
+            &mut registry,
+            "intents_waited",
+            "Copies that waited for a running execution of their key",
+        );
+        let in_progress = counter(
+            &mut registry,
+            "intents_in_progress",
+            "Copies answered IN_PROGRESS",
+        );
+        let key_reused = counter(
+            &mut registry,
+            "intents_key_reused",
+            "Copies answered KEY_REUSED",
+        );
+        let invalid_family = Family::<CodeLabel, Counter>::default();
+        registry.register(
+            "intents_invalid",
+            "Messages refused as invalid, by error code",
+            invalid_family.clone(),
+        );
+        // Each code's counter is created up front (so every series exists
+        // from the start) and kept: increments then need no map lookup.
+        let invalid = INVALID_CODES.map(|code| {
+            invalid_family
+                .get_or_create(&CodeLabel {
+                    code: code.to_owned(),
+                })
+                .clone()
+        });
+        let transient = counter(
+            &mut registry,
+            "transient_failures",
+            "Transient handler failures (claim released, nothing stored)",
+        );
+        let store_errors = counter(
+            &mut registry,
+            "store_errors",
+            "Store failures answered STORE_UNAVAILABLE",
+        );
+        let takeovers = counter(
+            &mut registry,
+            "takeovers",
+            "Claims taken over after their owner's lease expired",
+        );
+        let dead_lettered = counter(
+            &mut registry,
+            "dead_lettered",
+            "Intents sent to the dead-letter subject",
+        );
+        let in_flight = Gauge::default();
+        registry.register(
+            "intents_in_flight",
+            "Intents being processed now",
+            in_flight.clone(),
+        );
+        let handler_seconds = seconds_histogram();
+        registry.register(
+            "handler_duration_seconds",
+            "How long handlers ran",
+            handler_seconds.clone(),
+        );
+        let intent_seconds = seconds_histogram();
+        registry.register(
+            "intent_duration_seconds",
+            "From receipt of an intent to its answer",
+            intent_seconds.clone(),
+        );
+        Stats {
+            received,
+            executed,
+            replayed,
+            waited,
+            in_progress,
+            key_reused,
+            invalid,
+            transient,
+            takeovers,
+            store_errors,
+            dead_lettered,
+            in_flight,
+            handler_seconds,
+            intent_seconds,
+            registry,
+        }
+    }
+}
+
 impl Stats {
-    /// Adds one to a counter.
-    pub fn bump(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
+    /// Counts a message refused with `code` (one of [`INVALID_CODES`]).
+    pub fn count_invalid(&self, code: &str) {
+        match INVALID_CODES.iter().position(|known| *known == code) {
+            Some(index) => self.invalid[index].inc(),
+            // Unreachable while INVALID_CODES lists every code the pipeline
+            // maps an IntentError to; counted as the generic code if not.
+            None => self.invalid[0].inc(),
+        };
+    }
+
+    /// Records a duration in a histogram, in seconds.
+    pub fn observe(histogram: &Histogram, elapsed: Duration) {
+        histogram.observe(elapsed.as_secs_f64());
+    }
+
+    /// The metrics in the Prometheus text exposition format (OpenMetrics).
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        // Encoding into a String only fails if a metric's own encoder does,
+        // which the built-in metric types never do.
+        if let Err(error) = prometheus_client::encoding::text::encode(&mut text, &self.registry) {
+            tracing::warn!(%error, "metrics encoding failed");
+        }
+        text
     }
 
     /// Reads every counter.
     pub fn snapshot(&self) -> Snapshot {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         Snapshot {
-            received: get(&self.received),
-            executed: get(&self.executed),
-            replayed: get(&self.replayed),
-            in_progress: get(&self.in_progress),
-            key_reused: get(&self.key_reused),
-            invalid: get(&self.invalid),
-            transient: get(&self.transient),
-            takeovers: get(&self.takeovers),
-            store_errors: get(&self.store_errors),
-            dead_lettered: get(&self.dead_lettered),
-            in_flight: get(&self.in_flight),
+            received: self.received.get(),
+            executed: self.executed.get(),
+            replayed: self.replayed.get(),
+            waited: self.waited.get(),
+            in_progress: self.in_progress.get(),
+            key_reused: self.key_reused.get(),
+            invalid: self.invalid.iter().map(Counter::get).sum(),
+            transient: self.transient.get(),
+            takeovers: self.takeovers.get(),
+            store_errors: self.store_errors.get(),
+            dead_lettered: self.dead_lettered.get(),
+            in_flight: u64::try_from(self.in_flight.get()).unwrap_or_default(),
         }
     }
 }

@@ -246,6 +246,12 @@ async fn take_core(
 }
 
 async fn answer_core(pipeline: &Pipeline, message: Message, abandon: &CancellationToken) {
+    let started = std::time::Instant::now();
+    answer_core_inner(pipeline, message, abandon).await;
+    Stats::observe(&pipeline.stats.intent_seconds, started.elapsed());
+}
+
+async fn answer_core_inner(pipeline: &Pipeline, message: Message, abandon: &CancellationToken) {
     let handled = pipeline
         .handle(
             &message.subject,

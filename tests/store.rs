@@ -86,7 +86,11 @@ async fn complete_then_acquire_replays_the_stored_outcome(store: Store) {
         .await
         .expect("acquire")
     {
-        Acquire::Stored(stored) => {
+        Acquire::Stored {
+            record: stored,
+            waited,
+        } => {
+            assert!(!waited, "the outcome was there already");
             assert_eq!(stored.result, Some(outcome));
             assert_eq!(stored.owner, first.owner);
         }
@@ -168,7 +172,10 @@ async fn waiting_copy_gets_the_outcome_once_stored(store: Store) {
         .await
         .expect("complete");
     match waiter.await.expect("task").expect("acquire") {
-        Acquire::Stored(record) => assert_eq!(record.result, Some(outcome)),
+        Acquire::Stored { record, waited } => {
+            assert!(waited, "the copy followed the running execution");
+            assert_eq!(record.result, Some(outcome));
+        }
         other => panic!("expected Stored, got {other:?}"),
     }
 }

@@ -139,7 +139,12 @@ pub enum Acquire {
     /// We hold the key: execute.
     Owner(Lease),
     /// An outcome with the same fingerprint is stored: replay it.
-    Stored(Record),
+    Stored {
+        /// The stored record.
+        record: Record,
+        /// Whether another execution held the key and this copy waited for it.
+        waited: bool,
+    },
     /// The key is claimed or done with another fingerprint.
     Reused(Record),
     /// Another execution still holds the key after the wait.
@@ -287,7 +292,10 @@ pub trait IdempotencyStore: Send + Sync + 'static {
                     return Ok(Acquire::Reused(record));
                 }
                 if record.state == RecordState::Done {
-                    return Ok(Acquire::Stored(record));
+                    return Ok(Acquire::Stored {
+                        record,
+                        waited: watch.is_some(),
+                    });
                 }
                 if Instant::now() >= deadline {
                     return Ok(Acquire::Busy(record));
