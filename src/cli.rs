@@ -1,18 +1,25 @@
-//! The `idemq` command line: `serve`, `send`, `key`, `get`, `bench`.
+//! The `idemq` command line: `serve`, `send`, `key`, `get`, `bench`,
+//! `stats`, `purge`, `healthcheck`.
 //!
 //! Flags, their `IDEMQ_*` environment variables and their defaults are
-//! declared here and nowhere else; `main.rs` only parses and calls [`run`].
+//! declared here and nowhere else; `serve --config FILE` adds a TOML layer
+//! under them ([`crate::config_file`]). `main.rs` only calls [`parse_from`]
+//! and [`run`].
 
+use std::ffi::OsString;
 use std::io::Read;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::{Client, HeaderMap, RequestErrorKind};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Delivery, JetStreamConfig, NatsArgs, WorkerConfig};
+use crate::config_file::{self, ConfigFile};
 use crate::handler::{Echo, Forward, Handler};
 use crate::intent::IDEMPOTENCY_KEY_HEADER;
 use crate::key::IdempotencyKey;
@@ -27,6 +34,18 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+    /// Log format: `pretty` for people, `json` for log collectors (filter with RUST_LOG).
+    #[arg(long, global = true, env = "IDEMQ_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written (to standard error).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines, coloured on a terminal.
+    Pretty,
+    /// One JSON object per line, with the current span's fields.
+    Json,
 }
 
 /// The subcommands.
@@ -42,6 +61,12 @@ pub enum Command {
     Get(GetArgs),
     /// Measure idemq beside baselines against a nats-server.
     Bench(crate::bench::BenchArgs),
+    /// Show the bucket and every running worker's counters.
+    Stats(StatsArgs),
+    /// Remove a stored outcome so the next copy of its intent executes again.
+    Purge(PurgeArgs),
+    /// Exit 0 if a worker's /healthz (or /readyz) answers 200: for container health checks.
+    Healthcheck(HealthcheckArgs),
 }
 
 /// `idemq serve`.
@@ -115,6 +140,19 @@ pub struct ServeArgs {
     /// How long shutdown waits for in-flight intents.
     #[arg(long, env = "IDEMQ_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub grace: Duration,
+    /// Serve /metrics, /healthz and /readyz on this address (e.g. `0.0.0.0:9464`); off by default.
+    #[arg(long, env = "IDEMQ_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Read settings from this TOML file, keyed by these flags' long names
+    /// (`nats-url = "..."`); flags and IDEMQ_* variables override it.
+    #[arg(long, env = "IDEMQ_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Print the effective configuration (TOML, secrets masked) and exit.
+    #[arg(long)]
+    pub print_config: bool,
+    /// The effective configuration, rendered by [`parse_from`] for `--print-config`.
+    #[arg(skip)]
+    pub effective_config: Option<String>,
 }
 
 impl ServeArgs {
@@ -195,11 +233,10 @@ pub struct KeyArgs {
     pub step: u32,
 }
 
-/// `idemq get`.
+/// Where stored outcomes are: the servers and the bucket (for `get`,
+/// `stats`, `purge`).
 #[derive(Debug, Args)]
-pub struct GetArgs {
-    /// The idempotency key.
-    pub key: String,
+pub struct BucketArgs {
     #[command(flatten)]
     #[allow(missing_docs)]
     pub nats: NatsArgs,
@@ -208,9 +245,76 @@ pub struct GetArgs {
     pub bucket: String,
 }
 
+impl BucketArgs {
+    /// Connects and opens the existing bucket.
+    pub async fn open(&self) -> Result<(Client, KvStore), CliError> {
+        let client = connect(&self.nats).await?;
+        let store = KvStore::existing(async_nats::jetstream::new(client.clone()), &self.bucket)
+            .await
+            .map_err(|e| CliError::Failed(e.to_string()))?;
+        Ok((client, store))
+    }
+}
+
+/// `idemq get`.
+#[derive(Debug, Args)]
+pub struct GetArgs {
+    /// The idempotency key.
+    pub key: String,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub at: BucketArgs,
+}
+
+/// `idemq stats`.
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub at: BucketArgs,
+    /// How long to collect the workers' answers.
+    #[arg(long, env = "IDEMQ_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `idemq purge`.
+#[derive(Debug, Args)]
+pub struct PurgeArgs {
+    /// The idempotency key whose outcome to remove.
+    pub key: String,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub at: BucketArgs,
+    /// Also remove a claim whose execution is still running (a copy may
+    /// then execute beside it).
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// `idemq healthcheck`.
+#[derive(Debug, Args)]
+pub struct HealthcheckArgs {
+    /// The worker's --metrics-addr (`0.0.0.0` is dialled on loopback).
+    #[arg(long, env = "IDEMQ_METRICS_ADDR", default_value = "127.0.0.1:9464")]
+    pub metrics_addr: SocketAddr,
+    /// Ask /readyz (NATS and the bucket reachable) instead of /healthz.
+    #[arg(long)]
+    pub ready: bool,
+    /// How long to wait for the answer.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
 /// A failure of a subcommand, with the exit status it maps to.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
+    /// The command line did not parse, or asked for help or the version:
+    /// clap prints it and picks the exit status.
+    #[error("{0}")]
+    Clap(#[from] clap::Error),
     /// A usage or configuration error: exit status 2.
     #[error("{0}")]
     Usage(String),
@@ -223,10 +327,59 @@ impl CliError {
     /// The process exit status.
     pub fn exit_code(&self) -> ExitCode {
         match self {
+            CliError::Clap(error) => ExitCode::from(u8::try_from(error.exit_code()).unwrap_or(2)),
             CliError::Usage(_) => ExitCode::from(2),
             CliError::Failed(_) => ExitCode::from(1),
         }
     }
+}
+
+/// Parses a command line (the program name first). For `serve --config
+/// FILE`, the file's settings are merged under flags and variables (see
+/// [`crate::config_file`]), and `--print-config` gets its text.
+pub fn parse_from<I, T>(args: I) -> Result<Cli, CliError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString>,
+{
+    let mut argv: Vec<OsString> = args.into_iter().map(Into::into).collect();
+    let mut command = Cli::command();
+    command.build();
+    let mut matches = command.clone().try_get_matches_from(&argv)?;
+    let mut from_file = Vec::new();
+    if let Some(("serve", serve)) = matches.subcommand() {
+        if let Some(path) = serve.get_one::<PathBuf>("config") {
+            let file = ConfigFile::load(path).map_err(|e| CliError::Usage(e.to_string()))?;
+            let serve_command = serve_command(&command)?;
+            let extra = file
+                .as_args(serve_command, serve)
+                .map_err(|e| CliError::Usage(e.to_string()))?;
+            argv.extend(extra.args);
+            from_file = extra.keys;
+            matches = command.clone().try_get_matches_from(&argv)?;
+        }
+    }
+    let mut cli = Cli::from_arg_matches(&matches)?;
+    if let (Command::Serve(args), Some(("serve", serve))) = (&mut cli.command, matches.subcommand())
+    {
+        if args.print_config {
+            let (url, source) = args.nats.url_with_source();
+            let resolved = [("nats-url", url, source)];
+            args.effective_config = Some(config_file::render(
+                serve_command(&command)?,
+                serve,
+                &from_file,
+                &resolved,
+            ));
+        }
+    }
+    Ok(cli)
+}
+
+fn serve_command(command: &clap::Command) -> Result<&clap::Command, CliError> {
+    command
+        .find_subcommand("serve")
+        .ok_or_else(|| CliError::Failed("the serve subcommand is missing".to_owned()))
 }
 
 /// Runs a parsed command line.
@@ -253,6 +406,13 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Get(args) => get(args).await,
+        Command::Stats(args) => crate::admin::stats(&args).await,
+        Command::Purge(args) => crate::admin::purge(&args).await,
+        Command::Healthcheck(args) => {
+            crate::http::probe(args.metrics_addr, args.ready, args.timeout)
+                .map_err(CliError::Failed)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Bench(args) => crate::bench::command(&args).await.map_err(|e| match e {
             crate::bench::BenchError::Usage(text) => CliError::Usage(text),
             other => CliError::Failed(other.to_string()),
@@ -261,23 +421,30 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
 }
 
 /// Connects (see [`crate::config::connect`]); failure is exit status 1.
-pub async fn connect(url: &str) -> Result<Client, CliError> {
-    crate::config::connect(url, "idemq")
+pub async fn connect(nats: &NatsArgs) -> Result<Client, CliError> {
+    let url = nats.url();
+    crate::config::connect(&url, "idemq")
         .await
         .map_err(|e| CliError::Failed(format!("cannot connect to NATS at {url}: {e}")))
 }
 
 async fn serve(args: ServeArgs) -> Result<ExitCode, CliError> {
     let config = args.worker_config();
+    if let Some(text) = &args.effective_config {
+        print!("{text}");
+    }
     if let Err(problems) = config.validate() {
         let text: Vec<String> = problems.iter().map(ToString::to_string).collect();
         return Err(CliError::Usage(text.join("\n")));
+    }
+    if args.print_config {
+        return Ok(ExitCode::SUCCESS);
     }
     if let Some(template) = &args.forward {
         Forward::check_template(template).map_err(|e| CliError::Usage(e.to_string()))?;
     }
     let url = args.nats.url();
-    let client = connect(&url).await?;
+    let client = connect(&args.nats).await?;
     let handler: Arc<dyn Handler> = match &args.forward {
         Some(template) => Arc::new(
             Forward::new(client.clone(), template, args.handler_timeout)
@@ -293,13 +460,44 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, CliError> {
     let store = KvStore::open(async_nats::jetstream::new(client.clone()), &bucket)
         .await
         .map_err(|e| CliError::Failed(e.to_string()))?;
+    let store: Arc<dyn IdempotencyStore> = Arc::new(store);
     let shutdown = CancellationToken::new();
     let signals = tokio::spawn(cancel_on_signal(shutdown.clone()));
     tracing::info!(url = %url, bucket = %args.bucket, forward = ?args.forward, "idemq serving");
-    let result = Worker::new(client, Arc::new(store), handler, config)
-        .run(shutdown)
-        .await;
+    let worker = Worker::new(client.clone(), Arc::clone(&store), handler, config);
+    // The endpoints outlive intake: during the grace period /healthz still
+    // answers and /readyz says the worker is stopping.
+    let endpoints_stop = CancellationToken::new();
+    let endpoints = match args.metrics_addr {
+        Some(addr) => {
+            let listener = crate::http::bind(addr)
+                .await
+                .map_err(|e| CliError::Usage(format!("--metrics-addr {addr}: {e}")))?;
+            tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+            let readiness = crate::http::Readiness {
+                client,
+                store,
+                shutdown: shutdown.clone(),
+            };
+            Some(tokio::spawn(crate::http::serve(
+                listener,
+                worker.stats(),
+                readiness,
+                endpoints_stop.clone(),
+            )))
+        }
+        None => None,
+    };
+    let result = worker.run(shutdown.clone()).await;
     signals.abort();
+    endpoints_stop.cancel();
+    if let Some(endpoints) = endpoints {
+        match endpoints.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "metrics endpoint failed"),
+            Err(error) => tracing::warn!(%error, "metrics endpoint task failed"),
+        }
+    }
     result.map_err(|e| CliError::Failed(e.to_string()))?;
     tracing::info!("stopped cleanly");
     Ok(ExitCode::SUCCESS)
@@ -351,7 +549,7 @@ async fn send(args: SendArgs) -> Result<ExitCode, CliError> {
         let key = IdempotencyKey::parse(key).map_err(|e| CliError::Usage(e.to_string()))?;
         headers.insert(IDEMPOTENCY_KEY_HEADER, key.as_str());
     }
-    let client = connect(&args.nats.url()).await?;
+    let client = connect(&args.nats).await?;
     for attempt in 0..=args.retries {
         let request = async_nats::Request::new()
             .payload(payload.clone().into())
@@ -384,10 +582,7 @@ async fn send(args: SendArgs) -> Result<ExitCode, CliError> {
 
 async fn get(args: GetArgs) -> Result<ExitCode, CliError> {
     let key = IdempotencyKey::parse(&args.key).map_err(|e| CliError::Usage(e.to_string()))?;
-    let client = connect(&args.nats.url()).await?;
-    let store = KvStore::existing(async_nats::jetstream::new(client), &args.bucket)
-        .await
-        .map_err(|e| CliError::Failed(e.to_string()))?;
+    let (_client, store) = args.at.open().await?;
     match store.get(&key).await {
         Ok(Some(record)) => {
             let json = serde_json::to_string_pretty(&record)

@@ -27,10 +27,19 @@ pub struct NatsArgs {
 impl NatsArgs {
     /// The URL list: the flag, `IDEMQ_NATS_URL`, `NATS_URL`, or the default.
     pub fn url(&self) -> String {
-        self.nats_url
-            .clone()
-            .or_else(|| std::env::var("NATS_URL").ok().filter(|url| !url.is_empty()))
-            .unwrap_or_else(|| DEFAULT_NATS_URL.to_owned())
+        self.url_with_source().0
+    }
+
+    /// The URL list and where it came from, when not from clap itself
+    /// (`NATS_URL` or the default); `--print-config` shows it.
+    pub fn url_with_source(&self) -> (String, &'static str) {
+        if let Some(url) = &self.nats_url {
+            return (url.clone(), "flag");
+        }
+        match std::env::var("NATS_URL").ok().filter(|url| !url.is_empty()) {
+            Some(url) => (url, "env NATS_URL"),
+            None => (DEFAULT_NATS_URL.to_owned(), "default"),
+        }
     }
 }
 

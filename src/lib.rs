@@ -19,14 +19,18 @@
 //! * [`handler`]: the [`Handler`] trait; [`handler::Echo`] and
 //!   [`handler::Forward`].
 //! * [`config`]: [`WorkerConfig`] with the contract's defaults.
-//! * [`stats`]: counters shared by the worker and the service.
+//! * [`config_file`]: the optional TOML file under the flags; `--print-config`.
+//! * [`stats`]: what the worker did: Prometheus metrics, also shown by the service.
 //! * [`service`]: the `idemq` NATS micro service (discovery, stats).
 //! * [`cache`]: stored outcomes kept in memory for replays; purge notices.
 //! * [`pipeline`]: one delivery's path, decode to verdict ([`Verdict`]).
 //! * [`jetstream`]: JetStream delivery: pull consumer, acks, dead letters.
 //! * [`worker`]: intake, the in-flight bound and shutdown ([`Worker`]).
+//! * [`http`]: `/metrics`, `/healthz`, `/readyz` on `--metrics-addr`.
 //! * [`bench`]: `idemq bench`, idemq measured beside baselines in one run.
-//! * [`cli`]: the `idemq` command line (`serve`, `send`, `key`, `get`, `bench`).
+//! * [`cli`]: the `idemq` command line (`serve`, `send`, `key`, `get`,
+//!   `bench`, `stats`, `purge`, `healthcheck`).
+//! * [`admin`]: `idemq stats` and `idemq purge` against a running deployment.
 //!
 //! # Embedding
 //!
@@ -62,14 +66,17 @@ pub mod outcome;
 pub mod store;
 pub mod handler;
 pub mod config;
+pub mod config_file;
 pub mod stats;
 pub mod service;
 pub mod cache;
 pub mod pipeline;
 pub mod jetstream;
 pub mod worker;
+pub mod http;
 pub mod bench;
 pub mod cli;
+pub mod admin;
 
 pub use config::WorkerConfig;
 pub use handler::{Call, Handler, HandlerError};

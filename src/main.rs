@@ -3,26 +3,40 @@
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use clap::Parser;
+use idemq::cli::{CliError, Command, LogFormat};
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = idemq::cli::Cli::parse();
+    let cli = match idemq::cli::parse_from(std::env::args_os()) {
+        Ok(cli) => cli,
+        Err(CliError::Clap(error)) => error.exit(),
+        Err(error) => {
+            eprintln!("idemq: {error}");
+            return error.exit_code();
+        }
+    };
     // The worker reports what it does; one-shot commands only what went wrong.
     let default_level = match cli.command {
-        idemq::cli::Command::Serve(_) => "info",
+        Command::Serve(_) => "info",
         _ => "warn",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)),
-        )
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Pretty => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+    }
     match idemq::cli::run(cli).await {
         Ok(code) => code,
+        Err(CliError::Clap(error)) => error.exit(),
         Err(error) => {
             eprintln!("idemq: {error}");
             error.exit_code()

@@ -166,15 +166,20 @@ impl WorkerProcess {
     /// stderr at the level of `IDEMQ_TEST_LOG` (default `error`).
     pub fn serve(url: &str, args: &[&str]) -> WorkerProcess {
         let level = std::env::var("IDEMQ_TEST_LOG").unwrap_or_else(|_| "error".to_owned());
-        let child = Command::new(BIN)
-            .args(["serve", "--nats-url", url])
-            .args(args)
-            .env("RUST_LOG", level)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn idemq serve");
-        WorkerProcess(child)
+        WorkerProcess::spawn(
+            Command::new(BIN)
+                .args(["serve", "--nats-url", url])
+                .args(args)
+                .env("RUST_LOG", level)
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit()),
+        )
+    }
+
+    /// Starts a prepared `idemq` command (for tests that set its
+    /// environment or capture its output).
+    pub fn spawn(command: &mut Command) -> WorkerProcess {
+        WorkerProcess(command.spawn().expect("spawn idemq"))
     }
 
     /// Sends a signal (`-TERM`, `-KILL`) with kill(1).

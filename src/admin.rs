@@ -1,0 +1,282 @@
+//! `idemq stats` and `idemq purge`: looking at and mending a running
+//! deployment from the command line.
+//!
+//! `stats` asks two places: the bucket (its stream's state and settings)
+//! and every running worker, through the NATS micro service's
+//! `$SRV.STATS.idemq` request, whose replies carry each worker's counters
+//! as custom endpoint data. Workers answer within the collection window,
+//! so the table is as complete as the slowest worker is quick.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use async_nats::jetstream::context::GetStreamErrorKind;
+use async_nats::jetstream::ErrorCode;
+use async_nats::Client;
+use futures::StreamExt;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::cli::{connect, CliError, PurgeArgs, StatsArgs};
+use crate::key::IdempotencyKey;
+use crate::outcome::RecordState;
+use crate::service::SERVICE_NAME;
+use crate::stats::Snapshot;
+use crate::store::IdempotencyStore;
+
+/// Most worker answers collected (a bound, not an expectation).
+const MAX_WORKERS: usize = 10_000;
+
+/// The bucket as `idemq stats` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct BucketStats {
+    /// Bucket name.
+    pub bucket: String,
+    /// Keys held (claims, outcomes and expiry markers).
+    pub keys: u64,
+    /// Bytes held.
+    pub bytes: u64,
+    /// Longest outcome lifetime the bucket allows, in seconds (0: none).
+    pub max_age_secs: u64,
+    /// Stream replicas.
+    pub replicas: usize,
+    /// `file` or `memory`.
+    pub storage: String,
+}
+
+/// One worker's answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkerStats {
+    /// The service instance id.
+    pub id: String,
+    /// idemq's version on that worker.
+    pub version: String,
+    /// When it started (RFC 3339).
+    pub started: String,
+    /// Its counters.
+    pub stats: Snapshot,
+}
+
+/// Everything `idemq stats --json` prints.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// The bucket, if it exists.
+    pub bucket: Option<BucketStats>,
+    /// Every worker that answered, by id.
+    pub workers: Vec<WorkerStats>,
+    /// The workers' counters added up (in flight: now, across them).
+    pub total: Snapshot,
+}
+
+/// `idemq stats`.
+pub async fn stats(args: &StatsArgs) -> Result<ExitCode, CliError> {
+    let client = connect(&args.at.nats).await?;
+    let bucket = bucket_stats(&client, &args.at.bucket).await?;
+    let mut workers = worker_stats(&client, args.timeout).await?;
+    workers.sort_by(|a, b| a.id.cmp(&b.id));
+    let total = workers
+        .iter()
+        .fold(Snapshot::default(), |sum, worker| add(sum, worker.stats));
+    let report = Report {
+        bucket,
+        workers,
+        total,
+    };
+    if args.json {
+        let json =
+            serde_json::to_string_pretty(&report).map_err(|e| CliError::Failed(e.to_string()))?;
+        println!("{json}");
+    } else {
+        print!("{}", render(&report, &args.at.bucket));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn bucket_stats(client: &Client, bucket: &str) -> Result<Option<BucketStats>, CliError> {
+    let js = async_nats::jetstream::new(client.clone());
+    let stream = format!("KV_{bucket}");
+    match js.get_stream(&stream).await {
+        Ok(mut handle) => {
+            let info = handle
+                .info()
+                .await
+                .map_err(|e| CliError::Failed(format!("bucket {bucket}: {e}")))?;
+            Ok(Some(BucketStats {
+                bucket: bucket.to_owned(),
+                keys: info.state.messages,
+                bytes: info.state.bytes,
+                max_age_secs: info.config.max_age.as_secs(),
+                replicas: info.config.num_replicas,
+                storage: format!("{:?}", info.config.storage).to_lowercase(),
+            }))
+        }
+        Err(error)
+            if matches!(
+                error.kind(),
+                GetStreamErrorKind::JetStream(e) if e.error_code() == ErrorCode::STREAM_NOT_FOUND
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(error) => Err(CliError::Failed(format!("bucket {bucket}: {error}"))),
+    }
+}
+
+/// Asks `$SRV.STATS.idemq` and collects the answers for `window`.
+async fn worker_stats(client: &Client, window: Duration) -> Result<Vec<WorkerStats>, CliError> {
+    let inbox = client.new_inbox();
+    let mut answers = client
+        .subscribe(inbox.clone())
+        .await
+        .map_err(|e| CliError::Failed(format!("subscribe: {e}")))?;
+    client
+        .publish_with_reply(format!("$SRV.STATS.{SERVICE_NAME}"), inbox, "".into())
+        .await
+        .map_err(|e| CliError::Failed(format!("publish: {e}")))?;
+    let deadline = tokio::time::Instant::now() + window;
+    let mut workers = Vec::new();
+    while workers.len() < MAX_WORKERS {
+        let Ok(Some(message)) = tokio::time::timeout_at(deadline, answers.next()).await else {
+            break;
+        };
+        match parse_worker(&message.payload) {
+            Some(worker) => workers.push(worker),
+            None => tracing::warn!("ignored an unreadable $SRV.STATS answer"),
+        }
+    }
+    Ok(workers)
+}
+
+/// A micro-service stats answer: the first endpoint's `data` holds the counters.
+fn parse_worker(payload: &[u8]) -> Option<WorkerStats> {
+    let value: Value = serde_json::from_slice(payload).ok()?;
+    let text = |field: &str| value.get(field)?.as_str().map(str::to_owned);
+    let data = value.get("endpoints")?.as_array()?.first()?.get("data")?;
+    Some(WorkerStats {
+        id: text("id")?,
+        version: text("version").unwrap_or_default(),
+        started: text("started").unwrap_or_default(),
+        stats: serde_json::from_value(data.clone()).ok()?,
+    })
+}
+
+fn add(a: Snapshot, b: Snapshot) -> Snapshot {
+    Snapshot {
+        received: a.received + b.received,
+        executed: a.executed + b.executed,
+        replayed: a.replayed + b.replayed,
+        waited: a.waited + b.waited,
+        in_progress: a.in_progress + b.in_progress,
+        key_reused: a.key_reused + b.key_reused,
+        invalid: a.invalid + b.invalid,
+        transient: a.transient + b.transient,
+        takeovers: a.takeovers + b.takeovers,
+        store_errors: a.store_errors + b.store_errors,
+        dead_lettered: a.dead_lettered + b.dead_lettered,
+        in_flight: a.in_flight + b.in_flight,
+    }
+}
+
+/// The report as a bucket summary and a table of workers.
+pub fn render(report: &Report, bucket: &str) -> String {
+    let mut out = String::new();
+    match &report.bucket {
+        Some(b) => out.push_str(&format!(
+            "Bucket {}: {} keys, {} bytes, max age {}, {} replica(s), {} storage\n\n",
+            b.bucket,
+            b.keys,
+            b.bytes,
+            humantime::format_duration(Duration::from_secs(b.max_age_secs)),
+            b.replicas,
+            b.storage
+        )),
+        None => out.push_str(&format!("Bucket {bucket}: does not exist yet\n\n")),
+    }
+    if report.workers.is_empty() {
+        out.push_str("No idemq worker answered.\n");
+        return out;
+    }
+    let mut table = comfy_table::Table::new();
+    table.load_style(comfy_table::presets::NOTHING).set_header([
+        "WORKER",
+        "RECEIVED",
+        "EXECUTED",
+        "REPLAYED",
+        "WAITED",
+        "IN_PROGRESS",
+        "KEY_REUSED",
+        "INVALID",
+        "TRANSIENT",
+        "STORE_ERR",
+        "TAKEOVERS",
+        "DEAD",
+        "IN_FLIGHT",
+    ]);
+    let row = |name: &str, s: &Snapshot| {
+        let mut cells = vec![name.to_owned()];
+        cells.extend(
+            [
+                s.received,
+                s.executed,
+                s.replayed,
+                s.waited,
+                s.in_progress,
+                s.key_reused,
+                s.invalid,
+                s.transient,
+                s.store_errors,
+                s.takeovers,
+                s.dead_lettered,
+                s.in_flight,
+            ]
+            .map(|n| n.to_string()),
+        );
+        cells
+    };
+    for worker in &report.workers {
+        table.add_row(row(&worker.id, &worker.stats));
+    }
+    if report.workers.len() > 1 {
+        table.add_row(row("total", &report.total));
+    }
+    for column in table.column_iter_mut().skip(1) {
+        column.set_cell_alignment(comfy_table::CellAlignment::Right);
+    }
+    out.push_str(&table.to_string());
+    out.push('\n');
+    out
+}
+
+/// `idemq purge KEY`: removes the record and tells every worker to drop
+/// it from its cache, so the next copy executes again. A claim whose
+/// execution still runs is left alone unless `--force`: purging it would
+/// let a copy execute beside the running one.
+pub async fn purge(args: &PurgeArgs) -> Result<ExitCode, CliError> {
+    let key = IdempotencyKey::parse(&args.key).map_err(|e| CliError::Usage(e.to_string()))?;
+    let (client, store) = args.at.open().await?;
+    let record = store
+        .get(&key)
+        .await
+        .map_err(|e| CliError::Failed(e.to_string()))?;
+    match record {
+        None => {
+            eprintln!("no record under {key}");
+            return Ok(ExitCode::from(1));
+        }
+        Some(record) if record.state == RecordState::InProgress && !args.force => {
+            return Err(CliError::Failed(format!(
+                "{key} is being executed (lease until {}); --force purges it anyway",
+                record.expires_at.to_rfc3339()
+            )));
+        }
+        Some(_) => {}
+    }
+    crate::cache::purge(&client, &store, &args.at.bucket, &key)
+        .await
+        .map_err(|e| CliError::Failed(e.to_string()))?;
+    println!(
+        "purged {key}; workers notified on {}",
+        crate::cache::purge_subject(&args.at.bucket)
+    );
+    Ok(ExitCode::SUCCESS)
+}
