@@ -3,7 +3,9 @@
 //!
 //! `cargo test` builds the examples before it runs the tests, so the embed
 //! binary sits in `target/<profile>/examples/`, beside the `deps/` directory
-//! that holds this test binary.
+//! that holds this test binary. `cargo test --test examples` alone does not
+//! build examples: the test refuses an embed binary older than its sources
+//! rather than run a stale one (`cargo build --example embed` first).
 
 mod common;
 
@@ -103,12 +105,40 @@ fn example_bin(name: &str) -> PathBuf {
     let bin = profile_dir
         .join("examples")
         .join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    let built = std::fs::metadata(&bin)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|e| {
+            panic!(
+                "{} is missing ({e}): run `cargo test`, or `cargo build --example {name}` before `cargo test --test examples`",
+                bin.display()
+            )
+        });
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let sources = [
+        root.join("examples").join(format!("{name}.rs")),
+        root.join("src"),
+        root.join("Cargo.toml"),
+    ];
+    let newest = sources.iter().filter_map(|p| newest_mtime(p)).max();
     assert!(
-        bin.is_file(),
-        "{} is missing: run the tests with `cargo test`, which builds the examples",
+        newest.is_none_or(|newest| newest <= built),
+        "{} is older than its sources: run `cargo test`, or `cargo build --example {name}` before `cargo test --test examples`",
         bin.display()
     );
     bin
+}
+
+/// The latest modification time of a file, or of any file under a directory.
+fn newest_mtime(path: &Path) -> Option<std::time::SystemTime> {
+    let meta = std::fs::metadata(path).ok()?;
+    if !meta.is_dir() {
+        return meta.modified().ok();
+    }
+    std::fs::read_dir(path)
+        .ok()?
+        .flatten()
+        .filter_map(|entry| newest_mtime(&entry.path()))
+        .max()
 }
 
 /// A `charge` intent for the embed example's ledger.
