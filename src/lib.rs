@@ -34,11 +34,29 @@
 //!
 //! # Embedding
 //!
+//! Bring your own [`Handler`]. The worker claims each intent's key, calls
+//! the handler at most once per claim, stores what it returns and answers
+//! every copy of the intent with it. A handler returns
+//!
+//! * [`Outcome::Success`] with a value, or [`Outcome::error`] for a definite
+//!   error (bad params): both are stored and replayed to every copy;
+//! * [`HandlerError::Transient`] for a failure a retry may fix: nothing is
+//!   stored, the claim is released, and the client's retry with the same
+//!   key runs the handler again.
+//!
+//! A complete program is `examples/embed.rs` (`cargo run --example embed --
+//! --nats-url URL`): a ledger handler that keeps state and shows all three
+//! endings, a [`WorkerConfig`], [`store::kv::KvStore`], and a clean shutdown
+//! on Ctrl-C or SIGTERM. `tests/examples.rs` runs it against a real
+//! nats-server. `examples/python/` has the other side: an agent (nats-py)
+//! that publishes intents and retries with the same key.
+//!
 //! ```no_run
 //! use std::sync::Arc;
 //! use async_trait::async_trait;
 //! use idemq::{Call, Handler, HandlerError, Outcome, Worker, WorkerConfig};
 //! use idemq::store::kv::{BucketConfig, KvStore};
+//! use tokio_util::sync::CancellationToken;
 //!
 //! struct Charge;
 //!
@@ -46,15 +64,33 @@
 //! impl Handler for Charge {
 //!     async fn handle(&self, call: Call<'_>) -> Result<Outcome, HandlerError> {
 //!         // Runs at most once per key while the outcome is kept.
-//!         Ok(Outcome::Success(serde_json::json!({ "charged": call.intent.params })))
+//!         let Some(amount) = call.intent.params["amount"].as_u64() else {
+//!             return Ok(Outcome::error("BAD_PARAMS", "params.amount must be a number"));
+//!         };
+//!         if amount > 1_000 {
+//!             return Err(HandlerError::Transient {
+//!                 code: "503".into(),
+//!                 message: "needs approval; retry later".into(),
+//!             });
+//!         }
+//!         Ok(Outcome::Success(serde_json::json!({ "charged": amount })))
 //!     }
 //! }
 //!
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
 //! let client = async_nats::connect("nats://127.0.0.1:4222").await?;
 //! let store = KvStore::open(async_nats::jetstream::new(client.clone()), &BucketConfig::default()).await?;
-//! let worker = Worker::new(client, Arc::new(store), Arc::new(Charge), WorkerConfig::default());
-//! let shutdown = tokio_util::sync::CancellationToken::new();
+//! let config = WorkerConfig { subjects: vec!["intents.charge".into()], ..WorkerConfig::default() };
+//! let worker = Worker::new(client, Arc::new(store), Arc::new(Charge), config);
+//! let shutdown = CancellationToken::new();
+//! let on_ctrl_c = shutdown.clone();
+//! tokio::spawn(async move {
+//!     // An error means no signal handler could be installed: run until killed.
+//!     if tokio::signal::ctrl_c().await.is_ok() {
+//!         on_ctrl_c.cancel();
+//!     }
+//! });
+//! // Returns after a clean shutdown: intake stopped, in-flight intents done.
 //! worker.run(shutdown).await?;
 //! # Ok(())
 //! # }
