@@ -12,7 +12,7 @@ use async_nats::{Client, HeaderMap, RequestErrorKind};
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Delivery, JetStreamConfig, NatsArgs, WorkerConfig};
+use crate::config::{ConnectError, Delivery, JetStreamConfig, NatsArgs, WorkerConfig};
 use crate::handler::{Echo, Forward, Handler};
 use crate::intent::IDEMPOTENCY_KEY_HEADER;
 use crate::key::IdempotencyKey;
@@ -260,11 +260,54 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
     }
 }
 
-/// Connects (see [`crate::config::connect`]); failure is exit status 1.
-pub async fn connect(url: &str) -> Result<Client, CliError> {
-    crate::config::connect(url, "idemq")
+/// Connects (see [`crate::config::connect`]): unusable authentication
+/// flags are a usage error (exit status 2), anything else exit status 1.
+pub async fn connect(nats: &NatsArgs) -> Result<Client, CliError> {
+    crate::config::connect(nats, "idemq")
         .await
-        .map_err(|e| CliError::Failed(format!("cannot connect to NATS at {url}: {e}")))
+        .map_err(connect_failure)
+}
+
+fn connect_failure(error: ConnectError) -> CliError {
+    match error {
+        ConnectError::Auth(auth) => CliError::Usage(auth.to_string()),
+        other => CliError::Failed(other.to_string()),
+    }
+}
+
+/// A permission the server refused `serve`: the worker cannot do its job
+/// with it missing, so it stops rather than idle or answer half the time.
+fn refused(error: &async_nats::ServerError) -> CliError {
+    CliError::Failed(format!(
+        "the NATS server refused a permission idemq needs ({error}); \
+         deploy/nats-auth/ lists what the worker's user must be allowed"
+    ))
+}
+
+/// Whether the server refused a publish or a subscription.
+fn is_refusal(error: &async_nats::ServerError) -> bool {
+    matches!(error, async_nats::ServerError::Other(text)
+        if text.to_ascii_lowercase().contains("permissions violation"))
+}
+
+/// Whether a server error, after start-up, makes the worker useless: a
+/// refused subscription (intents, replies, watches or purge notices never
+/// arrive). A refused publish is one intent's problem, and is logged.
+fn is_fatal(error: &async_nats::ServerError) -> bool {
+    matches!(error, async_nats::ServerError::Other(text)
+        if text.to_ascii_lowercase().contains("permissions violation for subscription"))
+}
+
+/// The first refusal `server_errors` reports; pending forever if none comes.
+async fn first_refusal(
+    server_errors: &mut tokio::sync::mpsc::Receiver<async_nats::ServerError>,
+) -> async_nats::ServerError {
+    while let Some(error) = server_errors.recv().await {
+        if is_refusal(&error) {
+            return error;
+        }
+    }
+    std::future::pending().await
 }
 
 async fn serve(args: ServeArgs) -> Result<ExitCode, CliError> {
@@ -277,7 +320,10 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, CliError> {
         Forward::check_template(template).map_err(|e| CliError::Usage(e.to_string()))?;
     }
     let url = args.nats.url();
-    let client = connect(&url).await?;
+    let (errors, mut server_errors) = tokio::sync::mpsc::channel(16);
+    let client = crate::config::connect_reporting(&args.nats, "idemq", Some(errors))
+        .await
+        .map_err(connect_failure)?;
     let handler: Arc<dyn Handler> = match &args.forward {
         Some(template) => Arc::new(
             Forward::new(client.clone(), template, args.handler_timeout)
@@ -290,16 +336,35 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, CliError> {
         bucket: args.bucket.clone(),
         replicas: usize::from(args.replicas),
     };
-    let store = KvStore::open(async_nats::jetstream::new(client.clone()), &bucket)
-        .await
-        .map_err(|e| CliError::Failed(e.to_string()))?;
+    // A refused JetStream request gets no reply, only a server error: race
+    // the two so a missing permission fails now, not after the timeouts.
+    let store = tokio::select! {
+        store = KvStore::open(async_nats::jetstream::new(client.clone()), &bucket) => {
+            store.map_err(|e| CliError::Failed(e.to_string()))?
+        }
+        error = first_refusal(&mut server_errors) => return Err(refused(&error)),
+    };
     let shutdown = CancellationToken::new();
     let signals = tokio::spawn(cancel_on_signal(shutdown.clone()));
+    let stop_on_refusal = shutdown.clone();
+    let refusals = tokio::spawn(async move {
+        while let Some(error) = server_errors.recv().await {
+            if is_fatal(&error) {
+                stop_on_refusal.cancel();
+                return Some(error);
+            }
+        }
+        None
+    });
     tracing::info!(url = %url, bucket = %args.bucket, forward = ?args.forward, "idemq serving");
     let result = Worker::new(client, Arc::new(store), handler, config)
         .run(shutdown)
         .await;
     signals.abort();
+    refusals.abort();
+    if let Ok(Some(error)) = refusals.await {
+        return Err(refused(&error));
+    }
     result.map_err(|e| CliError::Failed(e.to_string()))?;
     tracing::info!("stopped cleanly");
     Ok(ExitCode::SUCCESS)
@@ -351,7 +416,7 @@ async fn send(args: SendArgs) -> Result<ExitCode, CliError> {
         let key = IdempotencyKey::parse(key).map_err(|e| CliError::Usage(e.to_string()))?;
         headers.insert(IDEMPOTENCY_KEY_HEADER, key.as_str());
     }
-    let client = connect(&args.nats.url()).await?;
+    let client = connect(&args.nats).await?;
     for attempt in 0..=args.retries {
         let request = async_nats::Request::new()
             .payload(payload.clone().into())
@@ -384,7 +449,7 @@ async fn send(args: SendArgs) -> Result<ExitCode, CliError> {
 
 async fn get(args: GetArgs) -> Result<ExitCode, CliError> {
     let key = IdempotencyKey::parse(&args.key).map_err(|e| CliError::Usage(e.to_string()))?;
-    let client = connect(&args.nats.url()).await?;
+    let client = connect(&args.nats).await?;
     let store = KvStore::existing(async_nats::jetstream::new(client), &args.bucket)
         .await
         .map_err(|e| CliError::Failed(e.to_string()))?;
