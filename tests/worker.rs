@@ -212,6 +212,40 @@ async fn a_capability_can_never_inject_subject_tokens_or_wildcards() {
     worker.stop().await;
 }
 
+/// `--concurrency` bounds the intents in flight: with 2, six slow intents
+/// sent at once run at most two at a time, and all are answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_bounds_the_intents_in_flight() {
+    let server = NatsServer::start();
+    let client = server.connect().await;
+    let _upstream = Upstream::start(&client).await;
+    let config = idemq::WorkerConfig {
+        concurrency: 2,
+        ..test_config()
+    };
+    let worker = start_worker(&server, config, Some(FORWARD)).await;
+    let sends: Vec<_> = (0..6)
+        .map(|i| {
+            let client = client.clone();
+            let mut body = intent(&format!("bounded-{i}"), json!({"sleep_ms": 400}));
+            body["capability"] = json!("slow");
+            tokio::spawn(async move { send(&client, "intents.ok", &body).await })
+        })
+        .collect();
+    let mut peak = 0;
+    while !sends.iter().all(|send| send.is_finished()) {
+        peak = peak.max(worker.stats.snapshot().in_flight);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for send in sends {
+        let reply = send.await.expect("send task");
+        assert_eq!(reply["result"]["status"], "Success", "{reply}");
+    }
+    assert!(peak <= 2, "{peak} intents in flight with --concurrency 2");
+    assert_eq!(peak, 2, "the bound was reached");
+    worker.stop().await;
+}
+
 #[tokio::test]
 async fn retry_storm_over_three_workers_executes_each_key_once() {
     const KEYS: usize = 20;
