@@ -203,6 +203,39 @@ fn jwt(issuer: &KeyPair, subject: &str, name: &str, nats: Value) -> String {
     format!("{input}.{}", URL_SAFE_NO_PAD.encode(signature))
 }
 
+/// Waits (at most 10s) until the account of `creds` can create a stream.
+///
+/// In operator mode the server sets up an account's JetStream storage when
+/// the account is first used; a stream created in that moment can fail
+/// ("could not create storage directory"). A deployment's account is long in
+/// use when idemq starts; this test's is brand new.
+async fn wait_for_account_jetstream(url: &str, creds: &str) {
+    let client = async_nats::ConnectOptions::with_credentials_file(creds)
+        .await
+        .expect("read creds")
+        .connect(url)
+        .await
+        .expect("connect with creds");
+    let js = async_nats::jetstream::new(client);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let config = async_nats::jetstream::stream::Config {
+            name: "WARMUP".to_owned(),
+            subjects: vec!["warmup".to_owned()],
+            ..Default::default()
+        };
+        match js.create_stream(config).await {
+            Ok(_) => break,
+            Err(error) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "the account cannot create a stream: {error}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    js.delete_stream("WARMUP").await.expect("delete WARMUP");
+}
+
 /// A `.creds` file: the user JWT and the user's seed, in nsc's layout.
 fn creds(jwt: &str, user: &KeyPair) -> String {
     format!(
@@ -265,6 +298,7 @@ async fn credentials_file_in_operator_mode() {
         system = system.public_key(),
         account = account.public_key()
     ));
+    wait_for_account_jetstream(&server.url(), &files[0]).await;
     echo_round_trip(
         &server.url(),
         &["--creds", &files[0]],
