@@ -46,9 +46,10 @@ const READY_TIMEOUT: Duration = Duration::from_secs(15);
 #[derive(Debug, Parser)]
 #[command(about = "An idemq worker with a custom ledger handler")]
 struct Args {
-    /// NATS server URL(s), comma-separated.
-    #[arg(long, env = "NATS_URL", default_value = idemq::config::DEFAULT_NATS_URL)]
-    nats_url: String,
+    /// Where NATS is and how to authenticate: idemq's own `--nats-url`,
+    /// `--creds`, `--tls-*`... flags, reused.
+    #[command(flatten)]
+    nats: idemq::config::NatsArgs,
     /// Subject to take intents from; the last token is the capability.
     #[arg(long, default_value = "intents.>")]
     subject: String,
@@ -160,7 +161,7 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    let client = idemq::config::connect(&args.nats_url, "idemq-embed").await?;
+    let client = idemq::config::connect(&args.nats, "idemq-embed").await?;
     check_server_version(&client)?;
     let bucket = BucketConfig {
         bucket: args.bucket.clone(),

@@ -18,7 +18,7 @@ use async_nats::{Client, HeaderMap, RequestErrorKind};
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Delivery, JetStreamConfig, NatsArgs, WorkerConfig};
+use crate::config::{ConnectError, Delivery, JetStreamConfig, NatsArgs, WorkerConfig};
 use crate::config_file::{self, ConfigFile};
 use crate::handler::{Echo, Forward, Handler};
 use crate::intent::IDEMPOTENCY_KEY_HEADER;
@@ -420,12 +420,54 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
     }
 }
 
-/// Connects (see [`crate::config::connect`]); failure is exit status 1.
+/// Connects (see [`crate::config::connect`]): unusable authentication
+/// flags are a usage error (exit status 2), anything else exit status 1.
 pub async fn connect(nats: &NatsArgs) -> Result<Client, CliError> {
-    let url = nats.url();
-    crate::config::connect(&url, "idemq")
+    crate::config::connect(nats, "idemq")
         .await
-        .map_err(|e| CliError::Failed(format!("cannot connect to NATS at {url}: {e}")))
+        .map_err(connect_failure)
+}
+
+fn connect_failure(error: ConnectError) -> CliError {
+    match error {
+        ConnectError::Auth(auth) => CliError::Usage(auth.to_string()),
+        other => CliError::Failed(other.to_string()),
+    }
+}
+
+/// A permission the server refused `serve`: the worker cannot do its job
+/// with it missing, so it stops rather than idle or answer half the time.
+fn refused(error: &async_nats::ServerError) -> CliError {
+    CliError::Failed(format!(
+        "the NATS server refused a permission idemq needs ({error}); \
+         deploy/nats-auth/ lists what the worker's user must be allowed"
+    ))
+}
+
+/// Whether the server refused a publish or a subscription.
+fn is_refusal(error: &async_nats::ServerError) -> bool {
+    matches!(error, async_nats::ServerError::Other(text)
+        if text.to_ascii_lowercase().contains("permissions violation"))
+}
+
+/// Whether a server error, after start-up, makes the worker useless: a
+/// refused subscription (intents, replies, watches or purge notices never
+/// arrive). A refused publish is one intent's problem, and is logged.
+fn is_fatal(error: &async_nats::ServerError) -> bool {
+    matches!(error, async_nats::ServerError::Other(text)
+        if text.to_ascii_lowercase().contains("permissions violation for subscription"))
+}
+
+/// The first refusal `server_errors` reports; pending forever if none comes.
+async fn first_refusal(
+    server_errors: &mut tokio::sync::mpsc::Receiver<async_nats::ServerError>,
+) -> async_nats::ServerError {
+    while let Some(error) = server_errors.recv().await {
+        if is_refusal(&error) {
+            return error;
+        }
+    }
+    std::future::pending().await
 }
 
 async fn serve(args: ServeArgs) -> Result<ExitCode, CliError> {
@@ -444,7 +486,10 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, CliError> {
         Forward::check_template(template).map_err(|e| CliError::Usage(e.to_string()))?;
     }
     let url = args.nats.url();
-    let client = connect(&args.nats).await?;
+    let (errors, mut server_errors) = tokio::sync::mpsc::channel(16);
+    let client = crate::config::connect_reporting(&args.nats, "idemq", Some(errors))
+        .await
+        .map_err(connect_failure)?;
     let handler: Arc<dyn Handler> = match &args.forward {
         Some(template) => Arc::new(
             Forward::new(client.clone(), template, args.handler_timeout)
@@ -457,12 +502,27 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, CliError> {
         bucket: args.bucket.clone(),
         replicas: usize::from(args.replicas),
     };
-    let store = KvStore::open(async_nats::jetstream::new(client.clone()), &bucket)
-        .await
-        .map_err(|e| CliError::Failed(e.to_string()))?;
+    // A refused JetStream request gets no reply, only a server error: race
+    // the two so a missing permission fails now, not after the timeouts.
+    let store = tokio::select! {
+        store = KvStore::open(async_nats::jetstream::new(client.clone()), &bucket) => {
+            store.map_err(|e| CliError::Failed(e.to_string()))?
+        }
+        error = first_refusal(&mut server_errors) => return Err(refused(&error)),
+    };
     let store: Arc<dyn IdempotencyStore> = Arc::new(store);
     let shutdown = CancellationToken::new();
     let signals = tokio::spawn(cancel_on_signal(shutdown.clone()));
+    let stop_on_refusal = shutdown.clone();
+    let refusals = tokio::spawn(async move {
+        while let Some(error) = server_errors.recv().await {
+            if is_fatal(&error) {
+                stop_on_refusal.cancel();
+                return Some(error);
+            }
+        }
+        None
+    });
     tracing::info!(url = %url, bucket = %args.bucket, forward = ?args.forward, "idemq serving");
     let worker = Worker::new(client.clone(), Arc::clone(&store), handler, config);
     // The endpoints outlive intake: during the grace period /healthz still
@@ -497,6 +557,10 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, CliError> {
             Ok(Err(error)) => tracing::warn!(%error, "metrics endpoint failed"),
             Err(error) => tracing::warn!(%error, "metrics endpoint task failed"),
         }
+    }
+    refusals.abort();
+    if let Ok(Some(error)) = refusals.await {
+        return Err(refused(&error));
     }
     result.map_err(|e| CliError::Failed(e.to_string()))?;
     tracing::info!("stopped cleanly");

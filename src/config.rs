@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::Args;
 
+use crate::auth::{AuthArgs, AuthError};
 use crate::intent::is_publish_subject;
 
 /// The default server, when neither `--nats-url`, `IDEMQ_NATS_URL` nor `NATS_URL` is set.
@@ -15,13 +16,17 @@ pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
 /// Bound on establishing a connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Where the NATS servers are: one flag shared by every subcommand.
+/// Where the NATS servers are and how to authenticate: the flags shared by
+/// every subcommand that connects.
 #[derive(Debug, Clone, Args)]
 pub struct NatsArgs {
     /// NATS server URL(s), comma-separated for a cluster [env: IDEMQ_NATS_URL, NATS_URL]
     /// [default: nats://127.0.0.1:4222]
     #[arg(long, env = "IDEMQ_NATS_URL", hide_env = true)]
     pub nats_url: Option<String>,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub auth: AuthArgs,
 }
 
 impl NatsArgs {
@@ -41,24 +46,80 @@ impl NatsArgs {
             None => (DEFAULT_NATS_URL.to_owned(), "default"),
         }
     }
+
+    /// These servers, without authentication (as embedders and tests start).
+    pub fn new(url: impl Into<String>) -> NatsArgs {
+        NatsArgs {
+            nats_url: Some(url.into()),
+            auth: AuthArgs::default(),
+        }
+    }
 }
 
-/// Connects to a comma-separated server list with a bounded timeout and a
-/// connection name the server shows.
-pub async fn connect(
-    url: &str,
+/// Why [`connect`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The authentication flags are unusable (a usage error: nothing connected).
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    /// No server could be reached, or the server refused the connection
+    /// (`kind` tells which, e.g. `AuthorizationViolation`).
+    #[error("cannot connect to NATS at {url}: {reason}")]
+    Nats {
+        /// The server list tried.
+        url: String,
+        /// What went wrong, as async-nats classifies it.
+        kind: async_nats::ConnectErrorKind,
+        /// The client's or the server's reason.
+        reason: String,
+    },
+}
+
+/// Connects to the servers of `nats` with its authentication, a bounded
+/// timeout and a connection name the server shows. Errors the server
+/// reports later (a permission violation, say) are logged.
+pub async fn connect(nats: &NatsArgs, name: &str) -> Result<async_nats::Client, ConnectError> {
+    connect_reporting(nats, name, None).await
+}
+
+/// Like [`connect`], and also hands every error the server reports on the
+/// connection to `server_errors` (dropped when the channel is full): `serve`
+/// refuses to run with permissions it lacks instead of idling.
+pub async fn connect_reporting(
+    nats: &NatsArgs,
     name: &str,
-) -> Result<async_nats::Client, async_nats::ConnectError> {
+    server_errors: Option<tokio::sync::mpsc::Sender<async_nats::ServerError>>,
+) -> Result<async_nats::Client, ConnectError> {
+    let url = nats.url();
     let servers: Vec<&str> = url
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .collect();
-    async_nats::ConnectOptions::new()
+    let options = async_nats::ConnectOptions::new()
         .name(name)
         .connection_timeout(CONNECT_TIMEOUT)
+        .event_callback(move |event| {
+            let server_errors = server_errors.clone();
+            async move {
+                if let async_nats::Event::ServerError(error) = event {
+                    tracing::error!(%error, "the NATS server reports an error");
+                    if let Some(errors) = server_errors {
+                        // Full or closed: the first errors are what matters.
+                        let _ = errors.try_send(error);
+                    }
+                }
+            }
+        });
+    let options = nats.auth.apply(options)?;
+    options
         .connect(servers.as_slice())
         .await
+        .map_err(|e| ConnectError::Nats {
+            url: url.clone(),
+            kind: e.kind(),
+            reason: e.to_string(),
+        })
 }
 
 /// How the worker takes and executes intents.

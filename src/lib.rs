@@ -18,7 +18,10 @@
 //!   [`store::kv`] on JetStream KV, [`store::memory`] in process.
 //! * [`handler`]: the [`Handler`] trait; [`handler::Echo`] and
 //!   [`handler::Forward`].
-//! * [`config`]: [`WorkerConfig`] with the contract's defaults.
+//! * [`auth`]: NATS authentication flags (token, user/password, nkey,
+//!   credentials, TLS) applied to every connection.
+//! * [`config`]: [`WorkerConfig`] with the contract's defaults; the shared
+//!   NATS flags and `connect`.
 //! * [`config_file`]: the optional TOML file under the flags; `--print-config`.
 //! * [`stats`]: what the worker did: Prometheus metrics, also shown by the service.
 //! * [`service`]: the `idemq` NATS micro service (discovery, stats).
@@ -101,6 +104,7 @@ pub mod intent;
 pub mod outcome;
 pub mod store;
 pub mod handler;
+pub mod auth;
 pub mod config;
 pub mod config_file;
 pub mod stats;

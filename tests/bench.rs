@@ -28,9 +28,13 @@ async fn every_pass_runs_and_the_counts_add_up() {
         ..BenchOptions::default()
     };
     let mut progress_lines = 0;
-    let report = idemq::bench::run(&server.url(), &options, |_| progress_lines += 1)
-        .await
-        .expect("the bench runs");
+    let report = idemq::bench::run(
+        &idemq::config::NatsArgs::new(server.url()),
+        &options,
+        |_| progress_lines += 1,
+    )
+    .await
+    .expect("the bench runs");
 
     let all = [
         names::A_ECHO,
@@ -141,7 +145,7 @@ async fn options_no_run_can_honour_are_refused() {
     }));
     // Refused before anything connects.
     let result = idemq::bench::run(
-        "nats://127.0.0.1:1",
+        &idemq::config::NatsArgs::new("nats://127.0.0.1:1"),
         &BenchOptions { count: 0, ..base },
         |_| {},
     )

@@ -20,7 +20,9 @@ fn read(path: &str) -> String {
 
 /// The `idemq.toml` block of a ConfigMap: the lines indented under `idemq.toml: |`.
 fn configmap_toml(yaml: &str) -> String {
-    let mut lines = yaml.lines().skip_while(|line| !line.trim_end().ends_with("idemq.toml: |"));
+    let mut lines = yaml
+        .lines()
+        .skip_while(|line| !line.trim_end().ends_with("idemq.toml: |"));
     lines.next().expect("the ConfigMap has an idemq.toml key");
     let body: Vec<&str> = lines
         .take_while(|line| line.is_empty() || line.starts_with("    "))
@@ -55,8 +57,14 @@ fn print_config(toml: &str) -> String {
 #[test]
 fn the_shipped_config_files_load_in_the_real_binary() {
     let k8s = print_config(&configmap_toml(&read("deploy/k8s/configmap.yaml")));
-    assert!(k8s.contains("forward = \"exec.{capability}\"  # file"), "{k8s}");
-    assert!(k8s.contains("metrics-addr = \"0.0.0.0:9464\"  # file"), "{k8s}");
+    assert!(
+        k8s.contains("forward = \"exec.{capability}\"  # file"),
+        "{k8s}"
+    );
+    assert!(
+        k8s.contains("metrics-addr = \"0.0.0.0:9464\"  # file"),
+        "{k8s}"
+    );
     assert!(k8s.contains("log-format = \"json\"  # file"), "{k8s}");
     let compose = print_config(&read("deploy/compose/idemq.toml"));
     assert!(compose.contains("# file"), "{compose}");
@@ -93,11 +101,17 @@ fn every_idemq_variable_in_deploy_names_a_real_flag() {
             if name.ends_with('_') {
                 continue;
             }
-            assert!(variables.contains(&name), "{file}: {name} is not a flag's variable");
+            assert!(
+                variables.contains(&name),
+                "{file}: {name} is not a flag's variable"
+            );
             checked += 1;
         }
     }
-    assert!(checked >= 5, "only {checked} variables found: the scan is broken");
+    assert!(
+        checked >= 5,
+        "only {checked} variables found: the scan is broken"
+    );
 }
 
 #[test]
@@ -128,7 +142,10 @@ fn the_dashboard_reads_exactly_the_metrics_the_worker_exports() {
                 .find_map(|suffix| name.strip_suffix(suffix))
                 .unwrap_or(&name)
                 .to_owned();
-            assert!(exported.contains(&family), "the dashboard reads {name}, which idemq does not export");
+            assert!(
+                exported.contains(&family),
+                "the dashboard reads {name}, which idemq does not export"
+            );
             used.insert(family);
         }
     }

@@ -169,6 +169,83 @@ async fn every_invalid_input_gets_its_code_and_nothing_executes() {
     worker.stop().await;
 }
 
+/// A capability is one plain token, so no intent can steer `--forward`
+/// to a subject outside the template: every attempt is refused
+/// `INVALID_INTENT` and nothing reaches any `exec.` subject.
+#[tokio::test]
+async fn a_capability_can_never_inject_subject_tokens_or_wildcards() {
+    let server = NatsServer::start();
+    let client = server.connect().await;
+    let upstream = Upstream::start(&client).await;
+    // Sees everything under the template's prefix, also what `exec.*` misses.
+    let mut spy = client.subscribe("exec.>").await.expect("subscribe");
+    client.flush().await.expect("flush");
+    let worker = start_worker(&server, test_config(), Some(FORWARD)).await;
+
+    let too_long = "c".repeat(65);
+    let capabilities = [
+        "a.b", "a*", "*", ">", "a.>", "x y", "x\ty", "a\nb", "", "é", &too_long,
+    ];
+    for capability in capabilities {
+        let mut body = intent(&format!("inject-{capability}"), json!(1));
+        body["capability"] = json!(capability);
+        let reply = send(&client, "intents.ok", &body).await;
+        assert_eq!(code(&reply), "INVALID_INTENT", "{capability:?}: {reply}");
+    }
+    // The default capability is the subject's last token: checked the same way.
+    for subject in ["intents.a$b", "intents.é", "intents.a%2Eb"] {
+        let body = json!({"intent_id": subject, "actor": "agent", "episode": "ep"});
+        let reply = send(&client, subject, &body).await;
+        assert_eq!(code(&reply), "INVALID_INTENT", "{subject}: {reply}");
+    }
+    client.flush().await.expect("flush");
+    assert_eq!(upstream.total(), 0, "no refused intent may execute");
+
+    // The spy does see a valid forward, and nothing before it.
+    let reply = send(&client, "intents.ok", &intent("valid", json!(1))).await;
+    assert_eq!(reply["result"]["status"], "Success", "{reply}");
+    let first = tokio::time::timeout(Duration::from_secs(5), spy.next())
+        .await
+        .expect("the valid forward arrives")
+        .expect("subscription open");
+    assert_eq!(first.subject.as_str(), "exec.ok");
+    worker.stop().await;
+}
+
+/// `--concurrency` bounds the intents in flight: with 2, six slow intents
+/// sent at once run at most two at a time, and all are answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_bounds_the_intents_in_flight() {
+    let server = NatsServer::start();
+    let client = server.connect().await;
+    let _upstream = Upstream::start(&client).await;
+    let config = idemq::WorkerConfig {
+        concurrency: 2,
+        ..test_config()
+    };
+    let worker = start_worker(&server, config, Some(FORWARD)).await;
+    let sends: Vec<_> = (0..6)
+        .map(|i| {
+            let client = client.clone();
+            let mut body = intent(&format!("bounded-{i}"), json!({"sleep_ms": 400}));
+            body["capability"] = json!("slow");
+            tokio::spawn(async move { send(&client, "intents.ok", &body).await })
+        })
+        .collect();
+    let mut peak = 0;
+    while !sends.iter().all(|send| send.is_finished()) {
+        peak = peak.max(worker.stats.snapshot().in_flight);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for send in sends {
+        let reply = send.await.expect("send task");
+        assert_eq!(reply["result"]["status"], "Success", "{reply}");
+    }
+    assert!(peak <= 2, "{peak} intents in flight with --concurrency 2");
+    assert_eq!(peak, 2, "the bound was reached");
+    worker.stop().await;
+}
+
 #[tokio::test]
 async fn retry_storm_over_three_workers_executes_each_key_once() {
     const KEYS: usize = 20;

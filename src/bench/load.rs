@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use super::{connect, usage, BenchError, Intents};
+use crate::config::NatsArgs;
 use crate::outcome::{ERROR_CODE_HEADER, REPLAYED_HEADER, STATUS_HEADER};
 
 /// Highest latency the histogram holds, in microseconds; slower replies
@@ -85,13 +86,13 @@ pub(super) struct LoadGenerator {
 }
 
 impl LoadGenerator {
-    /// Starts the thread and connects it to `url`.
-    pub async fn start(url: &str) -> Result<LoadGenerator, BenchError> {
+    /// Starts the thread and connects it to the servers of `nats`.
+    pub async fn start(nats: &NatsArgs) -> Result<LoadGenerator, BenchError> {
         let (jobs, queue) = mpsc::channel(1);
         let (ready, started) = oneshot::channel();
         let completed = Arc::new(AtomicU64::new(0));
         let counter = Arc::clone(&completed);
-        let url = url.to_owned();
+        let nats = nats.clone();
         std::thread::Builder::new()
             .name("idemq-bench-load".to_owned())
             .spawn(move || {
@@ -99,7 +100,7 @@ impl LoadGenerator {
                     .enable_all()
                     .build()
                 {
-                    Ok(runtime) => runtime.block_on(serve(url, queue, ready, counter)),
+                    Ok(runtime) => runtime.block_on(serve(nats, queue, ready, counter)),
                     Err(error) => {
                         // The receiver is waiting in `start`; if it has gone
                         // there is nobody left to tell.
@@ -129,12 +130,12 @@ impl LoadGenerator {
 }
 
 async fn serve(
-    url: String,
+    nats: NatsArgs,
     mut queue: mpsc::Receiver<(Job, Answer)>,
     ready: oneshot::Sender<Result<(), BenchError>>,
     completed: Arc<AtomicU64>,
 ) {
-    let client = match connect(&url, "idemq-bench-load").await {
+    let client = match connect(&nats, "idemq-bench-load").await {
         Ok(client) => client,
         Err(error) => {
             // `start` is waiting for this; if it has gone, so has the bench.

@@ -44,6 +44,8 @@ use clap::Args;
 use hdrhistogram::Histogram;
 use tokio::time::Instant;
 
+use crate::config::{ConnectError, NatsArgs};
+
 pub use report::{Latency, Ratio, Report, Scenario, Settings, Target};
 
 use load::{Job, LoadGenerator, Measured};
@@ -139,7 +141,7 @@ pub enum BenchError {
 pub struct BenchArgs {
     #[command(flatten)]
     #[allow(missing_docs)]
-    pub nats: crate::config::NatsArgs,
+    pub nats: NatsArgs,
     /// Requests per pass.
     #[arg(long, default_value_t = 20_000)]
     pub count: usize,
@@ -273,7 +275,7 @@ pub async fn command(args: &BenchArgs) -> Result<ExitCode, BenchError> {
     options.validate()?;
     let interactive = std::io::stderr().is_terminal();
     let mut logged: Option<Instant> = None;
-    let report = run(&args.nats.url(), &options, |line| {
+    let report = run(&args.nats, &options, |line| {
         if interactive {
             eprint!("\r\x1b[2K{line}");
         } else if logged.is_none_or(|at| at.elapsed() >= PROGRESS_LOG_EVERY) {
@@ -307,24 +309,24 @@ impl Report {
     }
 }
 
-/// Runs every pass against the nats-server at `url` and reports. `progress`
+/// Runs every pass against the nats-server(s) of `nats` and reports. `progress`
 /// gets a one-line status a few times a second.
 ///
 /// Everything the run creates (subjects, buckets, intent ids) carries a
 /// fresh run id, so runs never see each other's keys; buckets are deleted
 /// when their passes are done (best effort).
 pub async fn run(
-    url: &str,
+    nats: &NatsArgs,
     options: &BenchOptions,
     progress: impl FnMut(&str),
 ) -> Result<Report, BenchError> {
     options.validate()?;
-    let client = connect(url, "idemq-bench").await?;
+    let client = connect(nats, "idemq-bench").await?;
     crate::store::kv::check_server_version(&client).map_err(|e| BenchError::Setup {
         what: "the benchmark".to_owned(),
         reason: e.to_string(),
     })?;
-    let load = LoadGenerator::start(url).await?;
+    let load = LoadGenerator::start(nats).await?;
     let run = nuid::next().to_string();
     let planned = 10 + usize::from(options.concurrency < options.rss_concurrency);
     let mut bench = Bench {
@@ -372,12 +374,15 @@ pub async fn run(
 }
 
 /// Connects (see [`crate::config::connect`]).
-async fn connect(url: &str, name: &str) -> Result<Client, BenchError> {
-    crate::config::connect(url, name)
+async fn connect(nats: &NatsArgs, name: &str) -> Result<Client, BenchError> {
+    crate::config::connect(nats, name)
         .await
-        .map_err(|e| BenchError::Connect {
-            url: url.to_owned(),
-            reason: e.to_string(),
+        .map_err(|e| match e {
+            ConnectError::Auth(auth) => BenchError::Usage(auth.to_string()),
+            other => BenchError::Connect {
+                url: nats.url(),
+                reason: other.to_string(),
+            },
         })
 }
 

@@ -53,9 +53,34 @@ impl NatsServer {
     /// (e.g. `["-c", "/path/auth.conf"]`). The extra args are reused by
     /// [`NatsServer::restart`].
     pub fn start_with_args(extra: &[&str]) -> NatsServer {
-        let bin = find_nats_server();
         let dir = tempfile::TempDir::new().expect("create temp dir for nats-server");
         let extra_args: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
+        NatsServer::start_in(dir, extra_args)
+    }
+
+    /// Like [`NatsServer::start`], with a configuration file holding
+    /// `config` (written as `server.conf` in the server's directory, so its
+    /// relative `include`s resolve from there). The command line still sets
+    /// the address, port, JetStream and store directory; the file adds
+    /// authorization, accounts, TLS and the like.
+    pub fn start_with_config(config: &str) -> NatsServer {
+        NatsServer::start_with_config_for(|_| config.to_owned())
+    }
+
+    /// Like [`NatsServer::start_with_config`], with the configuration made
+    /// from the directory it will live in (for `include`s, which the server
+    /// resolves relative to that directory; see [`include_path`]).
+    pub fn start_with_config_for(config: impl FnOnce(&Path) -> String) -> NatsServer {
+        let dir = tempfile::TempDir::new().expect("create temp dir for nats-server");
+        let path = dir.path().join("server.conf");
+        let text = config(dir.path());
+        fs::write(&path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+        let extra_args = vec!["-c".to_owned(), path.display().to_string()];
+        NatsServer::start_in(dir, extra_args)
+    }
+
+    fn start_in(dir: tempfile::TempDir, extra_args: Vec<String>) -> NatsServer {
+        let bin = find_nats_server();
 
         let mut child = spawn(&bin, dir.path(), "-1", &extra_args);
         let url = match wait_for_ports_file(&mut child, dir.path()) {
@@ -90,6 +115,11 @@ impl NatsServer {
     /// Directory holding the JetStream store, the ports file and `server.log`.
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// Everything the server has logged so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
     }
 
     /// Kills the server (SIGKILL, i.e. a crash, not a graceful shutdown) and
@@ -138,6 +168,22 @@ impl Drop for NatsServer {
         // and panicking in drop would abort a test that is already unwinding.
         self.stop();
     }
+}
+
+/// How a config file in `dir` names the file at the absolute `target` in an
+/// `include`: nats-server resolves every include relative to the including
+/// file's directory, even one that starts with `/`.
+pub fn include_path(dir: &Path, target: &Path) -> String {
+    // Counted lexically, as the server joins them; a `..` too many stops at `/`.
+    let target = target.canonicalize().unwrap_or_else(|_| target.to_owned());
+    let up = dir.components().skip(1).count();
+    let down = target.components().skip(1);
+    let mut path = PathBuf::new();
+    for _ in 0..up {
+        path.push("..");
+    }
+    path.extend(down);
+    path.display().to_string()
 }
 
 /// Locates `nats-server`: `$NATS_SERVER_BIN`, else the first match on `$PATH`.

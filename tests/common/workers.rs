@@ -165,11 +165,18 @@ impl WorkerProcess {
     /// Starts `idemq serve --nats-url URL ARGS...`. Its logs go to the test's
     /// stderr at the level of `IDEMQ_TEST_LOG` (default `error`).
     pub fn serve(url: &str, args: &[&str]) -> WorkerProcess {
+        WorkerProcess::serve_with_env(url, args, &[])
+    }
+
+    /// Like [`WorkerProcess::serve`], with extra environment variables
+    /// (e.g. `IDEMQ_PASSWORD`).
+    pub fn serve_with_env(url: &str, args: &[&str], env: &[(&str, &str)]) -> WorkerProcess {
         let level = std::env::var("IDEMQ_TEST_LOG").unwrap_or_else(|_| "error".to_owned());
         WorkerProcess::spawn(
             Command::new(BIN)
                 .args(["serve", "--nats-url", url])
                 .args(args)
+                .envs(env.iter().copied())
                 .env("RUST_LOG", level)
                 .stdout(Stdio::null())
                 .stderr(Stdio::inherit()),

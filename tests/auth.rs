@@ -1,0 +1,650 @@
+//! NATS authentication and the least-privilege permission set, through the
+//! real binary against a real auth-enabled nats-server.
+//!
+//! Each authentication method runs end to end: a server that demands it,
+//! `idemq serve` with that method's flags, `idemq send` with the same, and
+//! the reply checked. The permission set in `deploy/nats-auth/` is included
+//! by the server config as it is shipped; a worker with exactly those
+//! permissions executes, replays, watches, forwards and stops without a
+//! single permission violation, and a user without them is refused.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use common::upstream::{Upstream, FORWARD};
+use common::workers::{WorkerProcess, BIN};
+use common::{include_path, NatsServer};
+use nkeys::KeyPair;
+use serde_json::{json, Value};
+use sha2::Digest as _;
+
+/// Bound on one `idemq` one-shot command.
+const COMMAND_BOUND: Duration = Duration::from_secs(30);
+/// Bound on a worker becoming ready (answering its first intent).
+const READY_BOUND: Duration = Duration::from_secs(20);
+/// Bound on a worker's exit (refused, or after SIGTERM).
+const EXIT_BOUND: Duration = Duration::from_secs(20);
+
+/// Runs `idemq ARGS` with a bounded wait; its output.
+async fn idemq(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let run = tokio::process::Command::new(BIN)
+        .args(args)
+        .envs(env.iter().copied())
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    tokio::time::timeout(COMMAND_BOUND, run)
+        .await
+        .unwrap_or_else(|_| panic!("idemq {args:?} still running after {COMMAND_BOUND:?}"))
+        .expect("run idemq")
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn intent(id: &str, capability: &str, params: Value) -> String {
+    json!({
+        "intent_id": id,
+        "actor": "agent",
+        "episode": "ep-auth",
+        "capability": capability,
+        "params": params,
+    })
+    .to_string()
+}
+
+/// `idemq send` with `auth` until a worker answers (no responders while it
+/// starts); the reply.
+async fn send_when_ready(url: &str, auth: &[&str], intent: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + READY_BOUND;
+    loop {
+        let mut args = vec!["send", "intents.echo", intent, "--nats-url", url];
+        args.extend_from_slice(auth);
+        let output = idemq(&args, &[]).await;
+        if output.status.success() {
+            return serde_json::from_slice(&output.stdout).expect("reply JSON");
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no worker answered within {READY_BOUND:?}: {}",
+            stderr(&output)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `idemq send` once; the reply.
+async fn send(url: &str, auth: &[&str], intent: &str) -> Value {
+    let mut args = vec!["send", "intents.echo", intent, "--nats-url", url];
+    args.extend_from_slice(auth);
+    let output = idemq(&args, &[]).await;
+    assert!(output.status.success(), "send: {}", stderr(&output));
+    serde_json::from_slice(&output.stdout).expect("reply JSON")
+}
+
+/// Runs a worker with `worker_auth`, sends one intent with `agent_auth`
+/// (twice: the copy is a replay), and stops the worker cleanly.
+async fn echo_round_trip(url: &str, worker_auth: &[&str], agent_auth: &[&str]) {
+    let mut worker = WorkerProcess::serve(url, worker_auth);
+    let body = intent("auth-1", "echo", json!({"n": 1}));
+    let first = send_when_ready(url, agent_auth, &body).await;
+    assert_eq!(
+        first["result"],
+        json!({"status": "Success", "data": {"echo": {"n": 1}}}),
+        "{first}"
+    );
+    assert_eq!(first["replayed"], false, "{first}");
+    let copy = send(url, agent_auth, &body).await;
+    assert_eq!(copy["replayed"], true, "{copy}");
+    assert_eq!(copy["stored_at"], first["stored_at"]);
+    worker.signal("-TERM");
+    assert!(worker.wait(EXIT_BOUND).await.success(), "clean exit");
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    path.display().to_string()
+}
+
+#[tokio::test]
+async fn token() {
+    let server = NatsServer::start_with_config(r#"authorization { token: "s3cret-token" }"#);
+    let url = server.url();
+    echo_round_trip(
+        &url,
+        &["--token", "s3cret-token"],
+        &["--token", "s3cret-token"],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn user_and_password_also_from_the_environment() {
+    let server = NatsServer::start_with_config(
+        r#"authorization { users: [
+            { user: idemq, password: "worker-pw" }
+            { user: agent, password: "agent-pw" }
+        ] }"#,
+    );
+    let url = server.url();
+    echo_round_trip(
+        &url,
+        &["--user", "idemq", "--password", "worker-pw"],
+        &["--user", "agent", "--password", "agent-pw"],
+    )
+    .await;
+
+    // The same through IDEMQ_USER and IDEMQ_PASSWORD.
+    let mut worker = WorkerProcess::serve_with_env(
+        &url,
+        &[],
+        &[("IDEMQ_USER", "idemq"), ("IDEMQ_PASSWORD", "worker-pw")],
+    );
+    let reply = send_when_ready(
+        &url,
+        &["--user", "agent", "--password", "agent-pw"],
+        &intent("auth-env", "echo", json!(2)),
+    )
+    .await;
+    assert_eq!(reply["result"]["status"], "Success", "{reply}");
+    worker.signal("-TERM");
+    assert!(worker.wait(EXIT_BOUND).await.success());
+}
+
+#[tokio::test]
+async fn nkey_seed_file() {
+    let secrets = tempfile::TempDir::new().expect("temp dir");
+    let worker = KeyPair::new_user();
+    let agent = KeyPair::new_user();
+    let worker_seed = write(secrets.path(), "worker.nk", &worker.seed().expect("seed"));
+    let agent_seed = write(secrets.path(), "agent.nk", &agent.seed().expect("seed"));
+    let server = NatsServer::start_with_config(&format!(
+        r#"authorization {{ users: [ {{ nkey: {} }}, {{ nkey: {} }} ] }}"#,
+        worker.public_key(),
+        agent.public_key()
+    ));
+    echo_round_trip(
+        &server.url(),
+        &["--nkey", &worker_seed],
+        &["--nkey", &agent_seed],
+    )
+    .await;
+}
+
+/// A NATS JWT (v2) signed with an nkey, as `nsc` writes them: header and
+/// claims base64url without padding, `jti` the base32 SHA-512/256 of the
+/// claims, signature ed25519 over `header.claims`.
+fn jwt(issuer: &KeyPair, subject: &str, name: &str, nats: Value) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs();
+    let mut claims = json!({
+        "jti": "",
+        "iat": now,
+        "iss": issuer.public_key(),
+        "name": name,
+        "sub": subject,
+        "nats": nats,
+    });
+    let digest = sha2::Sha512_256::digest(claims.to_string().as_bytes());
+    claims["jti"] = Value::String(data_encoding::BASE32_NOPAD.encode(&digest));
+    let header = URL_SAFE_NO_PAD.encode(r#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let input = format!("{header}.{}", URL_SAFE_NO_PAD.encode(claims.to_string()));
+    let signature = issuer.sign(input.as_bytes()).expect("sign");
+    format!("{input}.{}", URL_SAFE_NO_PAD.encode(signature))
+}
+
+/// Waits (at most 10s) until the account of `creds` can create a stream.
+///
+/// In operator mode the server sets up an account's JetStream storage when
+/// the account is first used; a stream created in that moment can fail
+/// ("could not create storage directory"). A deployment's account is long in
+/// use when idemq starts; this test's is brand new.
+async fn wait_for_account_jetstream(url: &str, creds: &str) {
+    let client = async_nats::ConnectOptions::with_credentials_file(creds)
+        .await
+        .expect("read creds")
+        .connect(url)
+        .await
+        .expect("connect with creds");
+    let js = async_nats::jetstream::new(client);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let config = async_nats::jetstream::stream::Config {
+            name: "WARMUP".to_owned(),
+            subjects: vec!["warmup".to_owned()],
+            ..Default::default()
+        };
+        match js.create_stream(config).await {
+            Ok(_) => break,
+            Err(error) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "the account cannot create a stream: {error}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    js.delete_stream("WARMUP").await.expect("delete WARMUP");
+}
+
+/// A `.creds` file: the user JWT and the user's seed, in nsc's layout.
+fn creds(jwt: &str, user: &KeyPair) -> String {
+    format!(
+        "-----BEGIN NATS USER JWT-----\n{jwt}\n------END NATS USER JWT------\n\n\
+         ************************* IMPORTANT *************************\n\
+         NKEY Seed printed below can be used to sign and prove identity.\n\
+         NKEYs are sensitive and should be treated as secrets.\n\n\
+         -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n\n\
+         *************************************************************\n",
+        user.seed().expect("seed")
+    )
+}
+
+#[tokio::test]
+async fn credentials_file_in_operator_mode() {
+    let operator = KeyPair::new_operator();
+    let account = KeyPair::new_account();
+    let operator_jwt = jwt(
+        &operator,
+        &operator.public_key(),
+        "idemq-test-operator",
+        json!({"type": "operator", "version": 2}),
+    );
+    let unlimited = json!({
+        "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+        "wildcards": true, "conn": -1, "leaf": -1,
+        // JetStream is on for an account with storage.
+        "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1,
+    });
+    let account_jwt = jwt(
+        &operator,
+        &account.public_key(),
+        "IDEMQ",
+        json!({"limits": unlimited, "type": "account", "version": 2}),
+    );
+    // JetStream needs a system account in operator mode.
+    let system = KeyPair::new_account();
+    let system_jwt = jwt(
+        &operator,
+        &system.public_key(),
+        "SYS",
+        json!({"type": "account", "version": 2}),
+    );
+    let user_claims = json!({"pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1,
+                             "type": "user", "version": 2});
+    let secrets = tempfile::TempDir::new().expect("temp dir");
+    let mut files = Vec::new();
+    for name in ["worker", "agent"] {
+        let user = KeyPair::new_user();
+        let token = jwt(&account, &user.public_key(), name, user_claims.clone());
+        files.push(write(
+            secrets.path(),
+            &format!("{name}.creds"),
+            &creds(&token, &user),
+        ));
+    }
+    let server = NatsServer::start_with_config(&format!(
+        "operator: {operator_jwt}\nsystem_account: {system}\nresolver: MEMORY\n\
+         resolver_preload: {{\n  {system}: {system_jwt}\n  {account}: {account_jwt}\n}}\n",
+        system = system.public_key(),
+        account = account.public_key()
+    ));
+    wait_for_account_jetstream(&server.url(), &files[0]).await;
+    echo_round_trip(
+        &server.url(),
+        &["--creds", &files[0]],
+        &["--creds", &files[1]],
+    )
+    .await;
+
+    // A user the account did not sign is refused.
+    let stranger = KeyPair::new_user();
+    let forged = jwt(
+        &KeyPair::new_account(),
+        &stranger.public_key(),
+        "x",
+        user_claims,
+    );
+    let path = write(secrets.path(), "forged.creds", &creds(&forged, &stranger));
+    let output = idemq(
+        &[
+            "send",
+            "intents.echo",
+            "{}",
+            "--nats-url",
+            &server.url(),
+            "--creds",
+            &path,
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("authorization"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, as
+/// PEM files in `dir`.
+struct Pki {
+    ca: String,
+    server_cert: String,
+    server_key: String,
+    client_cert: String,
+    client_key: String,
+}
+
+fn pki(dir: &Path) -> Pki {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
+        IsCa, KeyPair, KeyUsagePurpose,
+    };
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "idemq test CA");
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("CA key"))
+        .expect("CA certificate");
+    let leaf = |names: Vec<String>, cn: &str, usage: ExtendedKeyUsagePurpose| {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(names).expect("params");
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.extended_key_usages = vec![usage];
+        let cert = params.signed_by(&key, &ca).expect("sign");
+        (cert.pem(), key.serialize_pem())
+    };
+    let (server_cert, server_key) = leaf(
+        vec!["127.0.0.1".to_owned(), "localhost".to_owned()],
+        "nats-server",
+        ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    let (client_cert, client_key) = leaf(Vec::new(), "idemq", ExtendedKeyUsagePurpose::ClientAuth);
+    Pki {
+        ca: write(dir, "ca.pem", &ca.pem()),
+        server_cert: write(dir, "server.pem", &server_cert),
+        server_key: write(dir, "server-key.pem", &server_key),
+        client_cert: write(dir, "client.pem", &client_cert),
+        client_key: write(dir, "client-key.pem", &client_key),
+    }
+}
+
+#[tokio::test]
+async fn tls_with_a_ca_and_a_client_certificate() {
+    let secrets = tempfile::TempDir::new().expect("temp dir");
+    let pki = pki(secrets.path());
+    let server = NatsServer::start_with_config(&format!(
+        r#"tls {{
+            cert_file: "{}"
+            key_file: "{}"
+            ca_file: "{}"
+            verify: true
+            timeout: 5
+        }}"#,
+        pki.server_cert, pki.server_key, pki.ca
+    ));
+    let url = format!("nats://127.0.0.1:{}", server.port());
+    let tls = [
+        "--tls-ca",
+        pki.ca.as_str(),
+        "--tls-cert",
+        pki.client_cert.as_str(),
+        "--tls-key",
+        pki.client_key.as_str(),
+    ];
+    echo_round_trip(&url, &tls, &tls).await;
+
+    // Without a client certificate the server refuses the handshake.
+    let output = idemq(
+        &[
+            "send",
+            "intents.echo",
+            "{}",
+            "--nats-url",
+            &url,
+            "--tls-ca",
+            &pki.ca,
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("cannot connect"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[tokio::test]
+async fn a_wrong_password_or_token_is_refused_with_status_1() {
+    let server = NatsServer::start_with_config(
+        r#"authorization { users: [ { user: idemq, password: "worker-pw" } ] }"#,
+    );
+    let url = server.url();
+    let output = idemq(
+        &[
+            "serve",
+            "--nats-url",
+            &url,
+            "--user",
+            "idemq",
+            "--password",
+            "wrong",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(output.status.code(), Some(1));
+    let text = stderr(&output);
+    assert!(text.contains("authorization violation"), "{text}");
+    assert!(
+        !text.contains("wrong"),
+        "the password is never printed: {text}"
+    );
+
+    let server = NatsServer::start_with_config(r#"authorization { token: "right" }"#);
+    let output = idemq(
+        &[
+            "send",
+            "intents.echo",
+            "{}",
+            "--nats-url",
+            &server.url(),
+            "--token",
+            "wrong",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("authorization violation"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[tokio::test]
+async fn unusable_auth_flags_are_usage_errors_naming_flag_and_file() {
+    let secrets = tempfile::TempDir::new().expect("temp dir");
+    let junk = write(secrets.path(), "junk.txt", "not a key\n");
+    let missing = secrets.path().join("missing.nk").display().to_string();
+    let cases: Vec<(Vec<&str>, &str, &str)> = vec![
+        (vec!["--nkey", &missing], "--nkey", &missing),
+        (vec!["--nkey", &junk], "--nkey", &junk),
+        (vec!["--creds", &junk], "--creds", &junk),
+        (vec!["--tls-ca", &junk], "--tls-ca", &junk),
+        (
+            vec!["--tls-cert", &junk, "--tls-key", &junk],
+            "--tls-cert",
+            &junk,
+        ),
+        (vec!["--token", "t", "--creds", &junk], "--creds", "--token"),
+        (vec!["--user", "u"], "--user", "--password"),
+    ];
+    // Port 1: nothing listens; a usage error comes before any connection.
+    for command in [
+        vec!["send", "intents.echo", "{}"],
+        vec!["serve"],
+        vec!["get", "idem_0123456789abcdef"],
+    ] {
+        for (flags, flag, named) in &cases {
+            let mut args = command.clone();
+            args.extend(["--nats-url", "nats://127.0.0.1:1"]);
+            args.extend(flags.iter().copied());
+            let output = idemq(&args, &[]).await;
+            let text = stderr(&output);
+            assert_eq!(output.status.code(), Some(2), "{args:?}: {text}");
+            assert!(
+                text.contains(flag) && text.contains(named),
+                "{args:?}: {text}"
+            );
+        }
+    }
+}
+
+/// The file of the permission set, as shipped.
+fn deploy_file(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy/nats-auth")
+        .join(name)
+}
+
+const WORKER: [&str; 4] = ["--user", "idemq", "--password", "worker-pw"];
+const AGENT: [&str; 4] = ["--user", "agent", "--password", "agent-pw"];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deploy_permission_set_is_all_the_worker_needs() {
+    let server = NatsServer::start_with_config_for(|dir| {
+        format!(
+            r#"
+            include "{worker}"
+            include "{agent}"
+            authorization {{
+              users: [
+                {{ user: idemq, password: "worker-pw", permissions: $IDEMQ_WORKER }}
+                {{ user: agent, password: "agent-pw", permissions: $IDEMQ_AGENT }}
+                {{ user: upstream, password: "upstream-pw",
+                   permissions: {{ subscribe: "exec.>", allow_responses: true }} }}
+              ]
+            }}"#,
+            worker = include_path(dir, &deploy_file("worker-permissions.conf")),
+            agent = include_path(dir, &deploy_file("agent-permissions.conf")),
+        )
+    });
+    let url = server.url();
+    let upstream_client = async_nats::ConnectOptions::with_user_and_password(
+        "upstream".to_owned(),
+        "upstream-pw".to_owned(),
+    )
+    .connect(url.as_str())
+    .await
+    .expect("upstream connects");
+    let upstream = Upstream::start(&upstream_client).await;
+
+    // Two workers, so copies of one key meet on different workers and
+    // wait through a KV watch; a short lease, so the owner renews.
+    let mut args: Vec<&str> = WORKER.to_vec();
+    args.extend(["--forward", FORWARD, "--lease", "3s"]);
+    let mut workers = [
+        WorkerProcess::serve(&url, &args),
+        WorkerProcess::serve(&url, &args),
+    ];
+
+    // Executed once, then replayed.
+    let body = intent("perm-1", "ok", json!({"n": 1}));
+    let first = send_when_ready(&url, &AGENT, &body).await;
+    assert_eq!(
+        first["result"],
+        json!({"status": "Success", "data": {"done": {"n": 1}}}),
+        "{first}"
+    );
+    assert_eq!(first["replayed"], false);
+    let copy = send(&url, &AGENT, &body).await;
+    assert_eq!(copy["replayed"], true, "{copy}");
+    let key = first["idem_key"].as_str().expect("idem_key").to_owned();
+    assert_eq!(upstream.executions(&key), 1);
+
+    // Copies of a slow intent, at once: one runs (renewing its lease), the
+    // others wait for its outcome, on either worker.
+    let slow = intent("perm-slow", "slow", json!({"sleep_ms": 2500}));
+    let copies: Vec<_> = (0..8)
+        .map(|_| {
+            let (url, slow) = (url.clone(), slow.clone());
+            tokio::spawn(async move { send(&url, &AGENT, &slow).await })
+        })
+        .collect();
+    let mut replies = Vec::new();
+    for copy in copies {
+        replies.push(copy.await.expect("copy task"));
+    }
+    let executed: Vec<&Value> = replies.iter().filter(|r| r["replayed"] == false).collect();
+    assert_eq!(executed.len(), 1, "{replies:?}");
+    for reply in &replies {
+        assert_eq!(reply["result"]["status"], "Success", "{reply}");
+        assert_eq!(reply["stored_at"], executed[0]["stored_at"]);
+    }
+    let slow_key = replies[0]["idem_key"].as_str().expect("idem_key");
+    assert_eq!(upstream.executions(slow_key), 1);
+
+    // `idemq get` works as the worker's user.
+    let mut get = vec!["get", key.as_str(), "--nats-url", url.as_str()];
+    get.extend(WORKER);
+    let output = idemq(&get, &[]).await;
+    assert!(output.status.success(), "get: {}", stderr(&output));
+
+    for worker in &mut workers {
+        worker.signal("-TERM");
+    }
+    for worker in &mut workers {
+        assert!(worker.wait(EXIT_BOUND).await.success(), "clean exit");
+    }
+    let log = server.log();
+    assert!(
+        !log.contains("Permissions Violation"),
+        "the worker needed more than deploy/nats-auth/ allows:\n{}",
+        violations(&log)
+    );
+
+    // A user without those permissions (an agent) cannot run a worker: it
+    // stops at once, saying why, and no intent reaches it.
+    let mut refused = vec!["serve", "--nats-url", url.as_str()];
+    refused.extend(AGENT);
+    let output = idemq(&refused, &[]).await;
+    let text = stderr(&output);
+    assert_eq!(output.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("refused a permission") && text.contains("Permissions Violation"),
+        "{text}"
+    );
+    let mut probe = vec!["send", "intents.echo", "{}", "--nats-url", url.as_str()];
+    probe.extend(AGENT);
+    let output = idemq(&probe, &[]).await;
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr(&output).contains("no worker is listening"));
+}
+
+fn violations(log: &str) -> String {
+    log.lines()
+        .filter(|line| line.contains("Permissions Violation"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
