@@ -240,7 +240,8 @@ pub fn render(
         // Writing to a String cannot fail.
         let _ = match values.as_slice() {
             [] => writeln!(out, "# {key} =   (unset)"),
-            _ if secret => writeln!(out, "{key} = \"********\"  # {source}"),
+            // Commented out, so the printed file never carries a fake secret.
+            _ if secret => writeln!(out, "# {key} = \"********\"  # {source}, masked"),
             _ if matches!(arg.get_action(), ArgAction::SetTrue) => {
                 writeln!(out, "{key} = {}  # {source}", values[0] == "true")
             }

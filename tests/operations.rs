@@ -365,6 +365,29 @@ async fn a_config_file_sits_under_env_and_flags() {
         assert!(line.ends_with(source), "{line}");
     }
 
+    // Secrets are masked, wherever they came from.
+    let out = tokio::task::spawn_blocking(|| {
+        Command::new(BIN)
+            .args(["serve", "--print-config", "--user", "worker"])
+            .env("IDEMQ_PASSWORD", "hunter2-secret")
+            .output()
+            .expect("print-config")
+    })
+    .await
+    .expect("task");
+    let masked = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!masked.contains("hunter2-secret"), "{masked}");
+    assert!(
+        masked.contains("# password = \"********\"  # env, masked"),
+        "{masked}"
+    );
+    assert!(masked.contains("user = \"worker\"  # flag"), "{masked}");
+
     // The printed configuration reads back as a config file.
     let again = dir.path().join("printed.toml");
     std::fs::write(&again, text.as_bytes()).expect("write");
