@@ -12,7 +12,11 @@
 //! * a purge is announced on `idemq.purge.<bucket>` and every worker evicts
 //!   the key at once ([`purge_subject`]).
 //!
-//! The cache is bounded by entry count; the oldest insertion goes first.
+//! The cache is bounded by memory (`--cache`, counted from each entry's
+//! encoded reply, key and fingerprint); the oldest insertion goes first.
+//! It keeps each outcome as the encoded bytes of its replay
+//! ([`EncodedReply`]), so a cached copy is answered without building or
+//! serialising a reply, and an entry costs about what it sends.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -22,7 +26,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::key::IdempotencyKey;
-use crate::outcome::Record;
+use crate::outcome::{EncodedReply, Record};
 use crate::store::{IdempotencyStore, StoreError};
 
 /// Longest time an entry is served from the cache.
@@ -64,36 +68,73 @@ const NOTICE_FLUSH_BOUND: Duration = Duration::from_secs(5);
 /// What the cache knows about a key.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Lookup {
-    /// A stored outcome with the same fingerprint.
-    Stored(Arc<Record>),
+    /// A stored outcome with the same fingerprint, as its encoded replay.
+    Stored(Arc<EncodedReply>),
     /// A stored outcome with another fingerprint: `KEY_REUSED`.
     Reused,
     /// Nothing (or nothing fresh enough).
     Miss,
 }
 
+/// An entry: keyed by the key's 64 bits, with the fingerprint as 256
+/// bits, so the key's text lives once (in the reply) and nothing else
+/// is allocated per entry.
 struct Entry {
-    record: Arc<Record>,
+    fingerprint: Fingerprint,
+    replay: Arc<EncodedReply>,
     until: Instant,
+    cost: usize,
+}
+
+/// A hex SHA-256 fingerprint as numbers; `None` for anything else (never
+/// cached, never matched).
+type Fingerprint = [u64; 4];
+
+fn fingerprint_bits(hex: &str) -> Option<Fingerprint> {
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut bits = [0; 4];
+    for (i, part) in bits.iter_mut().enumerate() {
+        *part = u64::from_str_radix(hex.get(i * 16..(i + 1) * 16)?, 16).ok()?;
+    }
+    Some(bits)
+}
+
+/// What an entry costs: the reply and its allocation, the map slot (at
+/// the map's load factor) and the eviction order's slot.
+fn entry_cost(replay: &EncodedReply) -> usize {
+    const SLOTS: usize = 2 * (8 + std::mem::size_of::<Entry>()) + 16;
+    const ALLOCATION: usize = 32;
+    replay.size() + SLOTS + 2 * ALLOCATION
 }
 
 #[derive(Default)]
 struct Inner {
-    entries: HashMap<IdempotencyKey, Entry>,
-    order: VecDeque<IdempotencyKey>,
+    entries: HashMap<u64, Entry>,
+    order: VecDeque<u64>,
+    bytes: usize,
 }
 
-/// The outcome cache.
+impl Inner {
+    fn evict(&mut self, bits: u64) {
+        if let Some(entry) = self.entries.remove(&bits) {
+            self.bytes -= entry.cost;
+        }
+    }
+}
+
+/// The outcome cache, bounded by the memory its entries hold.
 pub struct OutcomeCache {
-    capacity: usize,
+    budget: usize,
     inner: Mutex<Inner>,
 }
 
 impl OutcomeCache {
-    /// A cache of at most `capacity` outcomes (0 disables it).
-    pub fn new(capacity: usize) -> Self {
+    /// A cache holding at most about `budget` bytes of outcomes (0 disables it).
+    pub fn new(budget: usize) -> Self {
         Self {
-            capacity,
+            budget,
             inner: Mutex::default(),
         }
     }
@@ -107,63 +148,81 @@ impl OutcomeCache {
 
     /// Looks a key up for an intent with `fingerprint`.
     pub fn lookup(&self, key: &IdempotencyKey, fingerprint: &str) -> Lookup {
+        let bits = key.bits();
         let mut inner = self.lock();
-        let Some(entry) = inner.entries.get(key) else {
+        let Some(entry) = inner.entries.get(&bits) else {
             return Lookup::Miss;
         };
         if entry.until <= Instant::now() {
-            inner.entries.remove(key);
+            inner.evict(bits);
             return Lookup::Miss;
         }
-        if entry.record.fingerprint == fingerprint {
-            Lookup::Stored(Arc::clone(&entry.record))
+        if Some(entry.fingerprint) == fingerprint_bits(fingerprint) {
+            Lookup::Stored(Arc::clone(&entry.replay))
         } else {
             Lookup::Reused
         }
     }
 
-    /// Remembers a stored outcome (records without one are ignored) and
-    /// hands the record back shared, so callers need no copy of their own.
-    pub fn insert(&self, record: Record) -> Arc<Record> {
-        let record = Arc::new(record);
-        if self.capacity == 0 || record.result.is_none() {
-            return record;
+    /// Encodes a stored record's replay and remembers it (records without
+    /// an outcome are ignored); returns the encoding either way, so the
+    /// caller answers with the same bytes the cache keeps.
+    pub fn insert(&self, record: &Record) -> Option<Arc<EncodedReply>> {
+        let replay = Arc::new(EncodedReply::replay_of(record)?);
+        if self.budget == 0 {
+            return Some(replay);
         }
         let left = (record.expires_at - chrono::Utc::now())
             .to_std()
             .unwrap_or_default();
         let Some(left) = left.checked_sub(EXPIRY_MARGIN) else {
-            return record;
+            return Some(replay);
         };
-        let until = Instant::now() + left.min(MAX_AGE);
-        let mut inner = self.lock();
-        let key = record.idem_key.clone();
-        let entry = Entry {
-            record: Arc::clone(&record),
-            until,
+        let cost = entry_cost(&replay);
+        let Some(fingerprint) = fingerprint_bits(&record.fingerprint) else {
+            return Some(replay);
         };
-        if inner.entries.insert(key.clone(), entry).is_none() {
-            inner.order.push_back(key);
+        if cost > self.budget {
+            return Some(replay);
         }
-        while inner.entries.len() > self.capacity {
+        let entry = Entry {
+            fingerprint,
+            replay: Arc::clone(&replay),
+            until: Instant::now() + left.min(MAX_AGE),
+            cost,
+        };
+        let bits = record.idem_key.bits();
+        let mut inner = self.lock();
+        inner.bytes += cost;
+        match inner.entries.insert(bits, entry) {
+            Some(old) => inner.bytes -= old.cost,
+            None => inner.order.push_back(bits),
+        }
+        while inner.bytes > self.budget {
             let Some(oldest) = inner.order.pop_front() else {
                 break;
             };
-            inner.entries.remove(&oldest);
+            inner.evict(oldest);
         }
         // Keys evicted by lookup or purge leave stale names in `order`;
         // drop them once they outnumber live entries.
-        if inner.order.len() > 2 * self.capacity.max(1) {
-            let Inner { entries, order } = &mut *inner;
+        if inner.order.len() > 2 * inner.entries.len().max(16) {
+            let Inner { entries, order, .. } = &mut *inner;
             order.retain(|key| entries.contains_key(key));
         }
         drop(inner);
-        record
+        Some(replay)
     }
 
     /// Forgets a key (purged).
     pub fn remove(&self, key: &IdempotencyKey) {
-        self.lock().entries.remove(key);
+        self.lock().evict(key.bits());
+    }
+
+    /// Entries held and the bytes they are counted at.
+    pub fn usage(&self) -> (usize, usize) {
+        let inner = self.lock();
+        (inner.entries.len(), inner.bytes)
     }
 }
 
@@ -232,8 +291,12 @@ mod tests {
     use super::*;
     use crate::outcome::{Outcome, RecordState, RECORD_VERSION};
 
+    const FP: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    const OTHER: &str = "1123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
     fn record(step: u32, fingerprint: &str, ttl_secs: i64) -> Record {
-        let now = chrono::Utc::now();
+        // Whole seconds, so every record encodes to the same length.
+        let now = chrono::SubsecRound::trunc_subsecs(chrono::Utc::now(), 0);
         Record {
             v: RECORD_VERSION,
             idem_key: IdempotencyKey::generate("cache", "ep", step),
@@ -250,24 +313,21 @@ mod tests {
 
     #[test]
     fn serves_same_fingerprint_and_refuses_another() {
-        let cache = OutcomeCache::new(10);
-        let stored = record(1, "fp", 60);
-        cache.insert(stored.clone());
-        assert_eq!(
-            cache.lookup(&stored.idem_key, "fp"),
-            Lookup::Stored(Arc::new(stored.clone()))
-        );
-        assert_eq!(cache.lookup(&stored.idem_key, "other"), Lookup::Reused);
+        let cache = OutcomeCache::new(1 << 20);
+        let stored = record(1, FP, 60);
+        let replay = cache.insert(&stored).expect("an outcome");
+        assert_eq!(cache.lookup(&stored.idem_key, FP), Lookup::Stored(replay));
+        assert_eq!(cache.lookup(&stored.idem_key, OTHER), Lookup::Reused);
         cache.remove(&stored.idem_key);
-        assert_eq!(cache.lookup(&stored.idem_key, "fp"), Lookup::Miss);
+        assert_eq!(cache.lookup(&stored.idem_key, FP), Lookup::Miss);
     }
 
     #[test]
     fn outcomes_about_to_expire_are_not_cached() {
-        let cache = OutcomeCache::new(10);
-        let stored = record(2, "fp", 1);
-        cache.insert(stored.clone());
-        assert_eq!(cache.lookup(&stored.idem_key, "fp"), Lookup::Miss);
+        let cache = OutcomeCache::new(1 << 20);
+        let stored = record(2, FP, 1);
+        cache.insert(&stored);
+        assert_eq!(cache.lookup(&stored.idem_key, FP), Lookup::Miss);
     }
 
     #[tokio::test]
@@ -292,16 +352,49 @@ mod tests {
     }
 
     #[test]
-    fn the_oldest_entry_goes_first_at_capacity() {
-        let cache = OutcomeCache::new(2);
-        let records: Vec<Record> = (0..3).map(|i| record(i, "fp", 60)).collect();
+    fn the_oldest_entries_go_first_past_the_budget() {
+        let records: Vec<Record> = (0..10).map(|i| record(i, FP, 60)).collect();
+        let one = {
+            let probe = OutcomeCache::new(1 << 20);
+            probe.insert(&records[0]);
+            probe.usage().1
+        };
+        assert!(one > 0);
+        // Room for three entries of this size, not four.
+        let cache = OutcomeCache::new(3 * one + one / 2);
         for r in &records {
-            cache.insert(r.clone());
+            cache.insert(r);
         }
-        assert_eq!(cache.lookup(&records[0].idem_key, "fp"), Lookup::Miss);
-        assert!(matches!(
-            cache.lookup(&records[2].idem_key, "fp"),
-            Lookup::Stored(_)
-        ));
+        let (entries, bytes) = cache.usage();
+        assert_eq!(entries, 3);
+        assert!(bytes <= 3 * one + one / 2, "{bytes}");
+        for r in &records[..7] {
+            assert_eq!(cache.lookup(&r.idem_key, FP), Lookup::Miss);
+        }
+        for r in &records[7..] {
+            assert!(matches!(cache.lookup(&r.idem_key, FP), Lookup::Stored(_)));
+        }
+        cache.remove(&records[9].idem_key);
+        assert_eq!(cache.usage(), (2, 2 * one));
+    }
+
+    #[test]
+    fn a_fingerprint_that_is_not_sha256_hex_is_never_served() {
+        let cache = OutcomeCache::new(1 << 20);
+        let stored = record(4, "not-hex", 60);
+        cache.insert(&stored);
+        assert_eq!(cache.lookup(&stored.idem_key, "not-hex"), Lookup::Miss);
+    }
+
+    #[test]
+    fn a_zero_budget_caches_nothing() {
+        let cache = OutcomeCache::new(0);
+        let stored = record(3, FP, 60);
+        assert!(
+            cache.insert(&stored).is_some(),
+            "the encoding is still returned"
+        );
+        assert_eq!(cache.lookup(&stored.idem_key, FP), Lookup::Miss);
+        assert_eq!(cache.usage(), (0, 0));
     }
 }

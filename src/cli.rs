@@ -134,9 +134,10 @@ pub struct ServeArgs {
     /// JetStream mode: unacknowledged messages the consumer may have out, across all workers.
     #[arg(long, env = "IDEMQ_MAX_ACK_PENDING", default_value_t = 1000)]
     pub max_ack_pending: u32,
-    /// Stored outcomes kept in memory to answer replays without a KV read (0: off).
-    #[arg(long, env = "IDEMQ_CACHE", default_value_t = 10_000)]
-    pub cache: usize,
+    /// Memory for stored outcomes kept to answer replays without a KV read
+    /// (e.g. `16MiB`; 0 turns the cache off).
+    #[arg(long, env = "IDEMQ_CACHE", default_value = "16MiB")]
+    pub cache: bytesize::ByteSize,
     /// How long shutdown waits for in-flight intents.
     #[arg(long, env = "IDEMQ_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub grace: Duration,
@@ -170,7 +171,7 @@ impl ServeArgs {
             grace: self.grace,
             delivery: self.delivery(),
             bucket: self.bucket.clone(),
-            cache_capacity: self.cache,
+            cache_bytes: usize::try_from(self.cache.as_u64()).unwrap_or(usize::MAX),
         }
     }
 

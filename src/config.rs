@@ -147,9 +147,9 @@ pub struct WorkerConfig {
     pub delivery: Delivery,
     /// The bucket's name: purges of it are announced on `idemq.purge.<bucket>`.
     pub bucket: String,
-    /// Stored outcomes kept in memory to answer replays without a KV read
-    /// (0 turns the cache off).
-    pub cache_capacity: usize,
+    /// Memory, in bytes, for stored outcomes kept to answer replays without
+    /// a KV read (0 turns the cache off).
+    pub cache_bytes: usize,
 }
 
 /// Where the worker takes intents from.
@@ -229,7 +229,7 @@ impl Default for WorkerConfig {
             grace: Duration::from_secs(10),
             delivery: Delivery::Core,
             bucket: "IDEMPOTENCY".to_owned(),
-            cache_capacity: 10_000,
+            cache_bytes: 16 << 20,
         }
     }
 }

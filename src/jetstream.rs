@@ -33,7 +33,7 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{JetStreamConfig, NAK_DELAY_CAP};
-use crate::outcome::Reply;
+use crate::outcome::Answer;
 use crate::pipeline::{next_with_permit, Pipeline, Verdict};
 use crate::stats::Stats;
 use crate::worker::{Intake, WorkerError};
@@ -245,11 +245,7 @@ impl Consumer {
                 .await
                 .map(|()| AckKind::Ack),
             Verdict::Invalid(reply) => {
-                let reason = reply
-                    .result
-                    .error_code()
-                    .unwrap_or("INVALID_INTENT")
-                    .to_owned();
+                let reason = reply.error_code().unwrap_or("INVALID_INTENT").to_owned();
                 self.give_up(pipeline, &message, reply_to, &reply, &reason)
                     .await
             }
@@ -283,13 +279,13 @@ impl Consumer {
         &self,
         pipeline: &Pipeline,
         reply_to: Option<&str>,
-        reply: &Reply,
+        reply: &Answer,
     ) -> Result<(), SettleError> {
         let Some(reply_to) = reply_to else {
             return Ok(());
         };
         let mut headers = reply.headers();
-        if let Some(key) = &reply.idem_key {
+        if let Some(key) = reply.idem_key() {
             headers.insert("Nats-Msg-Id", key.as_str());
         }
         let payload = reply.to_bytes();
@@ -336,7 +332,7 @@ impl Consumer {
         pipeline: &Pipeline,
         message: &async_nats::jetstream::Message,
         reply_to: Option<&str>,
-        reply: &Reply,
+        reply: &Answer,
         reason: &str,
     ) -> Result<AckKind, SettleError> {
         self.answer(pipeline, reply_to, reply).await?;

@@ -72,6 +72,12 @@ impl IdempotencyKey {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The key's 64 bits (its hex digits as a number): a compact map key.
+    pub fn bits(&self) -> u64 {
+        // Every constructor leaves exactly PREFIX + HEX_LEN hex digits.
+        u64::from_str_radix(&self.0[PREFIX.len()..], 16).unwrap_or_default()
+    }
 }
 
 /// Appends a byte as two lowercase hex digits.
@@ -137,5 +143,11 @@ mod tests {
         assert_eq!(json, "\"idem_f52983c9c6e4fb21\"");
         let back: IdempotencyKey = serde_json::from_str(&json).expect("deserialize");
         assert_eq!(back, key);
+    }
+
+    #[test]
+    fn bits_are_the_hex_digits() {
+        let key = IdempotencyKey::parse("idem_710F82AD09B890D9").expect("key");
+        assert_eq!(key.bits(), 0x710f_82ad_09b8_90d9);
     }
 }

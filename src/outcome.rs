@@ -167,19 +167,12 @@ impl Reply {
     /// The reply headers: `Idem-Key`, `Idem-Replayed`, `Idem-Status`, and
     /// `Idem-Error-Code` on errors.
     pub fn headers(&self) -> HeaderMap {
-        let mut headers = HeaderMap::new();
-        if let Some(key) = &self.idem_key {
-            headers.insert(KEY_HEADER, key.as_str());
-        }
-        headers.insert(
-            REPLAYED_HEADER,
-            if self.replayed { "true" } else { "false" },
-        );
-        headers.insert(STATUS_HEADER, self.result.status());
-        if let Some(code) = self.result.error_code() {
-            headers.insert(ERROR_CODE_HEADER, code);
-        }
-        headers
+        reply_headers(
+            self.idem_key.as_ref(),
+            self.replayed,
+            self.result.status(),
+            self.result.error_code(),
+        )
     }
 
     /// The reply as JSON bytes.
@@ -187,6 +180,177 @@ impl Reply {
         // A `Reply` holds only strings, numbers, booleans, timestamps and
         // `Value`s: serialising it cannot fail.
         serde_json::to_vec(self).unwrap_or_default().into()
+    }
+}
+
+fn reply_headers(
+    key: Option<&IdempotencyKey>,
+    replayed: bool,
+    status: &str,
+    code: Option<&str>,
+) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    if let Some(key) = key {
+        headers.insert(KEY_HEADER, key.as_str());
+    }
+    headers.insert(REPLAYED_HEADER, if replayed { "true" } else { "false" });
+    headers.insert(STATUS_HEADER, status);
+    if let Some(code) = code {
+        headers.insert(ERROR_CODE_HEADER, code);
+    }
+    headers
+}
+
+/// The reply of a stored outcome, encoded once: the executing delivery
+/// answers with it (`replayed: false`) and the outcome cache keeps its
+/// replay form (`replayed: true`), so every cached copy sends the same
+/// bytes without building or serialising anything, and a cached outcome
+/// costs memory about its encoded size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedReply {
+    /// The key (`Idem-Key`).
+    pub idem_key: IdempotencyKey,
+    /// `Idem-Replayed`.
+    pub replayed: bool,
+    /// `Idem-Status`.
+    pub status: &'static str,
+    /// `Idem-Error-Code`, for `Error` outcomes.
+    pub code: Option<Box<str>>,
+    /// The reply JSON.
+    pub body: bytes::Bytes,
+}
+
+/// What `replayed` looks like in an encoded reply. serde_json writes a
+/// struct's fields in order and escapes every `"` inside strings, so the
+/// first occurrence of this (with its bare quotes) is the field itself.
+const REPLAYED_TRUE: &[u8] = b",\"replayed\":true,";
+
+impl EncodedReply {
+    /// Encodes a stored record's outcome as its replay (`replayed: true`);
+    /// `None` for a record without one.
+    pub fn replay_of(record: &Record) -> Option<EncodedReply> {
+        let reply = Reply::from_record(record, true)?;
+        // Kept for minutes: no spare capacity.
+        let mut body = serde_json::to_vec(&reply).unwrap_or_default();
+        body.shrink_to_fit();
+        Some(EncodedReply {
+            idem_key: record.idem_key.clone(),
+            replayed: true,
+            status: reply.result.status(),
+            code: reply.result.error_code().map(Into::into),
+            body: body.into(),
+        })
+    }
+
+    /// The same reply with `replayed: false`, for the delivery that
+    /// executed: one copy of the bytes instead of a second serialisation.
+    pub fn as_executed(&self) -> EncodedReply {
+        let body = match find(&self.body, REPLAYED_TRUE) {
+            Some(at) if self.replayed => {
+                let flag = at + REPLAYED_TRUE.len() - 5; // "true,"
+                let mut body = Vec::with_capacity(self.body.len() + 1);
+                body.extend_from_slice(&self.body[..flag]);
+                body.extend_from_slice(b"false");
+                body.extend_from_slice(&self.body[flag + 4..]);
+                body.into()
+            }
+            _ => self.body.clone(),
+        };
+        EncodedReply {
+            replayed: false,
+            body,
+            ..self.clone()
+        }
+    }
+
+    /// The reply headers, as [`Reply::headers`] writes them.
+    pub fn headers(&self) -> HeaderMap {
+        reply_headers(
+            Some(&self.idem_key),
+            self.replayed,
+            self.status,
+            self.code.as_deref(),
+        )
+    }
+
+    /// About how much memory this reply holds, for the cache's budget.
+    pub fn size(&self) -> usize {
+        std::mem::size_of::<Self>()
+            + self.body.len()
+            + self.idem_key.as_str().len()
+            + self.code.as_ref().map_or(0, |code| code.len())
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack
+        .windows(needle.len())
+        .position(|window| window == needle)
+}
+
+/// What a delivery is answered with: a reply built for it, or one encoded
+/// once and shared.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Answer {
+    /// Built for this delivery (refusals, unstored outcomes).
+    Reply(Reply),
+    /// A stored outcome's reply, encoded once.
+    Encoded(std::sync::Arc<EncodedReply>),
+}
+
+impl Answer {
+    /// The headers to publish.
+    pub fn headers(&self) -> HeaderMap {
+        match self {
+            Answer::Reply(reply) => reply.headers(),
+            Answer::Encoded(encoded) => encoded.headers(),
+        }
+    }
+
+    /// The body to publish.
+    pub fn to_bytes(&self) -> bytes::Bytes {
+        match self {
+            Answer::Reply(reply) => reply.to_bytes(),
+            Answer::Encoded(encoded) => encoded.body.clone(),
+        }
+    }
+
+    /// The key, when one could be derived.
+    pub fn idem_key(&self) -> Option<&IdempotencyKey> {
+        match self {
+            Answer::Reply(reply) => reply.idem_key.as_ref(),
+            Answer::Encoded(encoded) => Some(&encoded.idem_key),
+        }
+    }
+
+    /// The outcome's status (`Success`, `Error`, ...).
+    pub fn status(&self) -> &'static str {
+        match self {
+            Answer::Reply(reply) => reply.result.status(),
+            Answer::Encoded(encoded) => encoded.status,
+        }
+    }
+
+    /// The error code, for `Error` outcomes.
+    pub fn error_code(&self) -> Option<&str> {
+        match self {
+            Answer::Reply(reply) => reply.result.error_code(),
+            Answer::Encoded(encoded) => encoded.code.as_deref(),
+        }
+    }
+
+    /// Whether this copy is answered with an outcome it did not execute.
+    pub fn replayed(&self) -> bool {
+        match self {
+            Answer::Reply(reply) => reply.replayed,
+            Answer::Encoded(encoded) => encoded.replayed,
+        }
+    }
+}
+
+impl From<Reply> for Answer {
+    fn from(reply: Reply) -> Self {
+        Answer::Reply(reply)
     }
 }
 
@@ -213,5 +377,32 @@ mod tests {
         let seed = json!({"status": "Error", "data": {"code": "E", "message": "m"}});
         let outcome: Outcome = serde_json::from_value(seed).expect("decode");
         assert_eq!(outcome, Outcome::error("E", "m"));
+    }
+
+    #[test]
+    fn an_encoded_replay_and_its_executed_form_match_the_built_replies() {
+        let now = Utc::now();
+        let record = Record {
+            v: RECORD_VERSION,
+            idem_key: IdempotencyKey::generate("enc", "ep", 1),
+            // Text that looks like the field must not fool the splice.
+            intent_id: r#"x","replayed":true,"y"#.to_owned(),
+            fingerprint: "fp".to_owned(),
+            state: RecordState::Done,
+            owner: "o".to_owned(),
+            attempt: 1,
+            result: Some(Outcome::error("422", "no")),
+            stored_at: now,
+            expires_at: now,
+        };
+        let replay = EncodedReply::replay_of(&record).expect("an outcome");
+        let executed = replay.as_executed();
+        for (encoded, replayed) in [(&replay, true), (&executed, false)] {
+            let built = Reply::from_record(&record, replayed).expect("an outcome");
+            let decoded: Reply = serde_json::from_slice(&encoded.body).expect("JSON");
+            assert_eq!(decoded, built);
+            assert_eq!(encoded.headers(), built.headers());
+            assert_eq!(encoded.replayed, replayed);
+        }
     }
 }

@@ -7,6 +7,7 @@
 //! mode answers settled ones and naks the rest (`jetstream.rs`).
 
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -20,7 +21,7 @@ use crate::cache::{InFlightKeys, Lookup, OutcomeCache, Turn};
 use crate::config::WorkerConfig;
 use crate::handler::{Call, Handler, HandlerError};
 use crate::intent::{Intent, IntentError, Limits};
-use crate::outcome::{Outcome, Record, Reply};
+use crate::outcome::{Answer, EncodedReply, Outcome, Record, Reply};
 use crate::stats::Stats;
 use crate::store::{Acquire, ClaimRequest, IdempotencyStore, Lease, StoreError};
 use prometheus_client::metrics::counter::Counter;
@@ -91,22 +92,22 @@ impl Rejection {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Verdict {
     /// Settled: an outcome (fresh or replayed) or a final refusal. Answer it.
-    Settled(Reply),
+    Settled(Answer),
     /// The message itself is bad. Answer it; JetStream mode also dead-letters it.
-    Invalid(Reply),
+    Invalid(Answer),
     /// Worth another try later: core mode answers it; JetStream mode naks
     /// the delivery (after `after`) and answers only the last one.
     Retry {
         /// The reply, should this be the last word.
-        reply: Reply,
+        reply: Answer,
         /// How long to wait before the next try.
         after: Duration,
     },
 }
 
 impl Verdict {
-    /// The reply this verdict carries.
-    pub fn reply(&self) -> &Reply {
+    /// The answer this verdict carries.
+    pub fn answer(&self) -> &Answer {
         match self {
             Verdict::Settled(reply) | Verdict::Invalid(reply) | Verdict::Retry { reply, .. } => {
                 reply
@@ -178,7 +179,7 @@ impl Pipeline {
                 let outcome = rejection.outcome();
                 let reply = Reply::unstored(invalid.idem_key, invalid.intent_id, outcome);
                 return Handled {
-                    verdict: Verdict::Invalid(reply),
+                    verdict: Verdict::Invalid(reply.into()),
                     reply_to: invalid.reply_to,
                 };
             }
@@ -196,10 +197,10 @@ impl Pipeline {
             .execute(&intent, payload, abandon)
             .instrument(span.clone())
             .await;
-        let reply = verdict.reply();
-        span.record("outcome", reply.result.status());
-        span.record("replayed", reply.replayed);
-        if let Some(code) = reply.result.error_code() {
+        let answer = verdict.answer();
+        span.record("outcome", answer.status());
+        span.record("replayed", answer.replayed());
+        if let Some(code) = answer.error_code() {
             span.record("code", code);
         }
         span.in_scope(|| tracing::debug!("answered"));
@@ -255,7 +256,6 @@ impl Pipeline {
                 if waited {
                     self.stats.waited.inc();
                 }
-                let record = self.cache.insert(record);
                 self.replay(intent, &record)
             }
             Ok(Acquire::Reused(_)) => self.refuse(intent, Rejection::KeyReused),
@@ -272,7 +272,7 @@ impl Pipeline {
     /// The verdict the cache already knows, if any.
     fn cached(&self, intent: &Intent) -> Option<Verdict> {
         match self.cache.lookup(&intent.key, &intent.fingerprint) {
-            Lookup::Stored(record) => Some(self.replay(intent, &record)),
+            Lookup::Stored(replay) => Some(self.replayed(replay)),
             Lookup::Reused => Some(self.refuse(intent, Rejection::KeyReused)),
             Lookup::Miss => None,
         }
@@ -296,25 +296,33 @@ impl Pipeline {
             attempt: lease.record.attempt,
         };
         let started = std::time::Instant::now();
-        let handled = tokio::time::timeout(self.config.handler_timeout, self.handler.handle(call));
-        tokio::pin!(handled);
-        let every = lease.ttl / 3;
-        let mut renewals = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-        let result = loop {
-            tokio::select! {
-                result = &mut handled => break result,
-                _ = renewals.tick() => match self.store.renew(&lease).await {
-                    Ok(renewed) => lease = renewed,
-                    Err(StoreError::LeaseLost) => {
-                        tracing::warn!("lease lost while the handler ran; its outcome is dropped");
-                        return self.after_lost_lease(intent).await;
+        let mut handler = std::pin::pin!(self.handler.handle(call));
+        // A handler done at its first poll (echo, an answer held in memory)
+        // needs neither the timeout nor the renewal timer.
+        let first = futures::poll!(handler.as_mut());
+        let result = if let Poll::Ready(result) = first {
+            Ok(result)
+        } else {
+            let handled = tokio::time::timeout(self.config.handler_timeout, handler);
+            tokio::pin!(handled);
+            let every = lease.ttl / 3;
+            let mut renewals = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            loop {
+                tokio::select! {
+                    result = &mut handled => break result,
+                    _ = renewals.tick() => match self.store.renew(&lease).await {
+                        Ok(renewed) => lease = renewed,
+                        Err(StoreError::LeaseLost) => {
+                            tracing::warn!("lease lost while the handler ran; its outcome is dropped");
+                            return self.after_lost_lease(intent).await;
+                        }
+                        // The lease may still be alive; try again at the next tick.
+                        Err(error) => tracing::warn!(%error, "lease renewal failed"),
+                    },
+                    () = abandon.cancelled() => {
+                        self.release(&lease).await;
+                        return self.refuse(intent, Rejection::ShuttingDown);
                     }
-                    // The lease may still be alive; try again at the next tick.
-                    Err(error) => tracing::warn!(%error, "lease renewal failed"),
-                },
-                () = abandon.cancelled() => {
-                    self.release(&lease).await;
-                    return self.refuse(intent, Rejection::ShuttingDown);
                 }
             }
         };
@@ -328,7 +336,7 @@ impl Pipeline {
                 tracing::info!(%code, "transient failure; claim released");
                 let reply = self.unstored(intent, Outcome::error(code, message));
                 return Verdict::Retry {
-                    reply,
+                    reply: reply.into(),
                     after: TRANSIENT_RETRY_AFTER,
                 };
             }
@@ -344,10 +352,13 @@ impl Pipeline {
         match self.store.complete(&lease, outcome.clone(), ttl).await {
             Ok(record) => {
                 self.stats.executed.inc();
-                let record = self.cache.insert(record);
-                let reply = Reply::from_record(&record, false)
-                    .unwrap_or_else(|| self.unstored(intent, outcome));
-                Verdict::Settled(reply)
+                // The cache encodes the replay once; this delivery answers
+                // with the same bytes, marked as its own execution.
+                let answer = match self.cache.insert(&record) {
+                    Some(replay) => Answer::Encoded(Arc::new(replay.as_executed())),
+                    None => self.unstored(intent, outcome).into(),
+                };
+                Verdict::Settled(answer)
             }
             Err(StoreError::LeaseLost) => {
                 tracing::warn!("lease lost before the outcome was stored; it is dropped");
@@ -359,7 +370,7 @@ impl Pipeline {
                 // will execute again; the log says why.
                 self.stats.store_errors.inc();
                 tracing::error!(%error, "outcome executed but not stored");
-                Verdict::Settled(self.unstored(intent, outcome))
+                Verdict::Settled(self.unstored(intent, outcome).into())
             }
         }
     }
@@ -400,12 +411,10 @@ impl Pipeline {
         }
     }
 
+    /// Replays a record read from the store (and caches it).
     fn replay(&self, intent: &Intent, record: &Record) -> Verdict {
-        match Reply::from_record(record, true) {
-            Some(reply) => {
-                self.stats.replayed.inc();
-                Verdict::Settled(reply)
-            }
+        match self.cache.insert(record) {
+            Some(replay) => self.replayed(replay),
             None => self.refuse(
                 intent,
                 Rejection::StoreUnavailable(StoreError::Corrupt {
@@ -414,6 +423,11 @@ impl Pipeline {
                 }),
             ),
         }
+    }
+
+    fn replayed(&self, replay: Arc<EncodedReply>) -> Verdict {
+        self.stats.replayed.inc();
+        Verdict::Settled(Answer::Encoded(replay))
     }
 
     fn unstored(&self, intent: &Intent, outcome: Outcome) -> Reply {
@@ -427,7 +441,7 @@ impl Pipeline {
     /// The verdict for a refusal: final ones settle, the rest are retried.
     fn refuse(&self, intent: &Intent, rejection: Rejection) -> Verdict {
         tracing::info!(code = rejection.code(), reason = %rejection, "intent refused");
-        let reply = self.unstored(intent, rejection.outcome());
+        let reply: Answer = self.unstored(intent, rejection.outcome()).into();
         let retry = |counter: &Counter, after| {
             counter.inc();
             Verdict::Retry {

@@ -72,7 +72,7 @@ impl Worker {
                 handler,
                 stats: Arc::default(),
                 instance: nuid::next().to_string(),
-                cache: OutcomeCache::new(config.cache_capacity),
+                cache: OutcomeCache::new(config.cache_bytes),
                 in_flight: InFlightKeys::default(),
                 config,
             },
@@ -265,7 +265,7 @@ async fn answer_core_inner(pipeline: &Pipeline, message: Message, abandon: &Canc
         tracing::debug!("intent has nowhere to reply to");
         return;
     };
-    let reply = handled.verdict.reply();
+    let reply = handled.verdict.answer();
     if let Err(error) = pipeline
         .client
         .publish_with_headers(reply_to, reply.headers(), reply.to_bytes())
