@@ -6,6 +6,7 @@
 //! in what they do with a verdict: core mode answers every one, JetStream
 //! mode answers settled ones and naks the rest (`jetstream.rs`).
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -21,7 +22,7 @@ use crate::cache::{InFlightKeys, Lookup, OutcomeCache, Turn};
 use crate::config::WorkerConfig;
 use crate::handler::{Call, Handler, HandlerError};
 use crate::intent::{Intent, IntentError, Limits};
-use crate::outcome::{Answer, EncodedReply, Outcome, Record, Reply};
+use crate::outcome::{Answer, EncodedReply, Outcome, Record, RecordState, Reply};
 use crate::stats::Stats;
 use crate::store::{Acquire, ClaimRequest, IdempotencyStore, Lease, StoreError};
 use prometheus_client::metrics::counter::Counter;
@@ -143,6 +144,46 @@ pub struct Pipeline {
     pub cache: OutcomeCache,
     /// Keys being worked on here, so local copies wait instead of racing.
     pub in_flight: InFlightKeys,
+    /// Whether to read before claiming, from how claims have gone lately.
+    pub odds: ReplayOdds,
+}
+
+/// How often claims lately found their key already stored or claimed: a
+/// copy the outcome cache did not know (another worker's outcome, or one
+/// evicted). When most did, reading first answers such a copy in one
+/// store round trip instead of a losing claim and then a read; when few
+/// did, claiming first spares fresh keys the read. Either order is
+/// correct (a read decides nothing a claim would not), so a wrong guess
+/// costs one round trip, never an extra execution.
+#[derive(Debug, Default)]
+pub struct ReplayOdds {
+    tries: AtomicU32,
+    taken: AtomicU32,
+}
+
+impl ReplayOdds {
+    /// Outcomes remembered, about (older ones count half, then less).
+    const WINDOW: u32 = 256;
+
+    /// Whether the last tries mostly found the key taken.
+    pub fn read_first(&self) -> bool {
+        let tries = self.tries.load(Ordering::Relaxed);
+        tries >= 16 && 2 * self.taken.load(Ordering::Relaxed) > tries
+    }
+
+    /// Remembers one try. Racing updates may lose a count: only a guess.
+    pub fn record(&self, taken: bool) {
+        let tries = self.tries.fetch_add(1, Ordering::Relaxed) + 1;
+        let found = if taken {
+            self.taken.fetch_add(1, Ordering::Relaxed) + 1
+        } else {
+            self.taken.load(Ordering::Relaxed)
+        };
+        if tries >= Self::WINDOW {
+            self.tries.store(tries / 2, Ordering::Relaxed);
+            self.taken.store(found / 2, Ordering::Relaxed);
+        }
+    }
 }
 
 /// Decrements the in-flight gauge however the task ends.
@@ -243,6 +284,22 @@ impl Pipeline {
                 None
             }
         };
+        if self.odds.read_first() {
+            match self.store.get(&intent.key).await {
+                Ok(Some(record)) if record.state == RecordState::Done => {
+                    self.odds.record(true);
+                    return if record.fingerprint == intent.fingerprint {
+                        self.replay(intent, &record)
+                    } else {
+                        self.refuse(intent, Rejection::KeyReused)
+                    };
+                }
+                Ok(None) => self.odds.record(false),
+                // Claimed by a running execution, or the read failed: the
+                // claim protocol below decides.
+                _ => {}
+            }
+        }
         let request = ClaimRequest {
             key: intent.key.clone(),
             intent_id: intent.intent_id.clone(),
@@ -250,7 +307,11 @@ impl Pipeline {
             owner: format!("{}.{}", self.instance, nuid::next()),
             lease: self.config.lease,
         };
-        match self.store.acquire(&request, self.config.wait).await {
+        let acquired = self.store.acquire(&request, self.config.wait).await;
+        if let Ok(acquired) = &acquired {
+            self.odds.record(!matches!(acquired, Acquire::Owner(_)));
+        }
+        match acquired {
             Ok(Acquire::Owner(lease)) => self.run_owned(intent, payload, lease, abandon).await,
             Ok(Acquire::Stored { record, waited }) => {
                 if waited {
@@ -485,4 +546,27 @@ pub async fn next_with_permit<S: Stream + Unpin>(
         item = source.next() => item?,
     };
     Some((permit, item))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replay_odds_follow_how_claims_went() {
+        let odds = ReplayOdds::default();
+        assert!(!odds.read_first(), "fresh workers claim first");
+        for _ in 0..40 {
+            odds.record(true);
+        }
+        assert!(odds.read_first(), "mostly taken: read first");
+        for _ in 0..600 {
+            odds.record(false);
+        }
+        assert!(!odds.read_first(), "mostly fresh again: claim first");
+        for i in 0..600 {
+            odds.record(i % 3 == 0);
+        }
+        assert!(!odds.read_first(), "a third taken is not most");
+    }
 }

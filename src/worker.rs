@@ -22,7 +22,7 @@ use crate::config::{Delivery, WorkerConfig};
 use crate::handler::Handler;
 use crate::jetstream;
 use crate::key::IdempotencyKey;
-use crate::pipeline::{next_with_permit, Pipeline};
+use crate::pipeline::{next_with_permit, Pipeline, ReplayOdds};
 use crate::service;
 use crate::stats::Stats;
 use crate::store::IdempotencyStore;
@@ -74,6 +74,7 @@ impl Worker {
                 instance: nuid::next().to_string(),
                 cache: OutcomeCache::new(config.cache_bytes),
                 in_flight: InFlightKeys::default(),
+                odds: ReplayOdds::default(),
                 config,
             },
         }
