@@ -148,7 +148,9 @@ pub struct WorkerConfig {
     /// The bucket's name: purges of it are announced on `idemq.purge.<bucket>`.
     pub bucket: String,
     /// Memory, in bytes, for stored outcomes kept to answer replays without
-    /// a KV read (0 turns the cache off).
+    /// a KV read (0 turns the cache off). The default, 14 MiB, holds about
+    /// 20 000 outcomes of a few hundred bytes and keeps a worker with 1024
+    /// intents in flight under 64 MiB.
     pub cache_bytes: usize,
 }
 
@@ -229,7 +231,7 @@ impl Default for WorkerConfig {
             grace: Duration::from_secs(10),
             delivery: Delivery::Core,
             bucket: "IDEMPOTENCY".to_owned(),
-            cache_bytes: 16 << 20,
+            cache_bytes: 14 << 20,
         }
     }
 }
