@@ -648,3 +648,110 @@ fn violations(log: &str) -> String {
         .collect::<Vec<_>>()
         .join("\n")
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_jetstream_permission_set_is_all_a_jetstream_worker_needs() {
+    let server = NatsServer::start_with_config_for(|dir| {
+        format!(
+            r#"
+            include "{worker}"
+            authorization {{
+              users: [
+                {{ user: idemq, password: "worker-pw", permissions: $IDEMQ_WORKER_JS }}
+                {{ user: agent, password: "agent-pw",
+                   permissions: {{ publish: ["intents.>", "$SRV.PING.idemq"],
+                                   subscribe: ["results.>", "_INBOX.>"] }} }}
+                {{ user: upstream, password: "upstream-pw",
+                   permissions: {{ subscribe: "exec.>", allow_responses: true }} }}
+              ]
+            }}"#,
+            worker = include_path(dir, &deploy_file("worker-jetstream-permissions.conf")),
+        )
+    });
+    let url = server.url();
+    let connect = |user: &str, password: &str| {
+        async_nats::ConnectOptions::with_user_and_password(user.to_owned(), password.to_owned())
+            .connect(url.clone())
+    };
+    let upstream_client = connect("upstream", "upstream-pw")
+        .await
+        .expect("upstream connects");
+    let upstream = Upstream::start(&upstream_client).await;
+    let agent = connect("agent", "agent-pw").await.expect("agent connects");
+    let mut results = agent
+        .subscribe("results.agent")
+        .await
+        .expect("subscribe results");
+    agent.flush().await.expect("flush");
+
+    let mut args: Vec<&str> = WORKER.to_vec();
+    args.extend([
+        "--forward",
+        FORWARD,
+        "--stream",
+        "INTENTS",
+        "--durable",
+        "workers",
+        // Short, so the slow intent below gets progress acks before its ack.
+        "--ack-wait",
+        "3s",
+    ]);
+    let mut worker = WorkerProcess::serve(&url, &args);
+    // The worker registers once its stream and consumer exist; intents
+    // published before that would reach no stream.
+    common::workers::wait_for_workers(&agent, 1).await;
+
+    // Three intents, each published twice (no Nats-Msg-Id: both copies
+    // reach the stream), answered on results.agent; one runs long enough
+    // to need progress acks.
+    let ids = ["js-1", "js-2", "js-slow"];
+    for id in ids {
+        let (capability, params) = match id {
+            "js-slow" => ("slow", json!({ "sleep_ms": 2500 })),
+            _ => ("ok", json!({ "id": id })),
+        };
+        let mut body: Value =
+            serde_json::from_str(&intent(id, capability, params)).expect("intent");
+        body["reply_to"] = json!("results.agent");
+        for _ in 0..2 {
+            agent
+                .publish("intents.ok", body.to_string().into())
+                .await
+                .expect("publish intent");
+        }
+    }
+    agent.flush().await.expect("flush");
+    let mut replies = Vec::new();
+    let deadline = tokio::time::Instant::now() + READY_BOUND;
+    while replies.len() < 2 * ids.len() {
+        match tokio::time::timeout_at(deadline, futures::StreamExt::next(&mut results)).await {
+            Ok(Some(message)) => {
+                replies.push(serde_json::from_slice::<Value>(&message.payload).expect("reply"));
+            }
+            _ => panic!(
+                "{} of {} replies before the deadline; server log:\n{}",
+                replies.len(),
+                2 * ids.len(),
+                violations(&server.log())
+            ),
+        }
+    }
+    for id in ids {
+        let answers: Vec<&Value> = replies.iter().filter(|r| r["intent_id"] == id).collect();
+        assert_eq!(answers.len(), 2, "{replies:?}");
+        let executed = answers.iter().filter(|r| r["replayed"] == false).count();
+        assert_eq!(executed, 1, "{answers:?}");
+        assert_eq!(answers[0]["result"], answers[1]["result"]);
+        let key = answers[0]["idem_key"].as_str().expect("idem_key");
+        assert_eq!(upstream.executions(key), 1);
+    }
+
+    worker.signal("-TERM");
+    assert!(worker.wait(EXIT_BOUND).await.success(), "clean exit");
+    let log = server.log();
+    assert!(
+        !log.contains("Permissions Violation"),
+        "a JetStream-mode worker needed more than deploy/nats-auth/ allows:\n{}",
+        violations(&log)
+    );
+}
