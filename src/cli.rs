@@ -135,7 +135,7 @@ pub struct ServeArgs {
     #[arg(long, env = "IDEMQ_MAX_ACK_PENDING", default_value_t = 1000)]
     pub max_ack_pending: u32,
     /// Memory for stored outcomes kept to answer replays without a KV read
-    /// (e.g. `16MiB`; 0 turns the cache off).
+    /// (e.g. `64MiB`; 0 turns the cache off).
     #[arg(long, env = "IDEMQ_CACHE", default_value = "14MiB")]
     pub cache: bytesize::ByteSize,
     /// How long shutdown waits for in-flight intents.
