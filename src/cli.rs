@@ -445,30 +445,45 @@ fn refused(error: &async_nats::ServerError) -> CliError {
     ))
 }
 
-/// Whether the server refused a publish or a subscription.
-fn is_refusal(error: &async_nats::ServerError) -> bool {
-    matches!(error, async_nats::ServerError::Other(text)
-        if text.to_ascii_lowercase().contains("permissions violation"))
+/// What a permission the server refused stops.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Refused {
+    /// A publish: fatal at start-up (the bucket cannot be set up), one
+    /// intent's problem afterwards (logged).
+    Publish,
+    /// A subscription: intents, replies, watches or purge notices would
+    /// never arrive, so the worker is useless at any time.
+    Subscription,
 }
 
-/// Whether a server error, after start-up, makes the worker useless: a
-/// refused subscription (intents, replies, watches or purge notices never
-/// arrive). A refused publish is one intent's problem, and is logged.
-fn is_fatal(error: &async_nats::ServerError) -> bool {
-    matches!(error, async_nats::ServerError::Other(text)
-        if text.to_ascii_lowercase().contains("permissions violation for subscription"))
+/// The kind of permission violation a server error reports, if it is one.
+fn refused_kind(error: &async_nats::ServerError) -> Option<Refused> {
+    let async_nats::ServerError::Other(text) = error else {
+        return None;
+    };
+    let text = text.to_ascii_lowercase();
+    if text.contains("permissions violation for subscription") {
+        Some(Refused::Subscription)
+    } else if text.contains("permissions violation") {
+        Some(Refused::Publish)
+    } else {
+        None
+    }
 }
 
-/// The first refusal `server_errors` reports; pending forever if none comes.
+/// The first refusal of at least `kind` that `server_errors` reports
+/// (`Publish` takes either); `None` once the connection is gone.
 async fn first_refusal(
     server_errors: &mut tokio::sync::mpsc::Receiver<async_nats::ServerError>,
-) -> async_nats::ServerError {
+    kind: Refused,
+) -> Option<async_nats::ServerError> {
     while let Some(error) = server_errors.recv().await {
-        if is_refusal(&error) {
-            return error;
+        match refused_kind(&error) {
+            Some(found) if kind == Refused::Publish || found == kind => return Some(error),
+            _ => {}
         }
     }
-    std::future::pending().await
+    None
 }
 
 async fn serve(args: ServeArgs) -> Result<ExitCode, CliError> {
@@ -509,20 +524,20 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, CliError> {
         store = KvStore::open(async_nats::jetstream::new(client.clone()), &bucket) => {
             store.map_err(|e| CliError::Failed(e.to_string()))?
         }
-        error = first_refusal(&mut server_errors) => return Err(refused(&error)),
+        Some(error) = first_refusal(&mut server_errors, Refused::Publish) => {
+            return Err(refused(&error))
+        }
     };
     let store: Arc<dyn IdempotencyStore> = Arc::new(store);
     let shutdown = CancellationToken::new();
     let signals = tokio::spawn(cancel_on_signal(shutdown.clone()));
     let stop_on_refusal = shutdown.clone();
     let refusals = tokio::spawn(async move {
-        while let Some(error) = server_errors.recv().await {
-            if is_fatal(&error) {
-                stop_on_refusal.cancel();
-                return Some(error);
-            }
+        let error = first_refusal(&mut server_errors, Refused::Subscription).await;
+        if error.is_some() {
+            stop_on_refusal.cancel();
         }
-        None
+        error
     });
     tracing::info!(url = %url, bucket = %args.bucket, forward = ?args.forward, "idemq serving");
     let worker = Worker::new(client.clone(), Arc::clone(&store), handler, config);
