@@ -17,9 +17,6 @@ use clap::error::ErrorKind;
 use clap::parser::ValueSource;
 use clap::{ArgAction, ArgMatches, Command};
 
-/// Flags whose values are secrets: masked by `--print-config`.
-pub const SECRET_FLAGS: &[&str] = &["token", "password"];
-
 /// Flags that make no sense inside the file.
 const NOT_IN_FILE: &[&str] = &["config", "print-config", "help", "version"];
 
@@ -203,7 +200,8 @@ fn first_line(text: &str) -> &str {
 
 /// The effective configuration of `command` as a TOML document that
 /// `--config` reads back: one line per flag, a comment saying where each
-/// value came from, secrets masked, unset options commented out.
+/// value came from, secrets (flags that hide their env values) masked, unset options
+/// commented out.
 /// `from_file` names the keys the file supplied (clap saw them as
 /// arguments); `resolved` supplies values computed outside clap (the
 /// `NATS_URL` fallback), as `(flag, value, source)`.
@@ -236,7 +234,9 @@ pub fn render(
             Some((_, value, source)) if raw.is_empty() => (vec![value.clone()], *source),
             _ => (raw, source),
         };
-        let secret = SECRET_FLAGS.contains(&key);
+        // A flag whose environment value clap hides (`hide_env_values`,
+        // set on `--token` and `--password`) is a secret here too.
+        let secret = arg.is_hide_env_values_set();
         // Writing to a String cannot fail.
         let _ = match values.as_slice() {
             [] => writeln!(out, "# {key} =   (unset)"),
