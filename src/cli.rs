@@ -410,8 +410,13 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Stats(args) => crate::admin::stats(&args).await,
         Command::Purge(args) => crate::admin::purge(&args).await,
         Command::Healthcheck(args) => {
-            crate::http::probe(args.metrics_addr, args.ready, args.timeout)
-                .map_err(CliError::Failed)?;
+            // A blocking HTTP client, bounded by --timeout: off the runtime.
+            tokio::task::spawn_blocking(move || {
+                crate::http::probe(args.metrics_addr, args.ready, args.timeout)
+            })
+            .await
+            .map_err(|e| CliError::Failed(e.to_string()))?
+            .map_err(CliError::Failed)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(args) => crate::bench::command(&args).await.map_err(|e| match e {
@@ -568,10 +573,13 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, CliError> {
     signals.abort();
     endpoints_stop.cancel();
     if let Some(endpoints) = endpoints {
-        match endpoints.await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => tracing::warn!(%error, "metrics endpoint failed"),
-            Err(error) => tracing::warn!(%error, "metrics endpoint task failed"),
+        // Graceful: in-flight scrapes finish; a client that holds its
+        // connection open does not hold up the exit.
+        match tokio::time::timeout(ENDPOINTS_STOP_BOUND, endpoints).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(error))) => tracing::warn!(%error, "metrics endpoint failed"),
+            Ok(Err(error)) => tracing::warn!(%error, "metrics endpoint task failed"),
+            Err(_) => tracing::warn!("metrics endpoint still had connections open; leaving them"),
         }
     }
     refusals.abort();
@@ -582,6 +590,9 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, CliError> {
     tracing::info!("stopped cleanly");
     Ok(ExitCode::SUCCESS)
 }
+
+/// How long the exit waits for the metrics endpoint's open connections.
+const ENDPOINTS_STOP_BOUND: Duration = Duration::from_secs(2);
 
 /// Cancels `shutdown` on SIGINT or SIGTERM.
 async fn cancel_on_signal(shutdown: CancellationToken) {
