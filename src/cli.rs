@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::{Client, HeaderMap, RequestErrorKind};
+use clap::builder::BoolishValueParser;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
@@ -149,7 +150,7 @@ pub struct ServeArgs {
     #[arg(long, env = "IDEMQ_CONFIG")]
     pub config: Option<PathBuf>,
     /// Print the effective configuration (TOML, secrets masked) and exit.
-    #[arg(long)]
+    #[arg(long, env = "IDEMQ_PRINT_CONFIG", value_parser = BoolishValueParser::new())]
     pub print_config: bool,
     /// The effective configuration, rendered by [`parse_from`] for `--print-config`.
     #[arg(skip)]
@@ -277,7 +278,7 @@ pub struct StatsArgs {
     #[arg(long, env = "IDEMQ_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
     /// Print JSON instead of a table.
-    #[arg(long)]
+    #[arg(long, env = "IDEMQ_JSON", value_parser = BoolishValueParser::new())]
     pub json: bool,
 }
 
@@ -291,7 +292,7 @@ pub struct PurgeArgs {
     pub at: BucketArgs,
     /// Also remove a claim whose execution is still running (a copy may
     /// then execute beside it).
-    #[arg(long)]
+    #[arg(long, env = "IDEMQ_FORCE", value_parser = BoolishValueParser::new())]
     pub force: bool,
 }
 
@@ -302,10 +303,10 @@ pub struct HealthcheckArgs {
     #[arg(long, env = "IDEMQ_METRICS_ADDR", default_value = "127.0.0.1:9464")]
     pub metrics_addr: SocketAddr,
     /// Ask /readyz (NATS and the bucket reachable) instead of /healthz.
-    #[arg(long)]
+    #[arg(long, env = "IDEMQ_READY", value_parser = BoolishValueParser::new())]
     pub ready: bool,
     /// How long to wait for the answer.
-    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "IDEMQ_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
 }
 
