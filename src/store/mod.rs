@@ -21,13 +21,12 @@ pub mod memory;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::Utc;
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use tokio::time::Instant;
 
 use crate::key::IdempotencyKey;
-use crate::outcome::{Outcome, Record, RecordState, RECORD_VERSION};
+use crate::outcome::{now, Outcome, Record, RecordState, RECORD_VERSION};
 
 /// How often a claim is retried when the key changes under it (the
 /// create/delete race, an expiry between two calls) before giving up.
@@ -202,7 +201,7 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         attempt: u32,
         mut expected: u64,
     ) -> Result<Claim, StoreError> {
-        let now = Utc::now();
+        let now = now();
         let record = Record {
             v: RECORD_VERSION,
             idem_key: request.key.clone(),
@@ -339,7 +338,7 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     /// when anyone else wrote the key since our last write.
     async fn renew(&self, lease: &Lease) -> Result<Lease, StoreError> {
         let mut record = lease.record.clone();
-        record.expires_at = Utc::now() + lease.ttl;
+        record.expires_at = now() + lease.ttl;
         // A renewal that cannot land within a third of the lease is retried
         // at the next tick instead.
         let revision = self
@@ -362,7 +361,7 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         outcome: Outcome,
         ttl: Duration,
     ) -> Result<Record, StoreError> {
-        let now = Utc::now();
+        let now = now();
         let record = Record {
             state: RecordState::Done,
             result: Some(outcome),
