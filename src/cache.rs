@@ -236,7 +236,8 @@ impl OutcomeCache {
 /// K JetStream watch consumers per key into one.
 #[derive(Default)]
 pub struct InFlightKeys {
-    keys: Mutex<HashMap<IdempotencyKey, watch::Receiver<()>>>,
+    /// By [`IdempotencyKey::bits`], as the outcome cache keys its entries.
+    keys: Mutex<HashMap<u64, watch::Receiver<()>>>,
 }
 
 /// This delivery's turn on a key.
@@ -250,14 +251,14 @@ pub enum Turn<'a> {
 /// Held by the leading delivery of a key.
 pub struct LeadGuard<'a> {
     keys: &'a InFlightKeys,
-    key: IdempotencyKey,
+    key: u64,
     // Dropped after `Drop::drop` has removed the entry: followers wake to
     // find the key no longer in flight and the outcome (if any) cached.
     _done: watch::Sender<()>,
 }
 
 impl InFlightKeys {
-    fn lock(&self) -> MutexGuard<'_, HashMap<IdempotencyKey, watch::Receiver<()>>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, watch::Receiver<()>>> {
         // A plain map with single inserts and removes: usable after a panic.
         self.keys
             .lock()
@@ -266,15 +267,16 @@ impl InFlightKeys {
 
     /// Leads on `key`, or follows the delivery that already does.
     pub fn enter(&self, key: &IdempotencyKey) -> Turn<'_> {
+        let key = key.bits();
         let mut keys = self.lock();
-        if let Some(done) = keys.get(key) {
+        if let Some(done) = keys.get(&key) {
             return Turn::Follow(done.clone());
         }
         let (sender, receiver) = watch::channel(());
-        keys.insert(key.clone(), receiver);
+        keys.insert(key, receiver);
         Turn::Lead(LeadGuard {
             keys: self,
-            key: key.clone(),
+            key,
             _done: sender,
         })
     }

@@ -344,9 +344,11 @@ enum KeyInputs<'a> {
 
 /// SHA-256 (hex) of the canonical JSON.
 fn fingerprint(canonical: &Canonical<'_>) -> String {
-    // Strings, numbers and `Value`s only: serialising cannot fail.
-    let bytes = serde_json::to_vec(canonical).unwrap_or_default();
-    let digest = Sha256::digest(&bytes);
+    // Strings, numbers and `Value`s only: serialising cannot fail. The
+    // JSON goes straight into the hash, never into a buffer.
+    let mut hasher = Sha256::new();
+    serde_json::to_writer(&mut hasher, canonical).unwrap_or_default();
+    let digest = hasher.finalize();
     let mut hex = String::with_capacity(2 * digest.len());
     for byte in digest {
         push_hex(&mut hex, byte);

@@ -32,8 +32,27 @@ pub struct KeyError(pub String);
 impl IdempotencyKey {
     /// Derives the key of one step of one run: the seed's `generate`.
     pub fn generate(run_id: &str, episode: &str, step_idx: u32) -> Self {
+        Self::hash(&[run_id], episode, step_idx)
+    }
+
+    /// Derives the key from intent metadata: the seed's
+    /// `from_intent_metadata`, i.e. `generate(intent_id + ":" + actor, episode, step_idx or 0)`.
+    pub fn from_intent_metadata(
+        intent_id: &str,
+        actor: &str,
+        episode: &str,
+        step_idx: Option<u32>,
+    ) -> Self {
+        Self::hash(&[intent_id, ":", actor], episode, step_idx.unwrap_or(0))
+    }
+
+    /// `generate` with the run id given in pieces, hashed as they come
+    /// instead of joined first.
+    fn hash(run_id: &[&str], episode: &str, step_idx: u32) -> Self {
         let mut hasher = Sha256::new();
-        hasher.update(run_id.as_bytes());
+        for piece in run_id {
+            hasher.update(piece.as_bytes());
+        }
         hasher.update(b"::");
         hasher.update(episode.as_bytes());
         hasher.update(b"::");
@@ -45,18 +64,6 @@ impl IdempotencyKey {
             push_hex(&mut key, *byte);
         }
         Self(key)
-    }
-
-    /// Derives the key from intent metadata: the seed's
-    /// `from_intent_metadata`, i.e. `generate(intent_id + ":" + actor, episode, step_idx or 0)`.
-    pub fn from_intent_metadata(
-        intent_id: &str,
-        actor: &str,
-        episode: &str,
-        step_idx: Option<u32>,
-    ) -> Self {
-        let run_id = format!("{intent_id}:{actor}");
-        Self::generate(&run_id, episode, step_idx.unwrap_or(0))
     }
 
     /// Parses a key, accepting upper-case hex and normalising it to lower case.

@@ -8,6 +8,7 @@
 //! [`TaskTracker`], so shutdown knows exactly what is still running.
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -72,6 +73,7 @@ impl Worker {
                 handler,
                 stats: Arc::default(),
                 instance: nuid::next().to_string(),
+                claims: AtomicU64::new(0),
                 cache: OutcomeCache::new(config.cache_bytes),
                 in_flight: InFlightKeys::default(),
                 odds: ReplayOdds::default(),

@@ -27,6 +27,10 @@ use crate::outcome::Record;
 /// short enough that freed keys leave nothing behind.
 pub const MARKER_TTL: Duration = Duration::from_secs(1);
 
+/// Room for a record's JSON without regrowing: a claim is about 330
+/// bytes, an outcome that plus its result.
+const RECORD_CAPACITY: usize = 512;
+
 /// The oldest nats-server that can hold per-message TTLs.
 pub const MIN_SERVER_VERSION: (u64, u64) = (2, 11);
 
@@ -145,7 +149,9 @@ impl KvStore {
             Some(expected) => message.expected_last_subject_sequence(expected),
             None => message,
         };
-        let subject = format!("{}{}", self.put_prefix, key);
+        let mut subject = String::with_capacity(self.put_prefix.len() + key.as_str().len());
+        subject.push_str(&self.put_prefix);
+        subject.push_str(key.as_str());
         let ack = self
             .js
             .send_publish(subject, message)
@@ -220,7 +226,9 @@ impl IdempotencyStore for KvStore {
     ) -> Result<u64, StoreError> {
         // A `Record` holds only strings, numbers, timestamps and `Value`s:
         // serialising it cannot fail.
-        let payload = Bytes::from(serde_json::to_vec(record).unwrap_or_default());
+        let mut payload = Vec::with_capacity(RECORD_CAPACITY);
+        serde_json::to_writer(&mut payload, record).unwrap_or_default();
+        let payload = Bytes::from(payload);
         let message = Publish::build()
             .payload(payload)
             .ttl(Duration::from_secs(ttl_secs(ttl)));
