@@ -7,6 +7,7 @@
 //! mode answers settled ones and naks the rest (`jetstream.rs`).
 
 use std::fmt::Write as _;
+use std::future::Future;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
@@ -367,82 +368,93 @@ impl Pipeline {
     }
 
     /// Runs the handler under the lease, renewing it, then stores the outcome.
-    async fn run_owned(
-        &self,
-        intent: &Intent,
-        payload: &Bytes,
+    ///
+    /// An `async move` block rather than an `async fn`, which would keep the
+    /// lease twice in its future and push it past the size glibc serves
+    /// from its per-thread cache.
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an async fn would hold the lease twice"
+    )]
+    fn run_owned<'a>(
+        &'a self,
+        intent: &'a Intent,
+        payload: &'a Bytes,
         mut lease: Lease,
-        abandon: &CancellationToken,
-    ) -> Verdict {
-        if lease.takeover {
-            self.stats.takeovers.inc();
-            tracing::warn!(attempt = lease.record.attempt, "took over an expired claim");
-        }
-        let call = Call {
-            intent,
-            payload,
-            attempt: lease.record.attempt,
-        };
-        let started = std::time::Instant::now();
-        let mut handler = self.handler.handle(call);
-        // A handler done at its first poll (echo, an answer held in memory)
-        // needs neither the timeout nor the renewal timer.
-        let result = match futures::poll!(handler.as_mut()) {
-            Poll::Ready(result) => Ok(result),
-            // Boxed, so the timers and renewals take room only while a
-            // handler waits, not in every intent's task.
-            Poll::Pending => {
-                match Box::pin(self.supervise(intent, handler, &mut lease, abandon)).await {
-                    Ok(ran) => ran,
-                    Err(verdict) => return verdict,
+        abandon: &'a CancellationToken,
+    ) -> impl Future<Output = Verdict> + Send + 'a {
+        async move {
+            if lease.takeover {
+                self.stats.takeovers.inc();
+                tracing::warn!(attempt = lease.record.attempt, "took over an expired claim");
+            }
+            let call = Call {
+                intent,
+                payload,
+                attempt: lease.record.attempt,
+            };
+            let started = std::time::Instant::now();
+            let mut handler = self.handler.handle(call);
+            // A handler done at its first poll (echo, an answer held in memory)
+            // needs neither the timeout nor the renewal timer.
+            let result = match futures::poll!(handler.as_mut()) {
+                Poll::Ready(result) => Ok(result),
+                // Boxed, so the timers and renewals take room only while a
+                // handler waits, not in every intent's task.
+                Poll::Pending => {
+                    let supervised = Box::pin(self.supervise(intent, handler, &mut lease, abandon));
+                    match supervised.await {
+                        Ok(ran) => ran,
+                        Err(verdict) => return verdict,
+                    }
                 }
-            }
-        };
-        Stats::observe(&self.stats.handler_seconds, started.elapsed());
-        let outcome = match result {
-            Err(_elapsed) => Outcome::Timeout,
-            Ok(Ok(outcome)) => outcome,
-            Ok(Err(HandlerError::Transient { code, message })) => {
-                self.release(&lease).await;
-                self.stats.transient.inc();
-                tracing::info!(%code, "transient failure; claim released");
-                let reply = self.unstored(intent, Outcome::error(code, message));
-                return Verdict::Retry {
-                    reply: reply.into(),
-                    after: TRANSIENT_RETRY_AFTER,
-                };
-            }
-            Ok(Err(HandlerError::NoHandler(reason))) => {
-                self.release(&lease).await;
-                return self.refuse(intent, Rejection::NoHandler(reason));
-            }
-        };
-        let ttl = match intent.ttl_secs {
-            Some(secs) => Duration::from_secs(secs).min(self.config.ttl),
-            None => self.config.ttl,
-        };
-        match self.store.complete(&lease, outcome.clone(), ttl).await {
-            Ok(record) => {
-                self.stats.executed.inc();
-                // The cache encodes the replay once; this delivery answers
-                // with the same bytes, marked as its own execution.
-                let answer = match self.cache.insert(&record) {
-                    Some(replay) => Answer::Encoded(Arc::new(replay.as_executed())),
-                    None => self.unstored(intent, outcome).into(),
-                };
-                Verdict::Settled(answer)
-            }
-            Err(StoreError::LeaseLost) => {
-                tracing::warn!("lease lost before the outcome was stored; it is dropped");
-                self.after_lost_lease(intent).await
-            }
-            Err(error) => {
-                // The handler ran: its outcome is the answer even though it
-                // could not be kept. A copy arriving after the lease expires
-                // will execute again; the log says why.
-                self.stats.store_errors.inc();
-                tracing::error!(%error, "outcome executed but not stored");
-                Verdict::Settled(self.unstored(intent, outcome).into())
+            };
+            Stats::observe(&self.stats.handler_seconds, started.elapsed());
+            let outcome = match result {
+                Err(_elapsed) => Outcome::Timeout,
+                Ok(Ok(outcome)) => outcome,
+                Ok(Err(HandlerError::Transient { code, message })) => {
+                    self.release(&lease).await;
+                    self.stats.transient.inc();
+                    tracing::info!(%code, "transient failure; claim released");
+                    let reply = self.unstored(intent, Outcome::error(code, message));
+                    return Verdict::Retry {
+                        reply: reply.into(),
+                        after: TRANSIENT_RETRY_AFTER,
+                    };
+                }
+                Ok(Err(HandlerError::NoHandler(reason))) => {
+                    self.release(&lease).await;
+                    return self.refuse(intent, Rejection::NoHandler(reason));
+                }
+            };
+            let ttl = match intent.ttl_secs {
+                Some(secs) => Duration::from_secs(secs).min(self.config.ttl),
+                None => self.config.ttl,
+            };
+            match self.store.complete(&lease, outcome.clone(), ttl).await {
+                Ok(record) => {
+                    self.stats.executed.inc();
+                    // The cache encodes the replay once; this delivery answers
+                    // with the same bytes, marked as its own execution.
+                    let answer = match self.cache.insert(&record) {
+                        Some(replay) => Answer::Encoded(Arc::new(replay.as_executed())),
+                        None => self.unstored(intent, outcome).into(),
+                    };
+                    Verdict::Settled(answer)
+                }
+                Err(StoreError::LeaseLost) => {
+                    tracing::warn!("lease lost before the outcome was stored; it is dropped");
+                    self.after_lost_lease(intent).await
+                }
+                Err(error) => {
+                    // The handler ran: its outcome is the answer even though it
+                    // could not be kept. A copy arriving after the lease expires
+                    // will execute again; the log says why.
+                    self.stats.store_errors.inc();
+                    tracing::error!(%error, "outcome executed but not stored");
+                    Verdict::Settled(self.unstored(intent, outcome).into())
+                }
             }
         }
     }

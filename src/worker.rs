@@ -8,13 +8,14 @@
 //! [`TaskTracker`], so shutdown knows exactly what is still running.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::{Client, Message};
 use futures::StreamExt;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -237,43 +238,53 @@ async fn take_core(
     while let Some((permit, message)) =
         next_with_permit(&mut source, &intake.permits, &intake.shutdown).await
     {
-        let pipeline = Arc::clone(pipeline);
         let abandon = intake.abandon.clone();
-        intake.tracker.spawn(async move {
-            let _permit = permit;
-            answer_core(&pipeline, message, &abandon).await;
-        });
+        let answer = answer_core(Arc::clone(pipeline), message, abandon, permit);
+        intake.tracker.spawn(answer);
     }
     // Dropping the subscriptions unsubscribes: the queue group routes new
     // intents to the other workers while ours finish.
 }
 
-async fn answer_core(pipeline: &Pipeline, message: Message, abandon: &CancellationToken) {
-    let started = std::time::Instant::now();
-    answer_core_inner(pipeline, message, abandon).await;
-    Stats::observe(&pipeline.stats.intent_seconds, started.elapsed());
-}
-
-async fn answer_core_inner(pipeline: &Pipeline, message: Message, abandon: &CancellationToken) {
-    let handled = pipeline
-        .handle(
-            &message.subject,
-            message.headers.as_ref(),
-            &message.payload,
-            abandon,
-        )
-        .await;
-    let reply_to = message.reply.map(|s| s.to_string()).or(handled.reply_to);
-    let Some(reply_to) = reply_to else {
-        tracing::debug!("intent has nowhere to reply to");
-        return;
-    };
-    let reply = handled.verdict.answer();
-    if let Err(error) = pipeline
-        .client
-        .publish_with_headers(reply_to, reply.headers(), reply.to_bytes())
-        .await
-    {
-        tracing::warn!(%error, "reply not sent");
+/// Answers one core-mode delivery. A function returning an `async move`
+/// block rather than an `async fn`: an async fn keeps each by-value
+/// parameter twice in its future, and this future is every intent's task.
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn would hold the message twice"
+)]
+fn answer_core(
+    pipeline: Arc<Pipeline>,
+    message: Message,
+    abandon: CancellationToken,
+    permit: OwnedSemaphorePermit,
+) -> impl Future<Output = ()> {
+    async move {
+        let _permit = permit;
+        let started = std::time::Instant::now();
+        let handled = pipeline
+            .handle(
+                &message.subject,
+                message.headers.as_ref(),
+                &message.payload,
+                &abandon,
+            )
+            .await;
+        match message.reply.map(|s| s.to_string()).or(handled.reply_to) {
+            Some(reply_to) => {
+                let reply = handled.verdict.answer();
+                // Boxed: inline, the publish would double every task's size.
+                let published = Box::pin(pipeline.client.publish_with_headers(
+                    reply_to,
+                    reply.headers(),
+                    reply.to_bytes(),
+                ));
+                if let Err(error) = published.await {
+                    tracing::warn!(%error, "reply not sent");
+                }
+            }
+            None => tracing::debug!("intent has nowhere to reply to"),
+        }
+        Stats::observe(&pipeline.stats.intent_seconds, started.elapsed());
     }
 }
