@@ -25,7 +25,7 @@ use crate::cache::{InFlightKeys, Lookup, OutcomeCache, Turn};
 use crate::config::WorkerConfig;
 use crate::handler::{Call, Handler, HandlerError};
 use crate::intent::{Intent, IntentError, Limits};
-use crate::outcome::{Answer, EncodedReply, Outcome, Record, RecordState, Reply};
+use crate::outcome::{Answer, EncodedReply, Outcome, Record, Reply};
 use crate::stats::Stats;
 use crate::store::{Acquire, ClaimRequest, IdempotencyStore, Lease, StoreError};
 use prometheus_client::metrics::counter::Counter;
@@ -299,22 +299,15 @@ impl Pipeline {
                 None
             }
         };
-        if self.odds.read_first() {
-            match self.store.get(&intent.key).await {
-                Ok(Some(record)) if record.state == RecordState::Done => {
-                    self.odds.record(true);
-                    return if record.fingerprint == intent.fingerprint {
-                        self.replay(intent, &record)
-                    } else {
-                        self.refuse(intent, Rejection::KeyReused)
-                    };
-                }
-                Ok(None) => self.odds.record(false),
-                // Claimed by a running execution, or the read failed: the
-                // claim protocol below decides.
-                _ => {}
-            }
-        }
+        // When recent claims mostly found their key taken, read first: the
+        // claim protocol then decides from that read (a stored outcome in
+        // one round trip, a running claim followed from the revision seen).
+        // A failed read leaves it all to the claim.
+        let seen = if self.odds.read_first() {
+            self.store.read(&intent.key).await.ok().flatten()
+        } else {
+            None
+        };
         let request = ClaimRequest {
             key: intent.key.clone(),
             intent_id: intent.intent_id.clone(),
@@ -322,7 +315,9 @@ impl Pipeline {
             owner: self.owner_token(),
             lease: self.config.lease,
         };
-        let acquired = self.store.acquire(&request, self.config.wait).await;
+        let acquired = (self.store)
+            .acquire_from(&request, self.config.wait, seen)
+            .await;
         if let Ok(acquired) = &acquired {
             self.odds.record(!matches!(acquired, Acquire::Owner(_)));
         }

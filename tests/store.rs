@@ -240,6 +240,60 @@ async fn purge_frees_a_stored_outcome(store: Store) {
     owned(&store, &with_owner(&first)).await;
 }
 
+async fn acquire_from_a_read_decides_from_what_it_saw(store: Store) {
+    // A running claim, read: the copy follows it to its outcome.
+    let first = request(12, "fp", LONG);
+    let lease = owned(&store, &first).await;
+    let seen = store.read(&first.key).await.expect("read");
+    let waiter = {
+        let store = Arc::clone(&store);
+        let request = with_owner(&first);
+        tokio::spawn(async move {
+            store
+                .acquire_from(&request, Duration::from_secs(10), seen)
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    store
+        .complete(&lease, Outcome::Timeout, LONG)
+        .await
+        .expect("complete");
+    match waiter.await.expect("task").expect("acquire") {
+        Acquire::Stored { record, waited } => {
+            assert!(waited, "the copy followed the running execution");
+            assert_eq!(record.result, Some(Outcome::Timeout));
+        }
+        other => panic!("expected Stored, got {other:?}"),
+    }
+
+    // A released key, read: claimed at the marker's revision.
+    let second = request(13, "fp", LONG);
+    let released = owned(&store, &second).await;
+    assert!(store.release(&released).await.expect("release"));
+    let marker = store.read(&second.key).await.expect("read");
+    let copy = with_owner(&second);
+    match store
+        .acquire_from(&copy, Duration::ZERO, marker.clone())
+        .await
+        .expect("acquire")
+    {
+        Acquire::Owner(lease) => assert_eq!(lease.record.owner, copy.owner),
+        other => panic!("expected Owner, got {other:?}"),
+    }
+
+    // The same read, now stale: someone else claimed since, so it must not own.
+    let late = with_owner(&second);
+    match store
+        .acquire_from(&late, Duration::ZERO, marker)
+        .await
+        .expect("acquire")
+    {
+        Acquire::Busy(record) => assert_eq!(record.owner, copy.owner),
+        other => panic!("a stale read must not win the key, got {other:?}"),
+    }
+}
+
 async fn kv_store(server: &common::NatsServer) -> Store {
     let client = server.connect().await;
     let js = async_nats::jetstream::new(client);
@@ -283,6 +337,7 @@ suite!(
     expired_lease_is_taken_over_and_fences_the_old_owner,
     outcome_expires_after_its_ttl,
     purge_frees_a_stored_outcome,
+    acquire_from_a_read_decides_from_what_it_saw,
 );
 
 #[tokio::test]

@@ -272,17 +272,44 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     /// means the key is free and we claim it (an expiry after seeing a claim
     /// is a takeover, and the attempt number goes up by one).
     async fn acquire(&self, request: &ClaimRequest, wait: Duration) -> Result<Acquire, StoreError> {
+        self.acquire_from(request, wait, None).await
+    }
+
+    /// [`acquire`](Self::acquire), starting from the key's latest revision
+    /// as the caller just read it (`None`: the key had no message, or it was
+    /// not read). A stored outcome or a running claim is then decided or
+    /// followed from that read, and a free key is claimed at its revision,
+    /// with no losing claim and second read first.
+    async fn acquire_from(
+        &self,
+        request: &ClaimRequest,
+        wait: Duration,
+        seen: Option<Versioned>,
+    ) -> Result<Acquire, StoreError> {
         let deadline = Instant::now() + wait;
         let mut attempt = 1;
-        let mut expected = 0;
         let mut takeover = false;
+        let (mut expected, mut taken) = match seen {
+            None => (0, None),
+            Some(Versioned {
+                revision,
+                slot: Slot::Free { .. },
+            }) => (revision, None),
+            Some(Versioned {
+                revision,
+                slot: Slot::Record(record),
+            }) => (revision, Some((revision, record))),
+        };
         for _ in 0..MAX_CLAIM_ROUNDS {
-            let (mut revision, mut record) = match self.claim(request, attempt, expected).await? {
-                Claim::Acquired(mut lease) => {
-                    lease.takeover = takeover;
-                    return Ok(Acquire::Owner(lease));
-                }
-                Claim::Taken { revision, record } => (revision, record),
+            let (mut revision, mut record) = match taken.take() {
+                Some(seen) => seen,
+                None => match self.claim(request, attempt, expected).await? {
+                    Claim::Acquired(mut lease) => {
+                        lease.takeover = takeover;
+                        return Ok(Acquire::Owner(lease));
+                    }
+                    Claim::Taken { revision, record } => (revision, record),
+                },
             };
             // Follow the holder until it finishes, frees the key, or we give up.
             let mut watch: Option<Watch> = None;
