@@ -576,11 +576,15 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, CliError> {
     if let Some(endpoints) = endpoints {
         // Graceful: in-flight scrapes finish; a client that holds its
         // connection open does not hold up the exit.
-        match tokio::time::timeout(ENDPOINTS_STOP_BOUND, endpoints).await {
+        let mut endpoints = endpoints;
+        match tokio::time::timeout(ENDPOINTS_STOP_BOUND, &mut endpoints).await {
             Ok(Ok(Ok(()))) => {}
             Ok(Ok(Err(error))) => tracing::warn!(%error, "metrics endpoint failed"),
             Ok(Err(error)) => tracing::warn!(%error, "metrics endpoint task failed"),
-            Err(_) => tracing::warn!("metrics endpoint still had connections open; leaving them"),
+            Err(_) => {
+                tracing::warn!("metrics endpoint still had connections open; closing them");
+                endpoints.abort();
+            }
         }
     }
     refusals.abort();
@@ -657,7 +661,7 @@ async fn send(args: SendArgs) -> Result<ExitCode, CliError> {
                     "no reply within {} (attempt {} of {})",
                     humantime::format_duration(args.timeout),
                     attempt + 1,
-                    args.retries + 1
+                    u64::from(args.retries) + 1
                 );
             }
             Err(error) if error.kind() == RequestErrorKind::NoResponders => {

@@ -204,13 +204,20 @@ impl JetStreamConfig {
     /// ack wait (or back-off step, when longer) plus the longest nak delay
     /// idemq uses. An outcome must outlive it, or a late redelivery would
     /// find the key free and execute a second time.
+    ///
+    /// Saturating, and without a step per delivery: the flags are user
+    /// input, and `--max-deliver 4294967295` or a `--ack-wait` of ages
+    /// must give a usage error, not a panic or a minute of arithmetic.
     pub fn redelivery_horizon(&self) -> Duration {
-        (0..self.max_deliver as usize)
-            .map(|i| {
-                let wait = self.backoff.get(i).copied().unwrap_or(self.ack_wait);
-                wait.max(self.ack_wait) + NAK_DELAY_CAP
-            })
-            .sum()
+        let delivery = |wait: Duration| wait.max(self.ack_wait).saturating_add(NAK_DELAY_CAP);
+        let deliveries = self.max_deliver as usize;
+        let stepped = self.backoff.iter().take(deliveries);
+        let rest = deliveries - stepped.len();
+        let stepped = stepped.fold(Duration::ZERO, |sum, &wait| {
+            sum.saturating_add(delivery(wait))
+        });
+        let rest = u32::try_from(rest).unwrap_or(u32::MAX);
+        stepped.saturating_add(delivery(self.ack_wait).saturating_mul(rest))
     }
 }
 
@@ -361,6 +368,31 @@ mod tests {
         };
         let problems = config.validate().expect_err("invalid");
         assert_eq!(problems.len(), 1);
+        assert!(problems[0].0.contains("redelivery horizon"), "{problems:?}");
+    }
+
+    #[test]
+    fn the_redelivery_horizon_adds_each_delivery_and_saturates() {
+        let mut js = JetStreamConfig::new("INTENTS", "workers");
+        js.ack_wait = Duration::from_secs(10);
+        js.max_deliver = 3;
+        js.backoff = vec![Duration::from_secs(1), Duration::from_secs(60)];
+        // max(1, 10) + max(60, 10) + 10, each plus the nak cap.
+        assert_eq!(
+            js.redelivery_horizon(),
+            Duration::from_secs(80) + 3 * NAK_DELAY_CAP
+        );
+
+        js.max_deliver = u32::MAX;
+        js.ack_wait = Duration::MAX;
+        assert_eq!(js.redelivery_horizon(), Duration::MAX);
+        let config = WorkerConfig {
+            delivery: Delivery::JetStream(js),
+            ..WorkerConfig::default()
+        };
+        let problems = config
+            .validate()
+            .expect_err("an outcome cannot outlive that");
         assert!(problems[0].0.contains("redelivery horizon"), "{problems:?}");
     }
 }

@@ -10,11 +10,7 @@ use tracing_subscriber::EnvFilter;
 async fn main() -> ExitCode {
     let cli = match idemq::cli::parse_from(std::env::args_os()) {
         Ok(cli) => cli,
-        Err(CliError::Clap(error)) => error.exit(),
-        Err(error) => {
-            eprintln!("idemq: {error}");
-            return error.exit_code();
-        }
+        Err(error) => return report(error),
     };
     // The worker reports what it does; one-shot commands only what went wrong.
     let default_level = match cli.command {
@@ -34,10 +30,15 @@ async fn main() -> ExitCode {
             .with_span_list(false)
             .init(),
     }
-    match idemq::cli::run(cli).await {
-        Ok(code) => code,
-        Err(CliError::Clap(error)) => error.exit(),
-        Err(error) => {
+    idemq::cli::run(cli).await.unwrap_or_else(report)
+}
+
+/// Reports a failed command: clap prints its own text (help and version
+/// too, with their status); anything else is one line on stderr.
+fn report(error: CliError) -> ExitCode {
+    match error {
+        CliError::Clap(error) => error.exit(),
+        error => {
             eprintln!("idemq: {error}");
             error.exit_code()
         }
