@@ -68,20 +68,27 @@ pub struct Report {
     pub total: Snapshot,
 }
 
+impl Report {
+    /// The report of these workers (sorted by id), with their total.
+    pub fn new(bucket: Option<BucketStats>, mut workers: Vec<WorkerStats>) -> Report {
+        workers.sort_by(|a, b| a.id.cmp(&b.id));
+        let total = workers
+            .iter()
+            .fold(Snapshot::default(), |sum, worker| sum + worker.stats);
+        Report {
+            bucket,
+            workers,
+            total,
+        }
+    }
+}
+
 /// `idemq stats`.
 pub async fn stats(args: &StatsArgs) -> Result<ExitCode, CliError> {
     let client = connect(&args.at.nats).await?;
     let bucket = bucket_stats(&client, &args.at.bucket).await?;
-    let mut workers = worker_stats(&client, args.timeout).await?;
-    workers.sort_by(|a, b| a.id.cmp(&b.id));
-    let total = workers
-        .iter()
-        .fold(Snapshot::default(), |sum, worker| add(sum, worker.stats));
-    let report = Report {
-        bucket,
-        workers,
-        total,
-    };
+    let workers = worker_stats(&client, args.timeout).await?;
+    let report = Report::new(bucket, workers);
     if args.json {
         let json =
             serde_json::to_string_pretty(&report).map_err(|e| CliError::Failed(e.to_string()))?;
@@ -96,11 +103,9 @@ async fn bucket_stats(client: &Client, bucket: &str) -> Result<Option<BucketStat
     let js = async_nats::jetstream::new(client.clone());
     let stream = format!("KV_{bucket}");
     match js.get_stream(&stream).await {
-        Ok(mut handle) => {
-            let info = handle
-                .info()
-                .await
-                .map_err(|e| CliError::Failed(format!("bucket {bucket}: {e}")))?;
+        Ok(handle) => {
+            // get_stream has just fetched the stream's info.
+            let info = handle.cached_info();
             Ok(Some(BucketStats {
                 bucket: bucket.to_owned(),
                 keys: info.state.messages,
@@ -160,23 +165,6 @@ fn parse_worker(payload: &[u8]) -> Option<WorkerStats> {
     })
 }
 
-fn add(a: Snapshot, b: Snapshot) -> Snapshot {
-    Snapshot {
-        received: a.received + b.received,
-        executed: a.executed + b.executed,
-        replayed: a.replayed + b.replayed,
-        waited: a.waited + b.waited,
-        in_progress: a.in_progress + b.in_progress,
-        key_reused: a.key_reused + b.key_reused,
-        invalid: a.invalid + b.invalid,
-        transient: a.transient + b.transient,
-        takeovers: a.takeovers + b.takeovers,
-        store_errors: a.store_errors + b.store_errors,
-        dead_lettered: a.dead_lettered + b.dead_lettered,
-        in_flight: a.in_flight + b.in_flight,
-    }
-}
-
 /// The report as a bucket summary and a table of workers.
 pub fn render(report: &Report, bucket: &str) -> String {
     let mut out = String::new();
@@ -197,41 +185,13 @@ pub fn render(report: &Report, bucket: &str) -> String {
         return out;
     }
     let mut table = comfy_table::Table::new();
-    table.load_style(comfy_table::presets::NOTHING).set_header([
-        "WORKER",
-        "RECEIVED",
-        "EXECUTED",
-        "REPLAYED",
-        "WAITED",
-        "IN_PROGRESS",
-        "KEY_REUSED",
-        "INVALID",
-        "TRANSIENT",
-        "STORE_ERR",
-        "TAKEOVERS",
-        "DEAD",
-        "IN_FLIGHT",
-    ]);
+    let names = Snapshot::default().counters().map(|(name, _)| name);
+    table
+        .load_style(comfy_table::presets::NOTHING)
+        .set_header(std::iter::once("WORKER").chain(names));
     let row = |name: &str, s: &Snapshot| {
-        let mut cells = vec![name.to_owned()];
-        cells.extend(
-            [
-                s.received,
-                s.executed,
-                s.replayed,
-                s.waited,
-                s.in_progress,
-                s.key_reused,
-                s.invalid,
-                s.transient,
-                s.store_errors,
-                s.takeovers,
-                s.dead_lettered,
-                s.in_flight,
-            ]
-            .map(|n| n.to_string()),
-        );
-        cells
+        let values = s.counters().map(|(_, value)| value.to_string());
+        std::iter::once(name.to_owned()).chain(values)
     };
     for worker in &report.workers {
         table.add_row(row(&worker.id, &worker.stats));
@@ -279,4 +239,43 @@ pub async fn purge(args: &PurgeArgs) -> Result<ExitCode, CliError> {
         crate::cache::purge_subject(&args.at.bucket)
     );
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_shows_every_counter_and_a_saturating_total() {
+        let worker = |id: &str, received| WorkerStats {
+            id: id.to_owned(),
+            version: String::new(),
+            started: String::new(),
+            stats: Snapshot {
+                received,
+                executed: 2,
+                in_flight: 1,
+                ..Snapshot::default()
+            },
+        };
+        let report = Report::new(None, vec![worker("b", 5), worker("a", u64::MAX)]);
+        let total = report.total;
+        assert_eq!(total.received, u64::MAX, "a worker's huge count saturates");
+        assert_eq!((total.executed, total.in_flight), (4, 2));
+        let text = render(&report, "B");
+        let lines: Vec<&str> = text.lines().collect();
+        let header: Vec<&str> = lines[2].split_whitespace().collect();
+        assert_eq!(header.len(), 13, "{text}");
+        assert_eq!(header[0], "WORKER");
+        assert_eq!(header[9], "STORE_ERR");
+        assert!(
+            lines[3].trim_start().starts_with("a "),
+            "sorted by id: {text}"
+        );
+        let total_row: Vec<&str> = lines[5].split_whitespace().collect();
+        assert_eq!(total_row[0], "total", "{text}");
+        assert_eq!(total_row[1], u64::MAX.to_string());
+        assert_eq!(total_row[2], "4");
+        assert_eq!(total_row[12], "2");
+    }
 }

@@ -79,6 +79,44 @@ pub struct Snapshot {
     pub in_flight: u64,
 }
 
+impl Snapshot {
+    /// Every counter with its column name, in the order tables show them:
+    /// the one list of the counters that tables and sums walk.
+    pub fn counters_mut(&mut self) -> [(&'static str, &mut u64); 12] {
+        [
+            ("RECEIVED", &mut self.received),
+            ("EXECUTED", &mut self.executed),
+            ("REPLAYED", &mut self.replayed),
+            ("WAITED", &mut self.waited),
+            ("IN_PROGRESS", &mut self.in_progress),
+            ("KEY_REUSED", &mut self.key_reused),
+            ("INVALID", &mut self.invalid),
+            ("TRANSIENT", &mut self.transient),
+            ("STORE_ERR", &mut self.store_errors),
+            ("TAKEOVERS", &mut self.takeovers),
+            ("DEAD", &mut self.dead_lettered),
+            ("IN_FLIGHT", &mut self.in_flight),
+        ]
+    }
+
+    /// The counters with their column names, by value.
+    pub fn counters(mut self) -> [(&'static str, u64); 12] {
+        self.counters_mut().map(|(name, value)| (name, *value))
+    }
+}
+
+/// Sums counters, saturating: they come from other processes' answers.
+impl std::ops::Add for Snapshot {
+    type Output = Snapshot;
+
+    fn add(mut self, mut other: Snapshot) -> Snapshot {
+        for ((_, sum), (_, more)) in self.counters_mut().into_iter().zip(other.counters_mut()) {
+            *sum = sum.saturating_add(*more);
+        }
+        self
+    }
+}
+
 /// Latency buckets from 100 µs to about 105 s, doubling.
 fn seconds_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 21))
