@@ -4,9 +4,10 @@
 //! What changes from core mode is only what happens with a [`Verdict`]:
 //!
 //! * settled: publish the reply (to `Idem-Reply-To`/`reply_to`; the
-//!   message's own reply subject is the ack subject), then ack. The reply
-//!   carries `Nats-Msg-Id` = the key, so a stream that captures replies
-//!   keeps each outcome once.
+//!   message's own reply subject is the ack subject), then ack. A stored
+//!   outcome's reply carries `Nats-Msg-Id` = the key, so a stream that
+//!   captures replies keeps each outcome once; any other reply is keyed
+//!   by the intent message's stream sequence.
 //! * invalid: answer, dead-letter, terminate.
 //! * retry (a transient failure, the key held by another execution): nak
 //!   with a growing delay and say nothing; on the last allowed delivery,
@@ -241,7 +242,7 @@ impl Consumer {
         let reply_to = handled.reply_to.as_deref();
         let settled = match handled.verdict {
             Verdict::Settled(reply) => self
-                .answer(pipeline, reply_to, &reply)
+                .answer(pipeline, &message, reply_to, &reply)
                 .await
                 .map(|()| AckKind::Ack),
             Verdict::Invalid(reply) => {
@@ -271,13 +272,14 @@ impl Consumer {
     ///
     /// The ack that follows removes the intent for good, so the reply must
     /// be safe first. When a stream captures the reply subject the reply is
-    /// a JetStream publish with `Nats-Msg-Id` = the key, retried (bounded)
+    /// a JetStream publish with a `Nats-Msg-Id`, retried (bounded)
     /// until the stream acknowledges it: through a leader election too, and
     /// the stream keeps each outcome once. Otherwise it is a core publish
     /// that must at least reach the server.
     async fn answer(
         &self,
         pipeline: &Pipeline,
+        message: &async_nats::jetstream::Message,
         reply_to: Option<&str>,
         reply: &Answer,
     ) -> Result<(), SettleError> {
@@ -285,8 +287,20 @@ impl Consumer {
             return Ok(());
         };
         let mut headers = reply.headers();
-        if let Some(key) = reply.idem_key() {
-            headers.insert("Nats-Msg-Id", key.as_str());
+        // A stored outcome is the key's: a capturing stream keeps it once
+        // however many copies are answered. Anything else (a refusal such
+        // as KEY_REUSED, an outcome that could not be stored) answers this
+        // intent message alone: keyed by its stream sequence, so a retried
+        // publish lands once and no other intent's answer is swallowed.
+        let msg_id = match reply {
+            Answer::Encoded(stored) => Some(stored.idem_key.to_string()),
+            Answer::Reply(_) => message
+                .info()
+                .ok()
+                .map(|info| format!("intent-{}", info.stream_sequence)),
+        };
+        if let Some(msg_id) = msg_id {
+            headers.insert("Nats-Msg-Id", msg_id.as_str());
         }
         let payload = reply.to_bytes();
         if self.routes.captured(reply_to).await == Some(false) {
@@ -335,7 +349,7 @@ impl Consumer {
         reply: &Answer,
         reason: &str,
     ) -> Result<AckKind, SettleError> {
-        self.answer(pipeline, reply_to, reply).await?;
+        self.answer(pipeline, message, reply_to, reply).await?;
         self.dead_letter(
             pipeline,
             message.headers.clone(),

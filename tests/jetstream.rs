@@ -183,6 +183,44 @@ async fn intents_published_three_times_execute_once_and_answer_each_copy() {
 }
 
 #[tokio::test]
+async fn a_results_stream_keeps_each_outcome_once_and_every_refusal() {
+    let Rig {
+        server: _server,
+        client: _client,
+        upstream,
+        worker,
+        js,
+        mut replies,
+    } = rig(js_config(|_| {}), Some(FORWARD)).await;
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "RESULTS".to_owned(),
+        subjects: vec!["results.>".to_owned()],
+        ..Default::default()
+    })
+    .await
+    .expect("results stream");
+
+    // One intent twice, then another intent under the same key.
+    publish(&js, &intent("kept", "ok", json!(1))).await;
+    publish(&js, &intent("kept", "ok", json!(1))).await;
+    let copies = collect(&mut replies, 2, Duration::from_secs(10)).await;
+    assert_eq!(copies.len(), 2, "both copies answered: {copies:?}");
+    publish(&js, &intent("kept", "ok", json!(2))).await;
+    let refusal = collect(&mut replies, 1, Duration::from_secs(10)).await;
+    assert_eq!(refusal.len(), 1, "the other intent answered too");
+    until_drained(&js).await;
+
+    let mut stream = js.get_stream("RESULTS").await.expect("stream");
+    let held = stream.info().await.expect("info").state.messages;
+    assert_eq!(held, 2, "the outcome once, and the KEY_REUSED refusal");
+    let reused = stream.get_last_raw_message_by_subject("results.out").await;
+    let reused: Value = serde_json::from_slice(&reused.expect("last").payload).expect("JSON");
+    assert_eq!(reused["result"]["data"]["code"], "KEY_REUSED", "{reused}");
+    assert_eq!(upstream.total(), 1);
+    worker.stop().await;
+}
+
+#[tokio::test]
 async fn an_invalid_intent_is_answered_dead_lettered_and_not_redelivered() {
     let Rig {
         server: _server,
