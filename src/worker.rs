@@ -13,7 +13,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::{Client, Message};
+use async_nats::{Client, Message, Subject};
 use futures::StreamExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -270,7 +270,9 @@ fn answer_core(
                 &abandon,
             )
             .await;
-        match message.reply.map(|s| s.to_string()).or(handled.reply_to) {
+        // The message's own reply subject as it came (no copy), else the
+        // one the intent names.
+        match (message.reply).or_else(|| handled.reply_to.map(Subject::from)) {
             Some(reply_to) => {
                 let reply = handled.verdict.answer();
                 // Boxed: inline, the publish would double every task's size.
