@@ -4,10 +4,10 @@
 //! What changes from core mode is only what happens with a [`Verdict`]:
 //!
 //! * settled: publish the reply (to `Idem-Reply-To`/`reply_to`; the
-//!   message's own reply subject is the ack subject), then ack. A stored
-//!   outcome's reply carries `Nats-Msg-Id` = the key, so a stream that
-//!   captures replies keeps each outcome once; any other reply is keyed
-//!   by the intent message's stream sequence.
+//!   message's own reply subject is the ack subject), then ack. The reply
+//!   carries `Nats-Msg-Id` = the key and the intent's fingerprint, so a
+//!   stream that captures replies keeps one per intent, however many
+//!   copies, and another intent under the same key keeps its own.
 //! * invalid: answer, dead-letter, terminate.
 //! * retry (a transient failure, the key held by another execution): nak
 //!   with a growing delay and say nothing; on the last allowed delivery,
@@ -240,20 +240,28 @@ impl Consumer {
             }
         };
         let reply_to = handled.reply_to.as_deref();
+        let fingerprint = handled.fingerprint.as_deref();
         let settled = match handled.verdict {
             Verdict::Settled(reply) => self
-                .answer(pipeline, &message, reply_to, &reply)
+                .answer(pipeline, &message, reply_to, fingerprint, &reply)
                 .await
                 .map(|()| AckKind::Ack),
             Verdict::Invalid(reply) => {
                 let reason = reply.error_code().unwrap_or("INVALID_INTENT").to_owned();
-                self.give_up(pipeline, &message, reply_to, &reply, &reason)
+                self.give_up(pipeline, &message, reply_to, fingerprint, &reply, &reason)
                     .await
             }
             Verdict::Retry { .. } if abandon.is_cancelled() => Ok(AckKind::Nak(None)),
             Verdict::Retry { reply, .. } if delivered >= i64::from(self.config.max_deliver) => {
-                self.give_up(pipeline, &message, reply_to, &reply, MAX_DELIVER_REASON)
-                    .await
+                self.give_up(
+                    pipeline,
+                    &message,
+                    reply_to,
+                    fingerprint,
+                    &reply,
+                    MAX_DELIVER_REASON,
+                )
+                .await
             }
             Verdict::Retry { after, .. } => Ok(AckKind::Nak(Some(nak_delay(after, delivered)))),
         };
@@ -281,20 +289,24 @@ impl Consumer {
         pipeline: &Pipeline,
         message: &async_nats::jetstream::Message,
         reply_to: Option<&str>,
+        fingerprint: Option<&str>,
         reply: &Answer,
     ) -> Result<(), SettleError> {
         let Some(reply_to) = reply_to else {
             return Ok(());
         };
         let mut headers = reply.headers();
-        // A stored outcome is the key's: a capturing stream keeps it once
-        // however many copies are answered. Anything else (a refusal such
-        // as KEY_REUSED, an outcome that could not be stored) answers this
-        // intent message alone: keyed by its stream sequence, so a retried
-        // publish lands once and no other intent's answer is swallowed.
-        let msg_id = match reply {
-            Answer::Encoded(stored) => Some(stored.idem_key.to_string()),
-            Answer::Reply(_) => message
+        // One reply per intent in a capturing stream: keyed by the key and
+        // the intent's fingerprint, so the copies of an intent (and the
+        // redeliveries of one, and retried publishes) land once, while
+        // another intent under the same key (KEY_REUSED) keeps its own
+        // answer. A message that is not a valid intent: by its sequence.
+        let msg_id = match (reply.idem_key(), fingerprint) {
+            (Some(key), Some(fingerprint)) => {
+                let short = fingerprint.get(..16).unwrap_or(fingerprint);
+                Some(format!("{key}.{short}"))
+            }
+            _ => message
                 .info()
                 .ok()
                 .map(|info| format!("intent-{}", info.stream_sequence)),
@@ -346,10 +358,12 @@ impl Consumer {
         pipeline: &Pipeline,
         message: &async_nats::jetstream::Message,
         reply_to: Option<&str>,
+        fingerprint: Option<&str>,
         reply: &Answer,
         reason: &str,
     ) -> Result<AckKind, SettleError> {
-        self.answer(pipeline, message, reply_to, reply).await?;
+        self.answer(pipeline, message, reply_to, fingerprint, reply)
+            .await?;
         self.dead_letter(
             pipeline,
             message.headers.clone(),

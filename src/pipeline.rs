@@ -130,6 +130,9 @@ pub struct Handled {
     pub verdict: Verdict,
     /// `Idem-Reply-To` or `reply_to`, for messages without a reply subject.
     pub reply_to: Option<String>,
+    /// The intent's fingerprint; `None` for a message that is not a valid
+    /// intent. With the key it names one intent's answer across copies.
+    pub fingerprint: Option<String>,
 }
 
 /// Everything the per-intent path needs, shared by all in-flight intents.
@@ -230,6 +233,7 @@ impl Pipeline {
                 return Handled {
                     verdict: Verdict::Invalid(reply.into()),
                     reply_to: invalid.reply_to,
+                    fingerprint: None,
                 };
             }
         };
@@ -263,6 +267,7 @@ impl Pipeline {
         Handled {
             verdict,
             reply_to: intent.reply_to,
+            fingerprint: Some(intent.fingerprint),
         }
     }
 

@@ -183,7 +183,7 @@ async fn intents_published_three_times_execute_once_and_answer_each_copy() {
 }
 
 #[tokio::test]
-async fn a_results_stream_keeps_each_outcome_once_and_every_refusal() {
+async fn a_results_stream_keeps_one_reply_per_intent_under_a_key() {
     let Rig {
         server: _server,
         client: _client,
@@ -212,7 +212,10 @@ async fn a_results_stream_keeps_each_outcome_once_and_every_refusal() {
 
     let mut stream = js.get_stream("RESULTS").await.expect("stream");
     let held = stream.info().await.expect("info").state.messages;
-    assert_eq!(held, 2, "the outcome once, and the KEY_REUSED refusal");
+    assert_eq!(
+        held, 2,
+        "the intent's outcome once, and the other intent's KEY_REUSED"
+    );
     let reused = stream.get_last_raw_message_by_subject("results.out").await;
     let reused: Value = serde_json::from_slice(&reused.expect("last").payload).expect("JSON");
     assert_eq!(reused["result"]["data"]["code"], "KEY_REUSED", "{reused}");
