@@ -118,8 +118,13 @@ impl NatsServer {
     }
 
     /// Everything the server has logged so far.
+    ///
+    /// Panics when the log cannot be read: an empty string would make every
+    /// "the log has no X" assertion pass without looking.
     pub fn log(&self) -> String {
-        fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+        let path = self.dir.path().join("server.log");
+        fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("cannot read the server log {}: {e}", path.display()))
     }
 
     /// Kills the server (SIGKILL, i.e. a crash, not a graceful shutdown) and
