@@ -17,32 +17,22 @@ use std::time::Duration;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use common::upstream::{Upstream, FORWARD};
-use common::workers::{WorkerProcess, BIN};
+use common::workers::{run_idemq, WorkerProcess};
 use common::{include_path, NatsServer};
 use nkeys::KeyPair;
 use serde_json::{json, Value};
 use sha2::Digest as _;
 
-/// Bound on one `idemq` one-shot command.
-const COMMAND_BOUND: Duration = Duration::from_secs(30);
 /// Bound on a worker becoming ready (answering its first intent).
 const READY_BOUND: Duration = Duration::from_secs(20);
 /// Bound on a worker's exit (refused, or after SIGTERM).
 const EXIT_BOUND: Duration = Duration::from_secs(20);
 
-/// Runs `idemq ARGS` with a bounded wait; its output.
+/// Runs `idemq ARGS` (bounded) with `env` set and only warnings logged.
 async fn idemq(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let run = tokio::process::Command::new(BIN)
-        .args(args)
-        .envs(env.iter().copied())
-        .env("RUST_LOG", "warn")
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    tokio::time::timeout(COMMAND_BOUND, run)
-        .await
-        .unwrap_or_else(|_| panic!("idemq {args:?} still running after {COMMAND_BOUND:?}"))
-        .expect("run idemq")
+    let mut vars = vec![("RUST_LOG", Some("warn"))];
+    vars.extend(env.iter().map(|&(name, value)| (name, Some(value))));
+    run_idemq(args, &vars).await
 }
 
 fn stderr(output: &Output) -> String {

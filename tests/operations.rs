@@ -10,7 +10,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use common::workers::{code, request, send, WorkerProcess, BIN};
+use common::workers::{code, request, run_idemq, send, WorkerProcess, BIN};
 use common::NatsServer;
 use idemq::IdempotencyKey;
 use serde_json::{json, Value};
@@ -66,17 +66,10 @@ async fn wait_for_status(url: &str, status: u16, bound: Duration) -> (u16, Strin
     }
 }
 
-/// Runs `idemq ARGS...` to completion (bounded by the command's own timeouts).
+/// Runs `idemq ARGS...` to completion (bounded), at its default log level.
 async fn idemq(args: Vec<String>) -> Output {
-    tokio::task::spawn_blocking(move || {
-        Command::new(BIN)
-            .args(&args)
-            .env_remove("RUST_LOG")
-            .output()
-            .expect("run idemq")
-    })
-    .await
-    .expect("idemq task")
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run_idemq(&args, &[("RUST_LOG", None)]).await
 }
 
 /// A worker process with its endpoints on a free port, ready to serve.

@@ -8,7 +8,9 @@ use std::process::Output;
 use std::time::Duration;
 
 use common::upstream::{Upstream, FORWARD};
-use common::workers::{send, start_worker, test_config, wait_for_workers, WorkerProcess, BIN};
+use common::workers::{
+    run_idemq, send, start_worker, test_config, wait_for_workers, WorkerProcess,
+};
 use common::NatsServer;
 use idemq::IdempotencyKey;
 use serde_json::{json, Value};
@@ -24,13 +26,7 @@ fn key_of(id: &str) -> String {
 /// Runs the CLI without blocking the test's runtime (in-process workers
 /// share it).
 async fn idemq(args: &[&str]) -> Output {
-    tokio::process::Command::new(BIN)
-        .args(args)
-        .env_remove("NATS_URL")
-        .env("RUST_LOG", "off")
-        .output()
-        .await
-        .expect("run idemq")
+    run_idemq(args, &[("NATS_URL", None), ("RUST_LOG", Some("off"))]).await
 }
 
 #[tokio::test]

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use async_nats::HeaderMap;
 use common::upstream::{Upstream, FORWARD};
-use common::workers::{code, request, send, start_worker, test_config};
+use common::workers::{code, request, send, start_worker, test_config, REPLY_TIMEOUT};
 use common::NatsServer;
 use futures::StreamExt;
 use idemq::IdempotencyKey;
@@ -233,10 +233,15 @@ async fn concurrency_bounds_the_intents_in_flight() {
         })
         .collect();
     let mut peak = 0;
-    while !sends.iter().all(|send| send.is_finished()) {
-        peak = peak.max(worker.stats.snapshot().in_flight);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let watch = async {
+        while !sends.iter().all(|send| send.is_finished()) {
+            peak = peak.max(worker.stats.snapshot().in_flight);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(2 * REPLY_TIMEOUT, watch)
+        .await
+        .expect("the sends end within their own reply timeout");
     for send in sends {
         let reply = send.await.expect("send task");
         assert_eq!(reply["result"]["status"], "Success", "{reply}");

@@ -158,6 +158,27 @@ pub fn code(reply: &Value) -> &str {
 /// The `idemq` binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_idemq");
 
+/// Bound on one `idemq` one-shot command in a test.
+pub const COMMAND_BOUND: Duration = Duration::from_secs(30);
+
+/// Runs `idemq ARGS` to completion without blocking the test's runtime,
+/// with `env` applied (`None` removes a variable); killed and a panic past
+/// [`COMMAND_BOUND`].
+pub async fn run_idemq(args: &[&str], env: &[(&str, Option<&str>)]) -> std::process::Output {
+    let mut command = tokio::process::Command::new(BIN);
+    command.args(args).stdin(Stdio::null()).kill_on_drop(true);
+    for (name, value) in env {
+        match value {
+            Some(value) => command.env(name, value),
+            None => command.env_remove(name),
+        };
+    }
+    tokio::time::timeout(COMMAND_BOUND, command.output())
+        .await
+        .unwrap_or_else(|_| panic!("idemq {args:?} still running after {COMMAND_BOUND:?}"))
+        .expect("run idemq")
+}
+
 /// An `idemq serve` process; killed on drop if still running.
 pub struct WorkerProcess(Child);
 
