@@ -61,9 +61,9 @@ PY
 missing() { fail "$1 not found: python3 -m pip install -r deploy/requirements.txt"; }
 
 # --- NATS server configurations --------------------------------------------
-nats_server="${NATS_SERVER_BIN:-nats-server}"
-if ! command -v "$nats_server" >/dev/null 2>&1; then
-    fail "nats-server not found: set NATS_SERVER_BIN or put it on PATH"
+# shellcheck source=nats-server.sh
+if ! . deploy/nats-server.sh; then
+    fail "nats-server not found"
 else
     echo "---- nats-server: $("$nats_server" --version 2>&1)"
     run "deploy/nats-cluster/ (check.sh)" env NATS_SERVER_BIN="$nats_server" bash deploy/nats-cluster/check.sh

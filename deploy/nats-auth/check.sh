@@ -8,11 +8,9 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-bin="${NATS_SERVER_BIN:-nats-server}"
-if ! command -v "$bin" >/dev/null 2>&1; then
-  echo "check.sh: nats-server not found: set NATS_SERVER_BIN or put it on PATH" >&2
-  exit 1
-fi
+# shellcheck source=../nats-server.sh
+. "$here/../nats-server.sh" || exit 1
+bin="$nats_server"
 
 if out="$(IDEMQ_WORKER_PASSWORD=check IDEMQ_AGENT_PASSWORD=check "$bin" -c "$here/server.conf" -t 2>&1)"; then
   echo "ok   nats-auth/server.conf: $out"

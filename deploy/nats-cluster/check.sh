@@ -9,11 +9,9 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-bin="${NATS_SERVER_BIN:-nats-server}"
-if ! command -v "$bin" >/dev/null 2>&1; then
-  echo "check.sh: nats-server not found: set NATS_SERVER_BIN or put it on PATH" >&2
-  exit 1
-fi
+# shellcheck source=../nats-server.sh
+. "$here/../nats-server.sh" || exit 1
+bin="$nats_server"
 echo "check.sh: using $("$bin" --version 2>&1) ($(command -v "$bin"))"
 
 status=0
