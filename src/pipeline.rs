@@ -493,9 +493,9 @@ impl Pipeline {
         }
     }
 
-    /// After losing the lease, answer with what the new owner stored, if anything.
+    /// After losing the lease, answer with what the new owner stored, if
+    /// anything. The new owner counts the takeover; this side logs it.
     async fn after_lost_lease(&self, intent: &Intent) -> Verdict {
-        self.stats.takeovers.inc();
         match self.store.get(&intent.key).await {
             Ok(Some(record))
                 if record.result.is_some() && record.fingerprint == intent.fingerprint =>
