@@ -14,8 +14,7 @@ use async_nats::jetstream::context::GetStreamErrorKind;
 use async_nats::jetstream::ErrorCode;
 use async_nats::Client;
 use futures::StreamExt;
-use serde::Serialize;
-use serde_json::Value;
+use serde::{Deserialize, Serialize};
 
 use crate::cli::{connect, CliError, PurgeArgs, StatsArgs};
 use crate::key::IdempotencyKey;
@@ -152,16 +151,32 @@ async fn worker_stats(client: &Client, window: Duration) -> Result<Vec<WorkerSta
     Ok(workers)
 }
 
-/// A micro-service stats answer: the first endpoint's `data` holds the counters.
+/// A micro-service `$SRV.STATS` answer, as far as `idemq stats` reads it.
+#[derive(Deserialize)]
+struct StatsAnswer {
+    id: String,
+    #[serde(default)]
+    version: String,
+    #[serde(default)]
+    started: String,
+    endpoints: Vec<EndpointAnswer>,
+}
+
+/// One endpoint of it: idemq's `data` holds the worker's counters.
+#[derive(Deserialize)]
+struct EndpointAnswer {
+    data: Option<Snapshot>,
+}
+
+/// A worker's answer; `None` when it is not one with counters.
 fn parse_worker(payload: &[u8]) -> Option<WorkerStats> {
-    let value: Value = serde_json::from_slice(payload).ok()?;
-    let text = |field: &str| value.get(field)?.as_str().map(str::to_owned);
-    let data = value.get("endpoints")?.as_array()?.first()?.get("data")?;
+    let answer: StatsAnswer = serde_json::from_slice(payload).ok()?;
+    let stats = answer.endpoints.into_iter().next()?.data?;
     Some(WorkerStats {
-        id: text("id")?,
-        version: text("version").unwrap_or_default(),
-        started: text("started").unwrap_or_default(),
-        stats: serde_json::from_value(data.clone()).ok()?,
+        id: answer.id,
+        version: answer.version,
+        started: answer.started,
+        stats,
     })
 }
 
