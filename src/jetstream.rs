@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{JetStreamConfig, NAK_DELAY_CAP};
 use crate::outcome::Answer;
 use crate::pipeline::{next_with_permit, Pipeline, Verdict};
-use crate::stats::Stats;
+use crate::stats::{self, Stats};
 use crate::worker::{Intake, WorkerError};
 
 /// Header on dead letters: the error code, or `max_deliver`.
@@ -247,7 +247,10 @@ impl Consumer {
                 .await
                 .map(|()| AckKind::Ack),
             Verdict::Invalid(reply) => {
-                let reason = reply.error_code().unwrap_or("INVALID_INTENT").to_owned();
+                let reason = reply
+                    .error_code()
+                    .unwrap_or(stats::INVALID_INTENT)
+                    .to_owned();
                 self.give_up(pipeline, &message, reply_to, fingerprint, &reply, &reason)
                     .await
             }

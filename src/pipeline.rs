@@ -26,7 +26,7 @@ use crate::config::WorkerConfig;
 use crate::handler::{Call, Handler, HandlerError};
 use crate::intent::{Intent, IntentError, Limits};
 use crate::outcome::{Answer, EncodedReply, Outcome, Record, Reply};
-use crate::stats::Stats;
+use crate::stats::{self, Stats};
 use crate::store::{Acquire, ClaimRequest, IdempotencyStore, Lease, StoreError};
 use prometheus_client::metrics::counter::Counter;
 
@@ -69,9 +69,9 @@ impl Rejection {
     /// The wire error code.
     pub fn code(&self) -> &'static str {
         match self {
-            Rejection::Invalid(IntentError::PayloadTooLarge { .. }) => "PAYLOAD_TOO_LARGE",
-            Rejection::Invalid(IntentError::InvalidKey(_)) => "INVALID_KEY",
-            Rejection::Invalid(_) => "INVALID_INTENT",
+            Rejection::Invalid(IntentError::PayloadTooLarge { .. }) => stats::PAYLOAD_TOO_LARGE,
+            Rejection::Invalid(IntentError::InvalidKey(_)) => stats::INVALID_KEY,
+            Rejection::Invalid(_) => stats::INVALID_INTENT,
             Rejection::KeyReused => "KEY_REUSED",
             Rejection::InProgress { .. } => "IN_PROGRESS",
             Rejection::NoHandler(_) | Rejection::ShuttingDown => "NO_HANDLER",

@@ -100,7 +100,7 @@ impl Handler for Forward {
                 // A payload over the server's limit is a property of the
                 // intent: retrying cannot help, so it is stored.
                 RequestErrorKind::MaxPayloadExceeded => Ok(Outcome::error(
-                    "PAYLOAD_TOO_LARGE",
+                    crate::stats::PAYLOAD_TOO_LARGE,
                     format!("the intent is too large to forward to {subject}"),
                 )),
                 _ => Err(HandlerError::NoHandler(format!(
