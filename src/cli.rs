@@ -693,3 +693,35 @@ async fn get(args: GetArgs) -> Result<ExitCode, CliError> {
         Err(error) => Err(CliError::Failed(error.to_string())),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    /// The contract: every flag can also come from the environment as
+    /// `IDEMQ_<FLAG>` (`NATS_URL` is an extra fallback of `--nats-url`).
+    #[test]
+    fn every_flag_reads_its_idemq_variable() {
+        let cli = Cli::command();
+        let mut missing = Vec::new();
+        for command in std::iter::once(&cli).chain(cli.get_subcommands()) {
+            for arg in command.get_arguments() {
+                let Some(long) = arg.get_long() else { continue };
+                if matches!(long, "help" | "version") {
+                    continue;
+                }
+                let wanted = format!("IDEMQ_{}", long.to_uppercase().replace('-', "_"));
+                if arg.get_env().and_then(|v| v.to_str()) != Some(wanted.as_str()) {
+                    missing.push(format!("{} --{long} (wants {wanted})", command.get_name()));
+                }
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "flags without their variable:\n{}",
+            missing.join("\n")
+        );
+    }
+}

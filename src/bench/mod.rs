@@ -143,41 +143,41 @@ pub struct BenchArgs {
     #[allow(missing_docs)]
     pub nats: NatsArgs,
     /// Requests per pass.
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, env = "IDEMQ_COUNT", default_value_t = 20_000)]
     pub count: usize,
     /// Requests in flight in every unpaced pass.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, env = "IDEMQ_CONCURRENCY", default_value_t = 64)]
     pub concurrency: usize,
     /// Size of each intent in bytes (padded JSON).
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, env = "IDEMQ_PAYLOAD", default_value_t = 128)]
     pub payload: usize,
     /// Concurrent copies of each key in the retry storm.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, env = "IDEMQ_COPIES", default_value_t = 4)]
     pub copies: usize,
     /// Requests in flight in the saturated pass whose peak RSS is reported.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, env = "IDEMQ_RSS_CONCURRENCY", default_value_t = 1024)]
     pub rss_concurrency: usize,
     /// Send idemq's passes to an external worker on this subject (e.g.
     /// `intents.echo`, served by `idemq serve`) instead of one in process.
-    #[arg(long)]
+    #[arg(long, env = "IDEMQ_TARGET")]
     pub target: Option<String>,
     /// With --target: the worker's process id, to read its CPU time and peak RSS.
-    #[arg(long, requires = "target")]
+    #[arg(long, env = "IDEMQ_WORKER_PID", requires = "target")]
     pub worker_pid: Option<u32>,
     /// The nats-server's process id, to read its CPU time per request.
-    #[arg(long)]
+    #[arg(long, env = "IDEMQ_SERVER_PID")]
     pub server_pid: Option<u32>,
     /// How long each request waits for its reply.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "IDEMQ_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
     /// Start no request after this long; passes not reached are reported as skipped.
-    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "IDEMQ_MAX_DURATION", default_value = "120s", value_parser = humantime::parse_duration)]
     pub max_duration: Duration,
     /// Print the report as JSON instead of a table.
-    #[arg(long)]
+    #[arg(long, env = "IDEMQ_JSON")]
     pub json: bool,
     /// Write the latency distributions to this SVG file.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, env = "IDEMQ_PLOT", value_name = "FILE")]
     pub plot: Option<PathBuf>,
 }
 
