@@ -222,8 +222,9 @@ fn read_text(flag: &'static str, path: &Path) -> Result<String, AuthError> {
     })
 }
 
-/// The nkey user seed in `path`: the file's one non-comment line (as `nsc`
-/// and `nk -gen user` write it), checked to be a valid user seed.
+/// The nkey user seed in `path`: its first line starting with `SU` (the
+/// file `nk -gen user` writes, or a seed among comments), checked to be a
+/// valid user seed.
 fn read_user_seed(path: &Path) -> Result<String, AuthError> {
     let invalid = |reason: &str| AuthError::Invalid {
         flag: "--nkey",

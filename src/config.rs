@@ -300,7 +300,7 @@ impl WorkerConfig {
             if js.max_deliver < 1 {
                 problem("--max-deliver must be at least 1".to_owned());
             }
-            if !js.backoff.is_empty() && js.backoff.len() > js.max_deliver as usize {
+            if js.backoff.len() > js.max_deliver as usize {
                 problem("--backoff may not have more steps than --max-deliver".to_owned());
             }
             let horizon = js.redelivery_horizon();

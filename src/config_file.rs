@@ -8,7 +8,6 @@
 //! clap as extra arguments, so one parser (and its validation) serves
 //! flags, variables and the file alike.
 
-use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -212,10 +211,10 @@ pub fn render(
     resolved: &[(&str, String, &str)],
 ) -> String {
     let mut out = String::from("# idemq serve: effective configuration\n");
-    let mut seen = BTreeSet::new();
+    // clap refuses two arguments with one long name: each key comes once.
     for arg in command.get_arguments() {
         let Some(key) = arg.get_long() else { continue };
-        if NOT_IN_FILE.contains(&key) || !seen.insert(key) {
+        if NOT_IN_FILE.contains(&key) {
             continue;
         }
         let id = arg.get_id().as_str();
