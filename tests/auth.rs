@@ -35,6 +35,19 @@ async fn idemq(args: &[&str], env: &[(&str, &str)]) -> Output {
     run_idemq(args, &vars).await
 }
 
+/// Runs `idemq ARGS` expecting exit status 1 with `needle` in stderr;
+/// returns the stderr.
+async fn refused(args: &[&str], needle: &str) -> String {
+    let output = idemq(args, &[]).await;
+    let text = stderr(&output);
+    assert_eq!(output.status.code(), Some(1), "idemq {args:?}: {text}");
+    assert!(
+        text.contains(needle),
+        "idemq {args:?}: no {needle:?} in {text}"
+    );
+    text
+}
+
 fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
@@ -305,25 +318,9 @@ async fn credentials_file_in_operator_mode() {
         user_claims,
     );
     let path = write(secrets.path(), "forged.creds", &creds(&forged, &stranger));
-    let output = idemq(
-        &[
-            "send",
-            "intents.echo",
-            "{}",
-            "--nats-url",
-            &server.url(),
-            "--creds",
-            &path,
-        ],
-        &[],
-    )
-    .await;
-    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
-    assert!(
-        stderr(&output).contains("authorization"),
-        "{}",
-        stderr(&output)
-    );
+    let url = server.url();
+    let send = ["send", "intents.echo", "{}", "--nats-url", &url];
+    refused(&[&send[..], &["--creds", &path]].concat(), "authorization").await;
 }
 
 /// A CA, a server certificate for 127.0.0.1 and a client certificate, as
@@ -402,25 +399,12 @@ async fn tls_with_a_ca_and_a_client_certificate() {
     echo_round_trip(&url, &tls, &tls).await;
 
     // Without a client certificate the server refuses the handshake.
-    let output = idemq(
-        &[
-            "send",
-            "intents.echo",
-            "{}",
-            "--nats-url",
-            &url,
-            "--tls-ca",
-            &pki.ca,
-        ],
-        &[],
+    let send = ["send", "intents.echo", "{}", "--nats-url", &url];
+    refused(
+        &[&send[..], &["--tls-ca", &pki.ca]].concat(),
+        "cannot connect",
     )
     .await;
-    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
-    assert!(
-        stderr(&output).contains("cannot connect"),
-        "{}",
-        stderr(&output)
-    );
 }
 
 #[tokio::test]
@@ -429,47 +413,34 @@ async fn a_wrong_password_or_token_is_refused_with_status_1() {
         r#"authorization { users: [ { user: idemq, password: "worker-pw" } ] }"#,
     );
     let url = server.url();
-    let output = idemq(
-        &[
-            "serve",
-            "--nats-url",
-            &url,
-            "--user",
-            "idemq",
-            "--password",
-            "wrong",
-        ],
-        &[],
-    )
-    .await;
-    assert_eq!(output.status.code(), Some(1));
-    let text = stderr(&output);
-    assert!(text.contains("authorization violation"), "{text}");
+    let password = "not-the-worker-pw-7f3a";
+    let serve = [
+        "serve",
+        "--nats-url",
+        &url,
+        "--user",
+        "idemq",
+        "--password",
+        password,
+    ];
+    let text = refused(&serve, "authorization violation").await;
     assert!(
-        !text.contains("wrong"),
+        !text.contains(password),
         "the password is never printed: {text}"
     );
 
     let server = NatsServer::start_with_config(r#"authorization { token: "right" }"#);
-    let output = idemq(
-        &[
-            "send",
-            "intents.echo",
-            "{}",
-            "--nats-url",
-            &server.url(),
-            "--token",
-            "wrong",
-        ],
-        &[],
-    )
-    .await;
-    assert_eq!(output.status.code(), Some(1));
-    assert!(
-        stderr(&output).contains("authorization violation"),
+    let url = server.url();
+    let send = [
+        "send",
+        "intents.echo",
         "{}",
-        stderr(&output)
-    );
+        "--nats-url",
+        &url,
+        "--token",
+        "wrong",
+    ];
+    refused(&send, "authorization violation").await;
 }
 
 #[tokio::test]
