@@ -221,6 +221,20 @@ impl JetStreamConfig {
     }
 }
 
+impl WorkerConfig {
+    /// How long an outcome is kept: the intent's `ttl_secs`, capped by
+    /// `--ttl`. In JetStream mode it is at least the redelivery horizon
+    /// (PROTOCOL.md v1.1 §6): a copy held for the outcome, or a late
+    /// redelivery, must never find its key expired and run it again.
+    pub fn outcome_ttl(&self, ttl_secs: Option<u64>) -> Duration {
+        let requested = ttl_secs.map_or(self.ttl, |secs| Duration::from_secs(secs).min(self.ttl));
+        match &self.delivery {
+            Delivery::Core => requested,
+            Delivery::JetStream(js) => requested.max(js.redelivery_horizon().min(self.ttl)),
+        }
+    }
+}
+
 /// The longest delay idemq asks for when it naks a message.
 pub const NAK_DELAY_CAP: Duration = Duration::from_secs(30);
 

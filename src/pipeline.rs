@@ -414,7 +414,7 @@ impl Pipeline {
                 Err(_elapsed) => Outcome::Timeout,
                 Ok(Ok(outcome)) => outcome,
                 Ok(Err(HandlerError::Transient { code, message })) => {
-                    self.release(&lease).await;
+                    self.release(&mut lease).await;
                     self.stats.transient.inc();
                     tracing::info!(%code, "transient failure; claim released");
                     let reply = self.unstored(intent, Outcome::error(code, message));
@@ -424,36 +424,42 @@ impl Pipeline {
                     };
                 }
                 Ok(Err(HandlerError::NoHandler(reason))) => {
-                    self.release(&lease).await;
+                    self.release(&mut lease).await;
                     return self.refuse(intent, Rejection::NoHandler(reason));
                 }
             };
-            let ttl = match intent.ttl_secs {
-                Some(secs) => Duration::from_secs(secs).min(self.config.ttl),
-                None => self.config.ttl,
-            };
-            match self.store.complete(&lease, outcome.clone(), ttl).await {
+            let ttl = self.config.outcome_ttl(intent.ttl_secs);
+            match self.store.complete(&mut lease, outcome.clone(), ttl).await {
                 Ok(record) => {
                     self.stats.executed.inc();
                     // The cache encodes the replay once; this delivery answers
                     // with the same bytes, marked as its own execution.
-                    let answer = match self.cache.insert(&record) {
-                        Some(replay) => Answer::Encoded(Arc::new(replay.as_executed())),
-                        None => self.unstored(intent, outcome).into(),
-                    };
-                    Verdict::Settled(answer)
+                    match self.cache.insert(&record) {
+                        Some(replay) => {
+                            Verdict::Settled(Answer::Encoded(Arc::new(replay.as_executed())))
+                        }
+                        // A done record always has a result; were it
+                        // missing, this is what a replay would say.
+                        None => self.replay(intent, &record),
+                    }
                 }
                 Err(StoreError::LeaseLost) => {
                     tracing::warn!("lease lost before the outcome was stored; it is dropped");
                     self.after_lost_lease(intent).await
                 }
                 Err(error) => {
-                    // The handler ran: its outcome is the answer even though it
-                    // could not be kept. A copy arriving after the lease expires
-                    // will execute again; the log says why.
+                    // The store did not take the outcome for as long as the
+                    // lease held. The handler ran: its outcome is the answer,
+                    // but nothing is settled. JetStream mode naks, so the
+                    // intent stays in its stream; its redelivery finds the
+                    // key free and executes again (the documented window of
+                    // a lost lease), or finds an outcome after all.
                     self.stats.store_errors.inc();
                     tracing::error!(%error, "outcome executed but not stored");
-                    Verdict::Settled(self.unstored(intent, outcome).into())
+                    Verdict::Retry {
+                        reply: self.unstored(intent, outcome).into(),
+                        after: TRANSIENT_RETRY_AFTER,
+                    }
                 }
             }
         }
@@ -477,7 +483,7 @@ impl Pipeline {
             tokio::select! {
                 ran = &mut handled => return Ok(ran),
                 _ = renewals.tick() => match self.store.renew(lease).await {
-                    Ok(renewed) => *lease = renewed,
+                    Ok(()) => {}
                     Err(StoreError::LeaseLost) => {
                         tracing::warn!("lease lost while the handler ran; its outcome is dropped");
                         return Err(self.after_lost_lease(intent).await);
@@ -512,7 +518,7 @@ impl Pipeline {
         }
     }
 
-    async fn release(&self, lease: &Lease) {
+    async fn release(&self, lease: &mut Lease) {
         if let Err(error) = self.store.release(lease).await {
             // The lease's TTL frees the key anyway.
             tracing::warn!(%error, "claim not released; it frees itself when the lease expires");

@@ -8,8 +8,8 @@ use std::time::Duration;
 use async_nats::jetstream;
 use common::cluster::NatsCluster;
 use common::upstream::{Upstream, FORWARD};
-use common::workers::{wait_for_workers, WorkerProcess};
-use serde_json::json;
+use common::workers::{request, wait_for_workers, WorkerProcess};
+use serde_json::{json, Value};
 
 const INTENTS: usize = 200;
 
@@ -109,5 +109,82 @@ async fn a_node_lost_mid_run_loses_no_intent_and_repeats_none() {
     );
     assert_eq!(answered, INTENTS as u64, "every intent answered once");
     assert_eq!(upstream.total() as usize, INTENTS, "each executed once");
+    assert!(upstream.duplicates().is_empty());
+}
+
+/// Keys and concurrent copies per key of the core-mode storm.
+const STORM_KEYS: usize = 50;
+const STORM_COPIES: usize = 10;
+
+#[tokio::test]
+async fn a_core_storm_on_an_r3_bucket_answers_every_copy_with_the_stored_outcome() {
+    let cluster = NatsCluster::start(3);
+    let client = cluster.connect_to(0).await;
+    let upstream = Upstream::start(&client).await;
+    // Two workers whose first server differs, as a user scaling out would
+    // run them: their writes reach the stream leader through different nodes.
+    let urls = |first: usize| {
+        let mut order: Vec<String> = (0..3).map(|i| cluster.url((first + i) % 3)).collect();
+        order.dedup();
+        order.join(",")
+    };
+    let args = ["--replicas", "3", "--forward", FORWARD, "--wait", "20s"];
+    let _workers = [
+        WorkerProcess::serve(&urls(0), &args),
+        WorkerProcess::serve(&urls(1), &args),
+    ];
+    wait_for_workers(&client, 2).await;
+
+    let mut copies = Vec::new();
+    for k in 0..STORM_KEYS {
+        let body = json!({
+            "intent_id": format!("storm-{k}"), "actor": "agent", "episode": "r3",
+            "capability": "slow", "params": {"sleep_ms": 200, "k": k},
+        })
+        .to_string();
+        for _ in 0..STORM_COPIES {
+            let (client, body) = (client.clone(), body.clone());
+            copies.push(tokio::spawn(async move {
+                let (reply, _) = request(&client, "intents.work", body, Default::default()).await;
+                (k, reply)
+            }));
+        }
+    }
+    let mut by_key: Vec<Vec<Value>> = vec![Vec::new(); STORM_KEYS];
+    for copy in copies {
+        let (k, reply) = copy.await.expect("copy task");
+        by_key[k].push(reply);
+    }
+
+    let unavailable: Vec<&Value> = by_key
+        .iter()
+        .flatten()
+        .filter(|r| r["result"]["status"] == "Error")
+        .collect();
+    assert!(
+        unavailable.is_empty(),
+        "{} of {} copies were refused, e.g. {}",
+        unavailable.len(),
+        STORM_KEYS * STORM_COPIES,
+        unavailable[0]
+    );
+    for (k, replies) in by_key.iter().enumerate() {
+        let fresh = replies.iter().filter(|r| r["replayed"] == false).count();
+        assert_eq!(fresh, 1, "key {k}: exactly one copy is the execution's own");
+        let first = &replies[0];
+        for reply in replies {
+            assert_eq!(reply["result"], first["result"], "key {k}: one outcome");
+            assert_eq!(
+                reply["stored_at"], first["stored_at"],
+                "key {k}: one record"
+            );
+            assert!(reply["stored_at"].is_string(), "key {k}: stored: {reply}");
+        }
+    }
+    assert_eq!(
+        upstream.total() as usize,
+        STORM_KEYS,
+        "each key executed once"
+    );
     assert!(upstream.duplicates().is_empty());
 }

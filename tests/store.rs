@@ -4,12 +4,13 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use idemq::outcome::{Outcome, RecordState};
 use idemq::store::kv::{BucketConfig, KvStore};
-use idemq::store::{Acquire, Claim, ClaimRequest, IdempotencyStore, StoreError};
+use idemq::store::{Acquire, Claim, ClaimRequest, IdempotencyStore, StoreError, Versioned, Watch};
 use idemq::IdempotencyKey;
 use serde_json::json;
 
@@ -74,10 +75,10 @@ async fn first_claim_acquires_and_second_sees_it_taken(store: Store) {
 
 async fn complete_then_acquire_replays_the_stored_outcome(store: Store) {
     let first = request(2, "fp", LONG);
-    let lease = owned(&store, &first).await;
+    let mut lease = owned(&store, &first).await;
     let outcome = Outcome::Success(json!({"n": 1}));
     let record = store
-        .complete(&lease, outcome.clone(), LONG)
+        .complete(&mut lease, outcome.clone(), LONG)
         .await
         .expect("complete");
     assert_eq!(record.state, RecordState::Done);
@@ -100,7 +101,7 @@ async fn complete_then_acquire_replays_the_stored_outcome(store: Store) {
 
 async fn different_fingerprint_is_reused(store: Store) {
     let first = request(3, "fp-a", LONG);
-    let lease = owned(&store, &first).await;
+    let mut lease = owned(&store, &first).await;
     let other = ClaimRequest {
         fingerprint: "fp-b".to_owned(),
         ..with_owner(&first)
@@ -110,7 +111,7 @@ async fn different_fingerprint_is_reused(store: Store) {
         Acquire::Reused(_)
     ));
     store
-        .complete(&lease, Outcome::Timeout, LONG)
+        .complete(&mut lease, Outcome::Timeout, LONG)
         .await
         .expect("complete");
     assert!(matches!(
@@ -137,29 +138,31 @@ async fn concurrent_claims_elect_exactly_one_owner(store: Store) {
 
 async fn renewal_fences_the_stale_revision(store: Store) {
     let first = request(5, "fp", LONG);
-    let lease = owned(&store, &first).await;
-    let renewed = store.renew(&lease).await.expect("renew");
-    assert!(renewed.revision > lease.revision);
-    let stale = store.complete(&lease, Outcome::Killed, LONG).await;
-    assert_eq!(stale, Err(StoreError::LeaseLost));
+    let mut lease = owned(&store, &first).await;
+    let mut stale = lease.clone();
+    store.renew(&mut lease).await.expect("renew");
+    assert!(lease.revision > stale.revision);
+    let late = store.complete(&mut stale, Outcome::Killed, LONG).await;
+    assert_eq!(late, Err(StoreError::LeaseLost));
     store
-        .complete(&renewed, Outcome::Killed, LONG)
+        .complete(&mut lease, Outcome::Killed, LONG)
         .await
         .expect("complete with the current lease");
 }
 
 async fn release_frees_the_key_for_the_next_claim(store: Store) {
     let first = request(6, "fp", LONG);
-    let lease = owned(&store, &first).await;
-    assert!(store.release(&lease).await.expect("release"));
-    assert!(!store.release(&lease).await.expect("second release"));
+    let mut lease = owned(&store, &first).await;
+    let mut stale = lease.clone();
+    assert!(store.release(&mut lease).await.expect("release"));
+    assert!(!store.release(&mut stale).await.expect("second release"));
     let next = owned(&store, &with_owner(&first)).await;
     assert!(!next.takeover, "a released key is not a takeover");
 }
 
 async fn waiting_copy_gets_the_outcome_once_stored(store: Store) {
     let first = request(7, "fp", LONG);
-    let lease = owned(&store, &first).await;
+    let mut lease = owned(&store, &first).await;
     let waiter = {
         let store = Arc::clone(&store);
         let request = with_owner(&first);
@@ -168,7 +171,7 @@ async fn waiting_copy_gets_the_outcome_once_stored(store: Store) {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let outcome = Outcome::Success(json!("done"));
     store
-        .complete(&lease, outcome.clone(), LONG)
+        .complete(&mut lease, outcome.clone(), LONG)
         .await
         .expect("complete");
     match waiter.await.expect("task").expect("acquire") {
@@ -196,7 +199,7 @@ async fn wait_runs_out_while_the_holder_works(store: Store) {
 
 async fn expired_lease_is_taken_over_and_fences_the_old_owner(store: Store) {
     let first = request(9, "fp", SHORT_LEASE);
-    let old = owned(&store, &first).await;
+    let mut old = owned(&store, &first).await;
     let copy = with_owner(&first);
     let new = match store
         .acquire(&copy, Duration::from_secs(10))
@@ -208,7 +211,7 @@ async fn expired_lease_is_taken_over_and_fences_the_old_owner(store: Store) {
     };
     assert!(new.takeover);
     assert_eq!(new.record.attempt, 2);
-    let late = store.complete(&old, Outcome::Killed, LONG).await;
+    let late = store.complete(&mut old, Outcome::Killed, LONG).await;
     assert_eq!(late, Err(StoreError::LeaseLost));
     let record = store.get(&first.key).await.expect("get").expect("record");
     assert_eq!(record.owner, copy.owner);
@@ -217,9 +220,13 @@ async fn expired_lease_is_taken_over_and_fences_the_old_owner(store: Store) {
 
 async fn outcome_expires_after_its_ttl(store: Store) {
     let first = request(10, "fp", LONG);
-    let lease = owned(&store, &first).await;
+    let mut lease = owned(&store, &first).await;
     store
-        .complete(&lease, Outcome::Success(json!(1)), Duration::from_secs(1))
+        .complete(
+            &mut lease,
+            Outcome::Success(json!(1)),
+            Duration::from_secs(1),
+        )
         .await
         .expect("complete");
     assert!(store.get(&first.key).await.expect("get").is_some());
@@ -230,9 +237,9 @@ async fn outcome_expires_after_its_ttl(store: Store) {
 
 async fn purge_frees_a_stored_outcome(store: Store) {
     let first = request(11, "fp", LONG);
-    let lease = owned(&store, &first).await;
+    let mut lease = owned(&store, &first).await;
     store
-        .complete(&lease, Outcome::Success(json!(1)), LONG)
+        .complete(&mut lease, Outcome::Success(json!(1)), LONG)
         .await
         .expect("complete");
     store.purge(&first.key).await.expect("purge");
@@ -243,7 +250,7 @@ async fn purge_frees_a_stored_outcome(store: Store) {
 async fn acquire_from_a_read_decides_from_what_it_saw(store: Store) {
     // A running claim, read: the copy follows it to its outcome.
     let first = request(12, "fp", LONG);
-    let lease = owned(&store, &first).await;
+    let mut lease = owned(&store, &first).await;
     let seen = store.read(&first.key).await.expect("read");
     let waiter = {
         let store = Arc::clone(&store);
@@ -256,7 +263,7 @@ async fn acquire_from_a_read_decides_from_what_it_saw(store: Store) {
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     store
-        .complete(&lease, Outcome::Timeout, LONG)
+        .complete(&mut lease, Outcome::Timeout, LONG)
         .await
         .expect("complete");
     match waiter.await.expect("task").expect("acquire") {
@@ -269,8 +276,8 @@ async fn acquire_from_a_read_decides_from_what_it_saw(store: Store) {
 
     // A released key, read: claimed at the marker's revision.
     let second = request(13, "fp", LONG);
-    let released = owned(&store, &second).await;
-    assert!(store.release(&released).await.expect("release"));
+    let mut released = owned(&store, &second).await;
+    assert!(store.release(&mut released).await.expect("release"));
     let marker = store.read(&second.key).await.expect("read");
     let copy = with_owner(&second);
     match store
@@ -291,6 +298,189 @@ async fn acquire_from_a_read_decides_from_what_it_saw(store: Store) {
     {
         Acquire::Busy(record) => assert_eq!(record.owner, copy.owner),
         other => panic!("a stale read must not win the key, got {other:?}"),
+    }
+}
+
+/// A store whose writes land but whose acknowledgements can be lost, and
+/// whose reads can fail for a while: what an owner sees when the network
+/// drops the answers to its writes.
+struct LossyAcks {
+    inner: Store,
+    lose_acks: AtomicU32,
+    reads_fail: AtomicBool,
+}
+
+impl LossyAcks {
+    fn new(inner: Store) -> Arc<LossyAcks> {
+        Arc::new(LossyAcks {
+            inner,
+            lose_acks: AtomicU32::new(0),
+            reads_fail: AtomicBool::new(false),
+        })
+    }
+
+    /// The next `n` writes land, and their callers are told they timed out.
+    fn lose_next_acks(&self, n: u32) {
+        self.lose_acks.store(n, Ordering::SeqCst);
+    }
+
+    fn fail_reads(&self, fail: bool) {
+        self.reads_fail.store(fail, Ordering::SeqCst);
+    }
+
+    fn ack_lost(&self) -> bool {
+        self.lose_acks
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    }
+}
+
+#[async_trait::async_trait]
+impl IdempotencyStore for LossyAcks {
+    async fn read(&self, key: &IdempotencyKey) -> Result<Option<Versioned>, StoreError> {
+        if self.reads_fail.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("reads fail".to_owned()));
+        }
+        self.inner.read(key).await
+    }
+
+    async fn write(
+        &self,
+        key: &IdempotencyKey,
+        expected: u64,
+        record: &idemq::outcome::Record,
+        ttl: Duration,
+    ) -> Result<u64, StoreError> {
+        let revision = self.inner.write(key, expected, record, ttl).await?;
+        if self.ack_lost() {
+            return Err(StoreError::Unacknowledged("ack lost".to_owned()));
+        }
+        Ok(revision)
+    }
+
+    async fn remove(&self, key: &IdempotencyKey, expected: u64) -> Result<(), StoreError> {
+        self.inner.remove(key, expected).await?;
+        if self.ack_lost() {
+            return Err(StoreError::Unacknowledged("ack lost".to_owned()));
+        }
+        Ok(())
+    }
+
+    async fn purge(&self, key: &IdempotencyKey) -> Result<(), StoreError> {
+        self.inner.purge(key).await
+    }
+
+    async fn watch(&self, key: &IdempotencyKey, from_revision: u64) -> Result<Watch, StoreError> {
+        self.inner.watch(key, from_revision).await
+    }
+}
+
+/// Lease for the lost-ack tests: short, so a renewal's patience (a third
+/// of it) runs out quickly while reads fail.
+const LOSSY_LEASE: Duration = Duration::from_secs(3);
+
+async fn a_renewal_whose_ack_was_lost_keeps_the_lease(store: Store) {
+    let lossy = LossyAcks::new(store);
+    let store: Store = lossy.clone();
+    let first = request(14, "fp", LOSSY_LEASE);
+    let mut lease = owned(&store, &first).await;
+    // The renewal lands, its ack is lost and the read-back fails too: the
+    // call cannot tell, and must not say the lease is lost.
+    lossy.lose_next_acks(1);
+    lossy.fail_reads(true);
+    let unsure = store.renew(&mut lease).await;
+    assert!(
+        matches!(&unsure, Err(error) if *error != StoreError::LeaseLost),
+        "an unsettled renewal is not a lost lease: {unsure:?}"
+    );
+    lossy.fail_reads(false);
+    // The next renewal conflicts with our own landed write: it adopts it.
+    store
+        .renew(&mut lease)
+        .await
+        .expect("our own landed renewal is adopted, not taken for another owner");
+    let latest = store.read(&first.key).await.expect("read").expect("entry");
+    assert_eq!(lease.revision, latest.revision);
+    let record = store
+        .complete(&mut lease, Outcome::Success(json!("kept")), LONG)
+        .await
+        .expect("the owner stores its outcome");
+    assert_eq!(record.owner, first.owner);
+}
+
+async fn a_completion_whose_ack_was_lost_is_stored_once(store: Store) {
+    let lossy = LossyAcks::new(store);
+    let store: Store = lossy.clone();
+    let first = request(15, "fp", LOSSY_LEASE);
+    let mut lease = owned(&store, &first).await;
+    // A renewal lands unacknowledged and unverified; the completion that
+    // follows conflicts with it and must still store the outcome.
+    lossy.lose_next_acks(1);
+    lossy.fail_reads(true);
+    let unsure = store.renew(&mut lease).await;
+    assert!(unsure.is_err(), "the renewal could not be settled");
+    lossy.fail_reads(false);
+    let outcome = Outcome::Success(json!("once"));
+    let record = store
+        .complete(&mut lease, outcome.clone(), LONG)
+        .await
+        .expect("the owner's own landed renewal does not fence it");
+    assert_eq!(record.result, Some(outcome.clone()));
+    let stored = store.get(&first.key).await.expect("get").expect("record");
+    assert_eq!(stored.state, RecordState::Done);
+    assert_eq!(stored.result, Some(outcome));
+}
+
+async fn an_unsettled_owner_still_loses_to_another_owner(store: Store) {
+    let lossy = LossyAcks::new(store);
+    let store: Store = lossy.clone();
+    let first = request(16, "fp", Duration::from_secs(1));
+    let mut lease = owned(&store, &first).await;
+    lossy.lose_next_acks(1);
+    lossy.fail_reads(true);
+    assert!(store.renew(&mut lease).await.is_err());
+    assert!(lease.unsettled, "the lost ack is remembered");
+    lossy.fail_reads(false);
+    // The lease runs out and another owner takes the key over.
+    let copy = with_owner(&first);
+    match store
+        .acquire(&copy, Duration::from_secs(10))
+        .await
+        .expect("acquire")
+    {
+        Acquire::Owner(new) => assert!(new.takeover),
+        other => panic!("expected a takeover, got {other:?}"),
+    }
+    let late = store.complete(&mut lease, Outcome::Killed, LONG).await;
+    assert_eq!(
+        late,
+        Err(StoreError::LeaseLost),
+        "another owner's record is not ours"
+    );
+    let record = store.get(&first.key).await.expect("get").expect("record");
+    assert_eq!(record.owner, copy.owner);
+    assert_eq!(record.state, RecordState::InProgress);
+}
+
+async fn an_outcome_too_large_to_store_is_stored_as_result_too_large(store: Store) {
+    let first = request(17, "fp", LONG);
+    let mut lease = owned(&store, &first).await;
+    let huge = Outcome::Success(json!("x".repeat(1024 * 1024)));
+    let record = store
+        .complete(&mut lease, huge, LONG)
+        .await
+        .expect("a definite outcome is stored");
+    let code = record.result.as_ref().and_then(Outcome::error_code);
+    assert_eq!(code, Some(idemq::store::RESULT_TOO_LARGE));
+    let stored = store.get(&first.key).await.expect("get").expect("record");
+    assert_eq!(stored, record, "what is answered is what is stored");
+    match store
+        .acquire(&with_owner(&first), LONG)
+        .await
+        .expect("acquire")
+    {
+        Acquire::Stored { record: replay, .. } => assert_eq!(replay, record),
+        other => panic!("the key replays, never runs again: {other:?}"),
     }
 }
 
@@ -338,6 +528,10 @@ suite!(
     outcome_expires_after_its_ttl,
     purge_frees_a_stored_outcome,
     acquire_from_a_read_decides_from_what_it_saw,
+    a_renewal_whose_ack_was_lost_keeps_the_lease,
+    a_completion_whose_ack_was_lost_is_stored_once,
+    an_unsettled_owner_still_loses_to_another_owner,
+    an_outcome_too_large_to_store_is_stored_as_result_too_large,
 );
 
 #[tokio::test]

@@ -12,7 +12,9 @@ use std::time::Duration;
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::kv::{self, Operation};
 use async_nats::jetstream::message::PublishMessage as Publish;
+use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use async_nats::jetstream::stream::StorageType;
+use async_nats::jetstream::ErrorCode;
 use async_nats::jetstream::{self, Context};
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -30,6 +32,11 @@ pub const MARKER_TTL: Duration = Duration::from_secs(1);
 /// Room for a record's JSON without regrowing: a claim is about 330
 /// bytes, an outcome that plus its result.
 const RECORD_CAPACITY: usize = 512;
+
+/// Longest a watch goes without reading the key it follows.
+const WATCH_POLL: Duration = Duration::from_secs(2);
+/// Past a record's lifetime, when a watch looks for its expiry.
+const EXPIRY_MARGIN: Duration = Duration::from_millis(100);
 
 /// The oldest nats-server that can hold per-message TTLs.
 pub const MIN_SERVER_VERSION: (u64, u64) = (2, 11);
@@ -134,6 +141,14 @@ impl KvStore {
         Ok(KvStore { js, kv, put_prefix })
     }
 
+    /// `$KV.<bucket>.<key>`: the key's subject in the bucket's stream.
+    fn subject_of(&self, key: &IdempotencyKey) -> String {
+        let mut subject = String::with_capacity(self.kv.prefix.len() + key.as_str().len());
+        subject.push_str(&self.kv.prefix);
+        subject.push_str(key.as_str());
+        subject
+    }
+
     /// The underlying bucket handle.
     pub fn bucket(&self) -> &kv::Store {
         &self.kv
@@ -176,11 +191,36 @@ fn bucket_config(config: &BucketConfig) -> kv::Config {
     }
 }
 
+/// JetStream's answer to an expected-sequence publish while another write
+/// to the subject is still being proposed (clustered streams). async-nats
+/// maps only 10071 to `WrongLastSequence`; both mean someone wrote first.
+const WRONG_LAST_SEQUENCE_IN_FLIGHT: ErrorCode = ErrorCode(10164);
+
 fn publish_error(error: jetstream::context::PublishError) -> StoreError {
+    let code = std::error::Error::source(&error)
+        .and_then(|source| source.downcast_ref::<jetstream::Error>())
+        .map(jetstream::Error::error_code);
     match error.kind() {
         PublishErrorKind::WrongLastSequence => StoreError::Conflict,
+        PublishErrorKind::Other if code == Some(WRONG_LAST_SEQUENCE_IN_FLIGHT) => {
+            StoreError::Conflict
+        }
         PublishErrorKind::TimedOut => StoreError::Unacknowledged(error.to_string()),
+        // The client refuses it before sending; `write` fills in the sizes.
+        PublishErrorKind::MaxPayloadExceeded => StoreError::TooLarge { size: 0, max: 0 },
         _ => StoreError::Unavailable(error.to_string()),
+    }
+}
+
+/// The KV operation a stream message stands for, as async-nats reads it
+/// for its own entries: the `KV-Operation` header, else a server marker's
+/// reason (an expiry or a purge frees the key as if purged).
+fn operation_of(headers: &async_nats::HeaderMap) -> Operation {
+    let header = |name: &str| headers.get(name).map(async_nats::HeaderValue::as_str);
+    match (header("KV-Operation"), header("Nats-Marker-Reason")) {
+        (Some("DEL"), _) | (None, Some("Remove")) => Operation::Delete,
+        (Some("PURGE"), _) | (None, Some(_)) => Operation::Purge,
+        _ => Operation::Put,
     }
 }
 
@@ -228,11 +268,17 @@ impl IdempotencyStore for KvStore {
         // serialising it cannot fail.
         let mut payload = Vec::with_capacity(RECORD_CAPACITY);
         serde_json::to_writer(&mut payload, record).unwrap_or_default();
-        let payload = Bytes::from(payload);
+        let size = payload.len();
         let message = Publish::build()
-            .payload(payload)
+            .payload(Bytes::from(payload))
             .ttl(Duration::from_secs(ttl_secs(ttl)));
-        self.publish(key, message, Some(expected)).await
+        match self.publish(key, message, Some(expected)).await {
+            Err(StoreError::TooLarge { .. }) => Err(StoreError::TooLarge {
+                size,
+                max: self.js.client().server_info().max_payload,
+            }),
+            written => written,
+        }
     }
 
     async fn remove(&self, key: &IdempotencyKey, expected: u64) -> Result<(), StoreError> {
@@ -249,16 +295,100 @@ impl IdempotencyStore for KvStore {
             .map_err(|e| StoreError::Unavailable(e.to_string()))
     }
 
+    async fn read_leader(&self, key: &IdempotencyKey) -> Result<Option<Versioned>, StoreError> {
+        let subject = self.subject_of(key);
+        // A non-direct get: answered by the stream leader, never a replica.
+        match Box::pin(self.kv.stream.get_last_raw_message_by_subject(&subject)).await {
+            Ok(message) => decode(
+                key.as_str(),
+                message.sequence,
+                operation_of(&message.headers),
+                &message.payload,
+            )
+            .map(Some),
+            Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(error) => Err(StoreError::Unavailable(error.to_string())),
+        }
+    }
+
+    /// Follows `key` without a server consumer: a core subscription to the
+    /// key's subject wakes the watch on every write attempt (a renewal, an
+    /// outcome, a release, a losing claim), and a read then says what is
+    /// stored. Expiries are not published, so the watch also reads when
+    /// the record it last saw must have run out, and at least every
+    /// [`WATCH_POLL`]. A KV watch would be one consumer per waiting key,
+    /// and a server refuses consumers past its limit (error 10026) when
+    /// thousands of keys are waited for at once.
+    ///
+    /// A key whose message is gone altogether (its expiry marker aged out
+    /// before the watch looked) is reported free at `from_revision`: a
+    /// claim there loses once, reads, and claims at 0.
     async fn watch(&self, key: &IdempotencyKey, from_revision: u64) -> Result<Watch, StoreError> {
-        let watch = self
-            .kv
-            .watch_from_revision(key.as_str(), from_revision.max(1))
+        let wakeups = self
+            .js
+            .client()
+            .subscribe(self.subject_of(key))
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        Ok(Box::pin(watch.map(|entry| {
-            let entry = entry.map_err(|e| StoreError::Unavailable(e.to_string()))?;
-            decode(&entry.key, entry.revision, entry.operation, &entry.value)
-        })))
+        // The subscription is on the connection before any read below is
+        // sent: a write after the read cannot be missed.
+        let state = (
+            self.clone(),
+            key.clone(),
+            wakeups,
+            from_revision.max(1),
+            None,
+        );
+        let stream = futures::stream::unfold(
+            state,
+            |(store, key, mut wakeups, from, mut seen): (_, _, _, u64, Option<u64>)| async move {
+                loop {
+                    let view = match seen {
+                        None => store.read(&key).await,
+                        Some(seen) => store.read_past(&key, seen).await,
+                    };
+                    let view = match view {
+                        Ok(view) => view,
+                        Err(error) => return Some((Err(error), (store, key, wakeups, from, seen))),
+                    };
+                    let latest = view.as_ref().map_or(0, |v| v.revision);
+                    let expiry = match &view {
+                        Some(Versioned {
+                            slot: Slot::Record(record),
+                            ..
+                        }) => (record.expires_at - record.stored_at)
+                            .to_std()
+                            .map_or(WATCH_POLL, |lifetime| lifetime + EXPIRY_MARGIN),
+                        _ => WATCH_POLL,
+                    };
+                    let next = match view {
+                        Some(versioned) if versioned.revision >= from => Some(versioned),
+                        None if from > 1 => Some(Versioned {
+                            revision: from,
+                            slot: Slot::Free { expired: true },
+                        }),
+                        _ => None,
+                    };
+                    if let Some(next) = next {
+                        let from = next.revision + 1;
+                        let seen = Some(next.revision);
+                        return Some((Ok(next), (store, key, wakeups, from, seen)));
+                    }
+                    seen = Some(latest);
+                    let sleep = tokio::time::sleep(expiry.min(WATCH_POLL));
+                    tokio::select! {
+                        woken = wakeups.next() => if woken.is_none() {
+                            return Some((
+                                Err(StoreError::Unavailable(format!("watch of {key} ended"))),
+                                (store, key, wakeups, from, seen),
+                            ));
+                        },
+                        () = sleep => {}
+                    }
+                }
+            },
+        );
+        Ok(Box::pin(stream))
     }
 }
 

@@ -85,10 +85,16 @@ impl Inner {
     }
 }
 
+/// The largest record the in-memory store takes by default: nats-server's
+/// default max payload, so both stores refuse the same outcomes.
+pub const DEFAULT_MAX_RECORD: usize = 1024 * 1024;
+
 /// An idempotency store held in this process's memory.
 #[derive(Debug, Clone)]
 pub struct MemoryStore {
     inner: Arc<Mutex<Inner>>,
+    /// Largest record (its JSON) a write takes, like a server's max payload.
+    max_record: usize,
     /// Bumped on every write, so watchers wake without polling.
     changed: watch::Sender<u64>,
 }
@@ -102,7 +108,14 @@ impl Default for MemoryStore {
 impl MemoryStore {
     /// An empty store.
     pub fn new() -> Self {
+        Self::with_max_record(DEFAULT_MAX_RECORD)
+    }
+
+    /// An empty store that refuses records over `max_record` bytes of JSON
+    /// with [`StoreError::TooLarge`].
+    pub fn with_max_record(max_record: usize) -> Self {
         Self {
+            max_record,
             inner: Arc::default(),
             changed: watch::Sender::new(0),
         }
@@ -156,6 +169,14 @@ impl IdempotencyStore for MemoryStore {
         record: &Record,
         ttl: Duration,
     ) -> Result<u64, StoreError> {
+        // Serialising a record cannot fail (strings, numbers, timestamps, values).
+        let size = serde_json::to_vec(record).map_or(0, |json| json.len());
+        if size > self.max_record {
+            return Err(StoreError::TooLarge {
+                size,
+                max: self.max_record,
+            });
+        }
         self.write_slot(key, Some(expected), Slot::Record(record.clone()), ttl)
     }
 

@@ -35,6 +35,14 @@ const MAX_CLAIM_ROUNDS: usize = 8;
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
 /// Longest pause between such retries.
 const MAX_RETRY_PAUSE: Duration = Duration::from_secs(1);
+/// Least time one owner's write attempt is given, however little patience is left.
+const MIN_WRITE_BOUND: Duration = Duration::from_millis(200);
+/// Reads after a conflict before the view is taken as it is (see [`IdempotencyStore::read_past`]).
+const READ_PAST_TRIES: u32 = 4;
+/// First pause between those reads; it doubles.
+const READ_PAST_PAUSE: Duration = Duration::from_millis(5);
+/// The outcome stored in place of one whose record the store cannot hold.
+pub const RESULT_TOO_LARGE: &str = "RESULT_TOO_LARGE";
 
 /// What the latest revision of a key holds.
 #[derive(Debug, Clone, PartialEq)]
@@ -81,6 +89,14 @@ pub enum StoreError {
         /// Why it did not decode.
         reason: String,
     },
+    /// The record is larger than the store can hold in one message.
+    #[error("the record is {size} bytes, over the {max} bytes the store takes in one message")]
+    TooLarge {
+        /// The record's size.
+        size: usize,
+        /// The most the store takes.
+        max: usize,
+    },
     /// The bucket cannot be used as configured (start-up only).
     #[error("{0}")]
     Setup(String),
@@ -106,10 +122,26 @@ pub struct ClaimRequest {
 }
 
 /// A held claim: the revision that fences every later write of its owner.
+///
+/// The owner's writes update it in place ([`IdempotencyStore::renew`],
+/// [`complete`](IdempotencyStore::complete), [`release`](IdempotencyStore::release)
+/// take it by `&mut`), because a write whose acknowledgement was lost
+/// leaves an uncertainty that must outlive the call: see `unsettled`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Lease {
     /// The revision our last write produced.
     pub revision: u64,
+    /// A write of ours may have landed after `revision` without our
+    /// knowing (its acknowledgement was lost and no read settled it). Until
+    /// settled, a conflict is read: our own owner token at a newer revision
+    /// is our write, adopted; only another owner, a marker or no message
+    /// means the lease is lost. Without this an owner would drop a lease it
+    /// still holds, and the key would run twice when that lease expired.
+    pub unsettled: bool,
+    /// When the lease ends at the latest, by this worker's clock: the start
+    /// of our last acknowledged write plus the lease. How long an outcome
+    /// is worth retrying for.
+    pub held_until: Instant,
     /// The claim record as stored.
     pub record: Record,
     /// The lease length.
@@ -215,24 +247,28 @@ pub trait IdempotencyStore: Send + Sync + 'static {
             expires_at: now + request.lease,
         };
         for _ in 0..MAX_CLAIM_ROUNDS {
+            let started = Instant::now();
+            let lease = |revision, record| {
+                Claim::Acquired(Lease {
+                    revision,
+                    unsettled: false,
+                    held_until: started + request.lease,
+                    record,
+                    ttl: request.lease,
+                    takeover: false,
+                })
+            };
             match self
                 .write(&request.key, expected, &record, request.lease)
                 .await
             {
-                Ok(revision) => {
-                    return Ok(Claim::Acquired(Lease {
-                        revision,
-                        record,
-                        ttl: request.lease,
-                        takeover: false,
-                    }))
-                }
+                Ok(revision) => return Ok(lease(revision, record)),
                 // Lost the race, or unsure whether the write landed: the read
                 // below tells which.
                 Err(StoreError::Conflict | StoreError::Unacknowledged(_)) => {}
                 Err(other) => return Err(other),
             }
-            match self.read(&request.key).await? {
+            match self.read_past(&request.key, expected).await? {
                 None => expected = 0,
                 Some(Versioned {
                     revision,
@@ -243,12 +279,7 @@ pub trait IdempotencyStore: Send + Sync + 'static {
                     slot: Slot::Record(found),
                 }) => {
                     if found.owner == record.owner && found.state == RecordState::InProgress {
-                        return Ok(Claim::Acquired(Lease {
-                            revision,
-                            record: found,
-                            ttl: request.lease,
-                            takeover: false,
-                        }));
+                        return Ok(lease(revision, found));
                     }
                     return Ok(Claim::Taken {
                         revision,
@@ -362,102 +393,198 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     }
 
     /// Extends a lease by its length. Fails with [`StoreError::LeaseLost`]
-    /// when anyone else wrote the key since our last write.
-    async fn renew(&self, lease: &Lease) -> Result<Lease, StoreError> {
+    /// when anyone else wrote the key since our last write; any other error
+    /// leaves the lease possibly alive (try again at the next tick).
+    async fn renew(&self, lease: &mut Lease) -> Result<(), StoreError> {
+        let ttl = lease.ttl;
         let mut record = lease.record.clone();
-        record.expires_at = now() + lease.ttl;
+        record.expires_at = now() + ttl;
         // A renewal that cannot land within a third of the lease is retried
         // at the next tick instead.
-        let revision = self
-            .write_as_owner(lease, &record, lease.ttl, lease.ttl / 3)
-            .await?;
-        Ok(Lease {
-            revision,
-            record,
-            ttl: lease.ttl,
-            takeover: lease.takeover,
-        })
+        self.write_as_owner(lease, &record, ttl, ttl / 3).await?;
+        lease.record = record;
+        Ok(())
     }
 
-    /// Stores the outcome in place of the claim, kept for `ttl`. Fails with
-    /// [`StoreError::LeaseLost`] when the lease was taken over: the new
-    /// owner's record is never overwritten.
+    /// Stores the outcome in place of the claim, kept for `ttl`, and returns
+    /// the record as stored. Fails with [`StoreError::LeaseLost`] when the
+    /// lease was taken over: the new owner's record is never overwritten.
+    ///
+    /// Until the lease ends nobody else can write the key, so the outcome
+    /// is retried that long through an unavailable store. An outcome whose
+    /// record the store cannot hold is stored as the definite
+    /// `Error{code: RESULT_TOO_LARGE}`: it must never be retried until the
+    /// lease runs out and then executed again.
     async fn complete(
         &self,
-        lease: &Lease,
+        lease: &mut Lease,
         outcome: Outcome,
         ttl: Duration,
     ) -> Result<Record, StoreError> {
-        let now = now();
-        let record = Record {
-            state: RecordState::Done,
-            result: Some(outcome),
-            stored_at: now,
-            expires_at: now + ttl,
-            ..lease.record.clone()
+        let done = |lease: &Lease, outcome| {
+            let now = now();
+            Record {
+                state: RecordState::Done,
+                result: Some(outcome),
+                stored_at: now,
+                expires_at: now + ttl,
+                ..lease.record.clone()
+            }
         };
-        // Until the lease runs out nobody else can write the key, so the
-        // outcome is worth waiting for the store that long.
-        self.write_as_owner(lease, &record, ttl, lease.ttl).await?;
-        Ok(record)
-    }
-
-    /// Gives the key up (transient failure, shutdown). Returns false when
-    /// someone else already holds it, which leaves nothing to do.
-    async fn release(&self, lease: &Lease) -> Result<bool, StoreError> {
-        match self.remove(&lease.record.idem_key, lease.revision).await {
-            Ok(()) => Ok(true),
-            Err(StoreError::Conflict) => Ok(false),
+        let record = done(lease, outcome);
+        let patience = lease_left(lease.held_until);
+        match self.write_as_owner(lease, &record, ttl, patience).await {
+            Ok(landed) => Ok(landed.unwrap_or(record)),
+            Err(too_large @ StoreError::TooLarge { .. }) => {
+                let outcome = Outcome::error(RESULT_TOO_LARGE, too_large.to_string());
+                let record = done(lease, outcome);
+                let patience = lease_left(lease.held_until);
+                let landed = self.write_as_owner(lease, &record, ttl, patience).await?;
+                Ok(landed.unwrap_or(record))
+            }
             Err(other) => Err(other),
         }
     }
 
+    /// Gives the key up (transient failure, shutdown). Returns false when
+    /// someone else already holds it, which leaves nothing to do.
+    async fn release(&self, lease: &mut Lease) -> Result<bool, StoreError> {
+        let key = &lease.record.idem_key.clone();
+        for _ in 0..MAX_CLAIM_ROUNDS {
+            match self.remove(key, lease.revision).await {
+                Ok(()) => return Ok(true),
+                Err(StoreError::Conflict) if !lease.unsettled => return Ok(false),
+                Err(StoreError::Conflict | StoreError::Unacknowledged(_)) => {}
+                Err(other) => return Err(other),
+            }
+            lease.unsettled = true;
+            match self.read_past(key, lease.revision).await? {
+                // A write of ours landed (a renewal, or this delete's
+                // retry found its own record gone): delete over it.
+                Some(Versioned {
+                    revision,
+                    slot: Slot::Record(found),
+                }) if revision > lease.revision && found.owner == lease.record.owner => {
+                    lease.revision = revision;
+                }
+                // Unchanged: the delete did not land; try it again.
+                Some(Versioned { revision, .. }) if revision == lease.revision => {}
+                // Free (our delete landed, or the lease ran out) or
+                // someone else's: nothing of ours is left.
+                Some(Versioned {
+                    slot: Slot::Free { .. },
+                    ..
+                })
+                | None => return Ok(true),
+                Some(_) => return Ok(false),
+            }
+        }
+        Err(StoreError::Unavailable(format!(
+            "release of {key} did not settle after {MAX_CLAIM_ROUNDS} rounds"
+        )))
+    }
+
+    /// Reads `key` after a write expected `seen` to be its latest revision
+    /// and failed: until the view has moved past `seen` (another revision,
+    /// or no message where `seen` had one), up to [`READ_PAST_TRIES`] times,
+    /// the later ones from the writes' authority ([`read_leader`](Self::read_leader)).
+    /// A cluster answers a conflict while the winning write is still being
+    /// proposed (error 10164), and a follower may answer the first read:
+    /// acting on that stale view would claim again and lose again.
+    async fn read_past(
+        &self,
+        key: &IdempotencyKey,
+        seen: u64,
+    ) -> Result<Option<Versioned>, StoreError> {
+        let moved = |view: &Option<Versioned>| view.as_ref().map_or(0, |v| v.revision) != seen;
+        let mut view = self.read(key).await?;
+        let mut pause = READ_PAST_PAUSE;
+        for _ in 1..READ_PAST_TRIES {
+            if moved(&view) {
+                break;
+            }
+            tokio::time::sleep(pause).await;
+            pause *= 2;
+            view = self.read_leader(key).await?;
+        }
+        Ok(view)
+    }
+
+    /// Reads `key` from the authority that orders its writes (a stream's
+    /// leader), where [`read`](Self::read) may be served by a replica. The
+    /// default is `read`, for stores whose reads are always current.
+    async fn read_leader(&self, key: &IdempotencyKey) -> Result<Option<Versioned>, StoreError> {
+        self.read(key).await
+    }
+
     /// A fenced write by the lease's owner, patient with a store that is
-    /// briefly unavailable (a leader election) for up to `patience`.
+    /// briefly unavailable (a leader election) for up to `patience`, each
+    /// attempt bounded by what is left of it. Updates the lease's revision.
     ///
     /// Retrying is safe because every attempt is a compare-and-swap on the
-    /// same revision. A write whose acknowledgement was lost is settled by
-    /// reading the key back: it is ours if the latest revision is newer than
-    /// the lease and carries our owner token and state.
+    /// same revision. A write whose acknowledgement was lost marks the lease
+    /// unsettled, and is settled by reading the key: our owner token at a
+    /// newer revision is a write of ours. When it holds the state being
+    /// written, that is this write (or, for a renewal, one as good): it is
+    /// returned as found. An earlier renewal is adopted and written over.
     async fn write_as_owner(
         &self,
-        lease: &Lease,
+        lease: &mut Lease,
         record: &Record,
         ttl: Duration,
         patience: Duration,
-    ) -> Result<u64, StoreError> {
-        let key = &lease.record.idem_key;
+    ) -> Result<Option<Record>, StoreError> {
+        let key = &record.idem_key;
         let deadline = Instant::now() + patience;
         let mut pause = RETRY_PAUSE;
-        let mut uncertain = false;
         loop {
-            let failure = match self.write(key, lease.revision, record, ttl).await {
-                Ok(revision) => return Ok(revision),
-                Err(StoreError::Conflict) if !uncertain => return Err(StoreError::LeaseLost),
-                // Someone wrote, or an earlier attempt of ours did: look.
+            let started = Instant::now();
+            let bound = deadline
+                .saturating_duration_since(started)
+                .max(MIN_WRITE_BOUND);
+            let written = tokio::time::timeout(bound, self.write(key, lease.revision, record, ttl))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(StoreError::Unacknowledged(
+                        "no acknowledgement within the owner's patience".to_owned(),
+                    ))
+                });
+            let failure = match written {
+                Ok(revision) => {
+                    lease.revision = revision;
+                    lease.unsettled = false;
+                    lease.held_until = started + lease.ttl;
+                    return Ok(None);
+                }
+                Err(StoreError::Conflict) if !lease.unsettled => return Err(StoreError::LeaseLost),
+                // Someone wrote, or an earlier write of ours did: look.
                 Err(StoreError::Conflict) => StoreError::Conflict,
                 Err(StoreError::Unacknowledged(reason)) => {
-                    uncertain = true;
+                    lease.unsettled = true;
                     StoreError::Unavailable(reason)
                 }
                 Err(error @ StoreError::Unavailable(_)) => error,
                 Err(other) => return Err(other),
             };
-            if uncertain {
-                match self.read(key).await {
+            if lease.unsettled {
+                match self.read_past(key, lease.revision).await {
                     Ok(Some(Versioned {
                         revision,
                         slot: Slot::Record(found),
-                    })) if revision > lease.revision
-                        && found.owner == record.owner
-                        && found.state == record.state =>
-                    {
-                        return Ok(revision)
+                    })) if revision > lease.revision && found.owner == lease.record.owner => {
+                        lease.revision = revision;
+                        lease.unsettled = false;
+                        if found.state == record.state {
+                            return Ok(Some(found));
+                        }
+                        // An earlier renewal of ours: write over it at once.
+                        continue;
                     }
-                    Ok(Some(Versioned { revision, .. })) if revision > lease.revision => {
+                    Ok(Some(Versioned { revision, .. })) if revision != lease.revision => {
                         return Err(StoreError::LeaseLost)
                     }
-                    Ok(_) if failure == StoreError::Conflict => return Err(StoreError::LeaseLost),
+                    Ok(None) => return Err(StoreError::LeaseLost),
+                    // Unchanged (ours has not landed, or not yet) or unreadable.
                     _ => {}
                 }
             }
@@ -468,6 +595,13 @@ pub trait IdempotencyStore: Send + Sync + 'static {
             pause = (pause * 2).min(MAX_RETRY_PAUSE);
         }
     }
+}
+
+/// What is left of a lease held until `held_until`, at least one write's bound.
+fn lease_left(held_until: Instant) -> Duration {
+    held_until
+        .saturating_duration_since(Instant::now())
+        .max(MIN_WRITE_BOUND)
 }
 
 /// Rounds a duration up to whole seconds, at least one: the unit of

@@ -36,7 +36,8 @@ impl Upstream {
     /// `params.sleep_ms` (only on attempt 1 when `params.first_only`);
     /// `fail422`/`fail503` reply service errors; `flaky` fails with 503 on
     /// its first execution per key, then succeeds; `badjson`, `empty` and
-    /// `killed` reply what they say.
+    /// `killed` reply what they say; `big` replies a JSON string of
+    /// `params.bytes` bytes.
     pub async fn start(client: &Client) -> Upstream {
         let seen = Arc::new(Mutex::new(Seen::default()));
         let mut subscription = client.subscribe("exec.*").await.expect("subscribe exec.*");
@@ -143,6 +144,12 @@ async fn respond(client: Client, message: Message, (execution, attempt): (u32, u
         "flaky" if execution == 1 => (error("503", "warming up"), String::new()),
         "badjson" => (HeaderMap::new(), "this is not json".to_owned()),
         "empty" => (HeaderMap::new(), String::new()),
+        // A JSON string of exactly `params.bytes` bytes, quotes included.
+        "big" => {
+            let bytes = params["bytes"].as_u64().unwrap_or(2).max(2);
+            let fill = "x".repeat(usize::try_from(bytes - 2).unwrap_or(0));
+            (HeaderMap::new(), format!("\"{fill}\""))
+        }
         "killed" => {
             let mut headers = HeaderMap::new();
             headers.insert("Idem-Status", "Killed");
