@@ -21,7 +21,7 @@ use crate::key::IdempotencyKey;
 use crate::outcome::RecordState;
 use crate::service::SERVICE_NAME;
 use crate::stats::Snapshot;
-use crate::store::IdempotencyStore;
+use crate::store::{IdempotencyStore, Slot, StoreError, Versioned};
 
 /// Most worker answers collected (a bound, not an expectation).
 const MAX_WORKERS: usize = 10_000;
@@ -229,26 +229,39 @@ pub fn render(report: &Report, bucket: &str) -> String {
 pub async fn purge(args: &PurgeArgs) -> Result<ExitCode, CliError> {
     let key = IdempotencyKey::parse(&args.key).map_err(|e| CliError::Usage(e.to_string()))?;
     let (client, store) = args.at.open().await?;
-    let record = store
-        .get(&key)
+    let seen = store
+        .read(&key)
         .await
         .map_err(|e| CliError::Failed(e.to_string()))?;
-    match record {
-        None => {
+    let revision = match seen {
+        Some(Versioned {
+            revision,
+            slot: Slot::Record(record),
+        }) => {
+            if record.state == RecordState::InProgress && !args.force {
+                return Err(CliError::Failed(format!(
+                    "{key} is being executed (lease until {}); --force purges it anyway",
+                    record.expires_at.to_rfc3339()
+                )));
+            }
+            revision
+        }
+        _ => {
             eprintln!("no record under {key}");
             return Ok(ExitCode::from(1));
         }
-        Some(record) if record.state == RecordState::InProgress && !args.force => {
+    };
+    // Only what was just read and judged is purged: a claim made since
+    // (the record expired, a copy executes) makes this a conflict.
+    match crate::cache::purge(&client, &store, &args.at.bucket, &key, revision).await {
+        Ok(()) => {}
+        Err(StoreError::Conflict) => {
             return Err(CliError::Failed(format!(
-                "{key} is being executed (lease until {}); --force purges it anyway",
-                record.expires_at.to_rfc3339()
-            )));
+                "{key} changed since it was read; nothing purged (run purge again to see it)"
+            )))
         }
-        Some(_) => {}
+        Err(error) => return Err(CliError::Failed(error.to_string())),
     }
-    crate::cache::purge(&client, &store, &args.at.bucket, &key)
-        .await
-        .map_err(|e| CliError::Failed(e.to_string()))?;
     println!(
         "purged {key}; workers notified on {}",
         crate::cache::purge_subject(&args.at.bucket)

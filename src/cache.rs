@@ -5,10 +5,12 @@
 //! worker that has seen an outcome can answer later copies without a KV
 //! round trip. Two things keep that honest:
 //!
-//! * entries live no longer than [`MAX_AGE`] and stop [`EXPIRY_MARGIN`]
-//!   before the record's own expiry (computed from this host's monotonic
-//!   clock at insertion), so a clock skew between workers or a missed purge
-//!   notice costs at most that long;
+//! * entries live no longer than [`MAX_AGE`], and stop [`EXPIRY_MARGIN`]
+//!   before the record's own lifetime (`expires_at - stored_at`, both of
+//!   the writer's clock) counted from when this worker saw it, or before
+//!   its expiry by this host's clock if that is sooner: no writer's clock,
+//!   fast or slow, makes a worker replay an expired outcome, and a missed
+//!   purge notice costs at most [`MAX_AGE`];
 //! * a purge is announced on `idemq.purge.<bucket>` and every worker evicts
 //!   the key at once ([`purge_subject`]).
 //!
@@ -46,8 +48,9 @@ pub async fn purge(
     store: &dyn IdempotencyStore,
     bucket: &str,
     key: &IdempotencyKey,
+    expected: u64,
 ) -> Result<(), StoreError> {
-    store.purge(key).await?;
+    store.purge(key, expected).await?;
     let notice = bytes::Bytes::copy_from_slice(key.as_str().as_bytes());
     client
         .publish(purge_subject(bucket), notice)
@@ -172,9 +175,19 @@ impl OutcomeCache {
         if self.budget == 0 {
             return Some(replay);
         }
-        let left = (record.expires_at - chrono::Utc::now())
+        // The record's own lifetime is a difference of two stamps of one
+        // clock, the writer's: whatever that clock's skew, the outcome
+        // expires no later than that long after this worker saw it. The
+        // expiry read against this host's clock is shorter for an old
+        // record; a writer whose clock runs fast would make it longer, so
+        // it only ever shortens the entry's life.
+        let lifetime = (record.expires_at - record.stored_at)
             .to_std()
             .unwrap_or_default();
+        let by_this_clock = (record.expires_at - chrono::Utc::now())
+            .to_std()
+            .unwrap_or_default();
+        let left = lifetime.min(by_this_clock);
         let Some(left) = left.checked_sub(EXPIRY_MARGIN) else {
             return Some(replay);
         };
@@ -329,6 +342,39 @@ mod tests {
         let cache = OutcomeCache::new(1 << 20);
         let stored = record(2, FP, 1);
         cache.insert(&stored);
+        assert_eq!(cache.lookup(&stored.idem_key, FP), Lookup::Miss);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_writer_clock_running_fast_cannot_keep_an_outcome_past_its_lifetime() {
+        let cache = OutcomeCache::new(1 << 20);
+        // Written by a host an hour ahead, to be kept 10 s.
+        let mut stored = record(5, FP, 10);
+        stored.stored_at += chrono::Duration::hours(1);
+        stored.expires_at += chrono::Duration::hours(1);
+        cache.insert(&stored);
+        assert!(matches!(
+            cache.lookup(&stored.idem_key, FP),
+            Lookup::Stored(_)
+        ));
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(
+            cache.lookup(&stored.idem_key, FP),
+            Lookup::Miss,
+            "10 s after it was seen, the outcome is gone from the store"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_writer_clock_running_slow_shortens_the_entry_to_its_own_expiry() {
+        let cache = OutcomeCache::new(1 << 20);
+        // Written by a host 50 s behind, to be kept 60 s: by this clock it
+        // expires in 10 s, and the store may well agree.
+        let mut stored = record(6, FP, 60);
+        stored.stored_at -= chrono::Duration::seconds(50);
+        stored.expires_at -= chrono::Duration::seconds(50);
+        cache.insert(&stored);
+        tokio::time::advance(Duration::from_secs(9)).await;
         assert_eq!(cache.lookup(&stored.idem_key, FP), Lookup::Miss);
     }
 

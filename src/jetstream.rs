@@ -317,16 +317,35 @@ impl Consumer {
         if let Some(msg_id) = msg_id {
             headers.insert("Nats-Msg-Id", msg_id.as_str());
         }
-        let payload = reply.to_bytes();
-        if self.routes.captured(reply_to).await == Some(false) {
+        self.publish_kept(pipeline, reply_to, headers, reply.to_bytes())
+            .await
+            .map_err(|error| SettleError(format!("reply to {reply_to}: {error}")))
+    }
+
+    /// Publishes so that the message is kept before the intent is settled:
+    /// when a stream captures `subject`, a JetStream publish retried
+    /// (bounded by [`REPLY_BOUND`]) until the stream acknowledges it,
+    /// through a leader election too; otherwise a core publish that must at
+    /// least reach the server. Either way an `Err` leaves the intent to be
+    /// redelivered.
+    async fn publish_kept(
+        &self,
+        pipeline: &Pipeline,
+        subject: &str,
+        headers: HeaderMap,
+        payload: Bytes,
+    ) -> Result<(), SettleError> {
+        if self.routes.captured(subject).await == Some(false) {
             pipeline
                 .client
-                .publish_with_headers(Subject::from(reply_to), headers, payload)
+                .publish_with_headers(Subject::from(subject), headers, payload)
                 .await
                 .map_err(|e| SettleError(e.to_string()))?;
             return match tokio::time::timeout(REPLY_BOUND, pipeline.client.flush()).await {
                 Ok(Ok(())) => Ok(()),
-                _ => Err(SettleError("the reply did not reach the server".to_owned())),
+                _ => Err(SettleError(
+                    "the message did not reach the server".to_owned(),
+                )),
             };
         }
         let deadline = tokio::time::Instant::now() + REPLY_BOUND;
@@ -337,7 +356,7 @@ impl Consumer {
             let acked = match self
                 .routes
                 .js
-                .send_publish(reply_to.to_owned(), message)
+                .send_publish(subject.to_owned(), message)
                 .await
             {
                 Ok(ack) => ack.await.map(drop).map_err(|e| e.to_string()),
@@ -347,7 +366,7 @@ impl Consumer {
                 Ok(()) => return Ok(()),
                 Err(error) if tokio::time::Instant::now() >= deadline => {
                     return Err(SettleError(format!(
-                        "the reply stream did not take the reply: {error}"
+                        "the stream capturing {subject} did not take it: {error}"
                     )))
                 }
                 Err(_) => tokio::time::sleep(REPLY_RETRY_PAUSE).await,
@@ -378,6 +397,12 @@ impl Consumer {
         Ok(AckKind::Term)
     }
 
+    /// Publishes a dead letter so it is kept ([`publish_kept`](Self::publish_kept)):
+    /// the intent's payload and headers, plus [`DEAD_REASON_HEADER`].
+    /// Headers that would make the dead-letter stream refuse or drop it
+    /// (an expected stream or sequence meant for the intent's stream, a
+    /// `Nats-Msg-Id` it may have seen) travel renamed as
+    /// `Idem-Original-<name>` (PROTOCOL.md v1.1 §6).
     async fn dead_letter(
         &self,
         pipeline: &Pipeline,
@@ -385,14 +410,12 @@ impl Consumer {
         payload: Bytes,
         reason: &str,
     ) -> Result<(), SettleError> {
-        let mut headers = headers.unwrap_or_default();
-        headers.insert(DEAD_REASON_HEADER, reason);
-        pipeline.stats.dead_lettered.inc();
-        pipeline
-            .client
-            .publish_with_headers(self.config.dead_letter_subject.clone(), headers, payload)
+        let headers = dead_letter_headers(headers.as_ref(), reason);
+        self.publish_kept(pipeline, &self.config.dead_letter_subject, headers, payload)
             .await
-            .map_err(|e| SettleError(e.to_string()))
+            .map_err(|error| SettleError(format!("dead letter: {error}")))?;
+        pipeline.stats.dead_lettered.inc();
+        Ok(())
     }
 
     /// Dead-letters messages the server gave up on without a verdict (their
@@ -462,6 +485,32 @@ impl Consumer {
     }
 }
 
+/// Prefix of the headers a dead letter carries in place of those its
+/// stream would act on.
+pub const ORIGINAL_HEADER_PREFIX: &str = "Idem-Original-";
+
+/// A dead letter's headers: the intent's, with `Nats-Expected-*` and
+/// `Nats-Msg-Id` renamed (see [`ORIGINAL_HEADER_PREFIX`]), and the reason.
+fn dead_letter_headers(original: Option<&HeaderMap>, reason: &str) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    for (name, values) in original.into_iter().flat_map(HeaderMap::iter) {
+        let name: &str = name.as_ref();
+        let acted_on = name
+            .get(..13)
+            .is_some_and(|head| head.eq_ignore_ascii_case("Nats-Expected"))
+            || name.eq_ignore_ascii_case("Nats-Msg-Id");
+        for value in values {
+            if acted_on {
+                headers.append(format!("{ORIGINAL_HEADER_PREFIX}{name}"), value.as_str());
+            } else {
+                headers.append(name, value.as_str());
+            }
+        }
+    }
+    headers.insert(DEAD_REASON_HEADER, reason);
+    headers
+}
+
 /// The nak delay: the verdict's suggestion, doubled per delivery, capped.
 fn nak_delay(after: Duration, delivered: i64) -> Duration {
     let doublings = u32::try_from(delivered.saturating_sub(1))
@@ -473,6 +522,31 @@ fn nak_delay(after: Duration, delivered: i64) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dead_letters_carry_acted_on_headers_renamed() {
+        let mut original = HeaderMap::new();
+        original.insert("Nats-Expected-Stream", "INTENTS");
+        original.insert("nats-expected-last-sequence", "7");
+        original.insert("Nats-Msg-Id", "m-1");
+        original.insert("Idempotency-Key", "k");
+        let headers = dead_letter_headers(Some(&original), "INVALID_INTENT");
+        let get = |name: &str| headers.get(name).map(|v| v.as_str().to_owned());
+        assert_eq!(get("Nats-Expected-Stream"), None);
+        assert_eq!(get("Nats-Msg-Id"), None);
+        assert_eq!(get("nats-expected-last-sequence"), None);
+        assert_eq!(
+            get("Idem-Original-Nats-Expected-Stream").as_deref(),
+            Some("INTENTS")
+        );
+        assert_eq!(
+            get("Idem-Original-nats-expected-last-sequence").as_deref(),
+            Some("7")
+        );
+        assert_eq!(get("Idem-Original-Nats-Msg-Id").as_deref(), Some("m-1"));
+        assert_eq!(get("Idempotency-Key").as_deref(), Some("k"));
+        assert_eq!(get(DEAD_REASON_HEADER).as_deref(), Some("INVALID_INTENT"));
+    }
 
     #[test]
     fn nak_delay_doubles_and_is_capped() {

@@ -428,3 +428,103 @@ async fn a_nats_server_restart_mid_run_loses_no_intent() {
     assert_eq!(stored, 200, "one reply per intent, none lost");
     until_drained(&js).await;
 }
+
+/// Polls (bounded) until `stream` holds `count` messages.
+async fn until_stream_holds(js: &jetstream::Context, stream: &str, count: u64) {
+    let mut handle = js.get_stream(stream).await.expect("stream");
+    for _ in 0..100 {
+        if handle.info().await.expect("stream info").state.messages >= count {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{stream} holds fewer than {count} messages after 10s");
+}
+
+#[tokio::test]
+async fn a_dead_letter_with_the_intents_stream_headers_is_kept_in_the_dead_letter_stream() {
+    let Rig {
+        server: _server,
+        worker,
+        js,
+        mut replies,
+        ..
+    } = rig(js_config(|_| {}), None).await;
+    js.create_stream(jetstream::stream::Config {
+        name: "DLQ".to_owned(),
+        subjects: vec!["idemq.dlq.INTENTS".to_owned()],
+        ..Default::default()
+    })
+    .await
+    .expect("dead-letter stream");
+
+    // Headers meant for the intents' stream: the dead-letter stream would
+    // refuse the first and could drop the second as a duplicate.
+    let mut headers = HeaderMap::new();
+    headers.insert("Nats-Expected-Stream", STREAM);
+    headers.insert("Nats-Msg-Id", "agent-msg-1");
+    headers.insert("Idem-Reply-To", "results.bad");
+    let body = r#"{"intent_id":"bad","episode":"ep"}"#;
+    js.publish_with_headers("intents.work", headers, body.into())
+        .await
+        .expect("publish")
+        .await
+        .expect("the intents stream takes it");
+
+    let reply = collect(&mut replies, 1, Duration::from_secs(10)).await;
+    assert_eq!(reply.len(), 1, "the invalid intent is answered");
+    until_stream_holds(&js, "DLQ", 1).await;
+    let letter = js
+        .get_stream("DLQ")
+        .await
+        .expect("stream")
+        .get_raw_message(1)
+        .await
+        .expect("the dead letter");
+    let header = |name: &str| letter.headers.get(name).map(|v| v.as_str().to_owned());
+    assert_eq!(
+        header("Idem-Dead-Reason").as_deref(),
+        Some("INVALID_INTENT")
+    );
+    assert_eq!(
+        header("Idem-Original-Nats-Expected-Stream").as_deref(),
+        Some(STREAM)
+    );
+    assert_eq!(
+        header("Idem-Original-Nats-Msg-Id").as_deref(),
+        Some("agent-msg-1")
+    );
+    assert_eq!(header("Nats-Expected-Stream"), None);
+    assert_eq!(&letter.payload[..], body.as_bytes());
+    until_drained(&js).await;
+    assert_eq!(worker.stats.snapshot().dead_lettered, 1);
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_ttl_shorter_than_a_held_copy_still_answers_it_with_the_one_outcome() {
+    let Rig {
+        server: _server,
+        upstream,
+        worker,
+        js,
+        mut replies,
+        ..
+    } = rig(js_config(|_| {}), Some(FORWARD)).await;
+    // Outlives --wait (5 s): the second copy is held (nak'ed) and comes
+    // back after the outcome's own ttl_secs would have run out.
+    let mut body = intent("short-ttl", "slow", json!({"sleep_ms": 6000}));
+    body["ttl_secs"] = json!(1);
+    publish(&js, &body).await;
+    publish(&js, &body).await;
+
+    let seen = collect(&mut replies, 2, Duration::from_secs(30)).await;
+    assert_eq!(seen.len(), 2, "both copies answered: {seen:?}");
+    assert_eq!(upstream.total(), 1, "executed once");
+    assert_eq!(seen[0]["result"], seen[1]["result"]);
+    assert_eq!(seen[0]["stored_at"], seen[1]["stored_at"]);
+    let fresh = seen.iter().filter(|r| r["replayed"] == false).count();
+    assert_eq!(fresh, 1, "one execution's own answer, one replay");
+    until_drained(&js).await;
+    worker.stop().await;
+}

@@ -242,7 +242,8 @@ async fn purge_frees_a_stored_outcome(store: Store) {
         .complete(&mut lease, Outcome::Success(json!(1)), LONG)
         .await
         .expect("complete");
-    store.purge(&first.key).await.expect("purge");
+    let seen = store.read(&first.key).await.expect("read").expect("entry");
+    store.purge(&first.key, seen.revision).await.expect("purge");
     assert_eq!(store.get(&first.key).await.expect("get"), None);
     owned(&store, &with_owner(&first)).await;
 }
@@ -366,8 +367,8 @@ impl IdempotencyStore for LossyAcks {
         Ok(())
     }
 
-    async fn purge(&self, key: &IdempotencyKey) -> Result<(), StoreError> {
-        self.inner.purge(key).await
+    async fn purge(&self, key: &IdempotencyKey, expected: u64) -> Result<(), StoreError> {
+        self.inner.purge(key, expected).await
     }
 
     async fn watch(&self, key: &IdempotencyKey, from_revision: u64) -> Result<Watch, StoreError> {
@@ -484,6 +485,32 @@ async fn an_outcome_too_large_to_store_is_stored_as_result_too_large(store: Stor
     }
 }
 
+async fn purge_never_removes_a_claim_it_did_not_see(store: Store) {
+    let first = request(18, "fp", LONG);
+    let mut lease = owned(&store, &first).await;
+    store
+        .complete(&mut lease, Outcome::Success(json!(1)), LONG)
+        .await
+        .expect("complete");
+    let seen = store.read(&first.key).await.expect("read").expect("entry");
+    // Between the operator's read and the purge, the key moves on.
+    let mut newer = lease.clone();
+    newer.revision = seen.revision;
+    newer.record.state = RecordState::InProgress;
+    store
+        .write(&first.key, seen.revision, &newer.record, LONG)
+        .await
+        .expect("a newer claim");
+    let late = store.purge(&first.key, seen.revision).await;
+    assert_eq!(late, Err(StoreError::Conflict));
+    let record = store.get(&first.key).await.expect("get").expect("record");
+    assert_eq!(
+        record.state,
+        RecordState::InProgress,
+        "the newer claim stays"
+    );
+}
+
 async fn kv_store(server: &common::NatsServer) -> Store {
     let client = server.connect().await;
     let js = async_nats::jetstream::new(client);
@@ -532,6 +559,7 @@ suite!(
     a_completion_whose_ack_was_lost_is_stored_once,
     an_unsettled_owner_still_loses_to_another_owner,
     an_outcome_too_large_to_store_is_stored_as_result_too_large,
+    purge_never_removes_a_claim_it_did_not_see,
 );
 
 #[tokio::test]

@@ -10,6 +10,7 @@ use common::upstream::{Upstream, FORWARD};
 use common::workers::{code, request, send, start_worker, test_config, REPLY_TIMEOUT};
 use common::NatsServer;
 use futures::StreamExt;
+use idemq::store::IdempotencyStore;
 use idemq::IdempotencyKey;
 use serde_json::{json, Value};
 
@@ -625,7 +626,8 @@ async fn a_purge_reaches_the_cache_of_every_worker_at_once() {
     .await
     .expect("bucket");
     let key = IdempotencyKey::parse(&key_of("purged")).expect("key");
-    idemq::cache::purge(&client, &store, "IDEMPOTENCY", &key)
+    let seen = store.read(&key).await.expect("read").expect("entry");
+    idemq::cache::purge(&client, &store, "IDEMPOTENCY", &key, seen.revision)
         .await
         .expect("purge");
     // The notice reaches the workers within a second (here: at once).
@@ -649,4 +651,32 @@ async fn a_purge_reaches_the_cache_of_every_worker_at_once() {
     for worker in workers {
         worker.stop().await;
     }
+}
+
+#[tokio::test]
+async fn an_outcome_too_large_to_store_is_stored_as_result_too_large_and_never_rerun() {
+    let server = NatsServer::start();
+    let client = server.connect().await;
+    let upstream = Upstream::start(&client).await;
+    let worker = start_worker(&server, test_config(), Some(FORWARD)).await;
+    // An answer the upstream can send (it fits the max payload), whose
+    // record, with the claim's fields around it, cannot be stored.
+    let max = client.server_info().max_payload;
+    let mut body = intent("huge", json!({"bytes": max - 16}));
+    body["capability"] = json!("big");
+
+    let mut replies = Vec::new();
+    for _ in 0..3 {
+        replies.push(send(&client, "intents.work", &body).await);
+    }
+    assert_eq!(upstream.total(), 1, "the upstream ran once");
+    for reply in &replies {
+        assert_eq!(code(reply), "RESULT_TOO_LARGE", "{reply}");
+        assert_eq!(reply["result"], replies[0]["result"]);
+        assert_eq!(reply["stored_at"], replies[0]["stored_at"], "one record");
+        assert!(reply["stored_at"].is_string(), "stored: {reply}");
+    }
+    let fresh = replies.iter().filter(|r| r["replayed"] == false).count();
+    assert_eq!(fresh, 1);
+    worker.stop().await;
 }

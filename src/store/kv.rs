@@ -288,11 +288,15 @@ impl IdempotencyStore for KvStore {
         self.publish(key, message, Some(expected)).await.map(drop)
     }
 
-    async fn purge(&self, key: &IdempotencyKey) -> Result<(), StoreError> {
-        self.kv
-            .purge(key.as_str())
-            .await
-            .map_err(|e| StoreError::Unavailable(e.to_string()))
+    async fn purge(&self, key: &IdempotencyKey, expected: u64) -> Result<(), StoreError> {
+        // What the client's purge sends, with our compare-and-swap and a
+        // marker TTL (the client's `purge_expect_revision` maps neither
+        // conflict code to a kind).
+        let message = Publish::build()
+            .header("KV-Operation", "PURGE")
+            .header("Nats-Rollup", "sub")
+            .ttl(MARKER_TTL);
+        self.publish(key, message, Some(expected)).await.map(drop)
     }
 
     async fn read_leader(&self, key: &IdempotencyKey) -> Result<Option<Versioned>, StoreError> {

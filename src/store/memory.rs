@@ -190,9 +190,14 @@ impl IdempotencyStore for MemoryStore {
         .map(drop)
     }
 
-    async fn purge(&self, key: &IdempotencyKey) -> Result<(), StoreError> {
-        self.write_slot(key, None, Slot::Free { expired: true }, MARKER_TTL)
-            .map(drop)
+    async fn purge(&self, key: &IdempotencyKey, expected: u64) -> Result<(), StoreError> {
+        self.write_slot(
+            key,
+            Some(expected),
+            Slot::Free { expired: true },
+            MARKER_TTL,
+        )
+        .map(drop)
     }
 
     async fn watch(&self, key: &IdempotencyKey, from_revision: u64) -> Result<Watch, StoreError> {

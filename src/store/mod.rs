@@ -203,8 +203,10 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     /// Deletes `key` (leaves a delete marker) if its latest revision is `expected`.
     async fn remove(&self, key: &IdempotencyKey, expected: u64) -> Result<(), StoreError>;
 
-    /// Deletes `key` whatever its revision (administrative purge).
-    async fn purge(&self, key: &IdempotencyKey) -> Result<(), StoreError>;
+    /// Purges `key` (administrative) if its latest revision is still
+    /// `expected`, the one the operator's read saw: a claim made since is
+    /// never removed unseen. [`StoreError::Conflict`] otherwise.
+    async fn purge(&self, key: &IdempotencyKey, expected: u64) -> Result<(), StoreError>;
 
     /// Watches `key`, yielding every revision at or after `from_revision`
     /// (including the latest one, if it is that new).
