@@ -680,3 +680,77 @@ async fn an_outcome_too_large_to_store_is_stored_as_result_too_large_and_never_r
     assert_eq!(fresh, 1);
     worker.stop().await;
 }
+
+/// Distinct keys held at once by a slow handler, and copies of each.
+const WAITING_KEYS: usize = 1500;
+const WAITING_COPIES: usize = 3;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_keys_waited_for_at_once_cost_no_server_consumer_each() {
+    let server = NatsServer::start();
+    let client = server.connect().await;
+    let upstream = Upstream::start(&client).await;
+    let config = || idemq::WorkerConfig {
+        concurrency: 4096,
+        wait: Duration::from_secs(12),
+        ..test_config()
+    };
+    let workers = [
+        start_worker(&server, config(), Some(FORWARD)).await,
+        start_worker(&server, config(), Some(FORWARD)).await,
+        start_worker(&server, config(), Some(FORWARD)).await,
+    ];
+    let js = async_nats::jetstream::new(client.clone());
+
+    let mut copies = tokio::task::JoinSet::new();
+    for k in 0..WAITING_KEYS {
+        let mut body = intent(&format!("held-{k}"), json!({"sleep_ms": 4000}));
+        body["capability"] = json!("slow");
+        let body = body.to_string();
+        for _ in 0..WAITING_COPIES {
+            let (client, body) = (client.clone(), body.clone());
+            copies.spawn(async move {
+                let request = async_nats::Request::new()
+                    .payload(body.into())
+                    .timeout(Some(Duration::from_secs(30)));
+                let reply = client
+                    .send_request("intents.held", request)
+                    .await
+                    .expect("a reply");
+                serde_json::from_slice::<Value>(&reply.payload).expect("JSON")
+            });
+        }
+    }
+    // While the copies wait, the bucket's stream carries no consumer per key.
+    let mut most_consumers = 0;
+    let mut bucket = js.get_stream("KV_IDEMPOTENCY").await.expect("bucket");
+    for _ in 0..20 {
+        let consumers = bucket.info().await.expect("info").state.consumer_count;
+        most_consumers = most_consumers.max(consumers);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut replies = Vec::new();
+    while let Some(reply) = copies.join_next().await {
+        replies.push(reply.expect("copy task"));
+    }
+    let failed: Vec<&Value> = replies
+        .iter()
+        .filter(|r| r["result"]["status"] != "Success")
+        .collect();
+    assert_eq!(replies.len(), WAITING_KEYS * WAITING_COPIES);
+    assert!(
+        failed.is_empty(),
+        "{} copies not answered Success, e.g. {}",
+        failed.len(),
+        failed[0]
+    );
+    assert_eq!(upstream.total() as usize, WAITING_KEYS, "each key once");
+    assert!(upstream.duplicates().is_empty());
+    assert!(
+        most_consumers <= 2 * workers.len(),
+        "{most_consumers} consumers on the bucket"
+    );
+    for worker in workers {
+        worker.stop().await;
+    }
+}

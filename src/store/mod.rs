@@ -544,6 +544,9 @@ pub trait IdempotencyStore: Send + Sync + 'static {
             let bound = deadline
                 .saturating_duration_since(started)
                 .max(MIN_WRITE_BOUND);
+            // Unsettled while the write is in flight: should this call be
+            // dropped mid-write, the lease remembers that it may have landed.
+            let prior = std::mem::replace(&mut lease.unsettled, true);
             let written = tokio::time::timeout(bound, self.write(key, lease.revision, record, ttl))
                 .await
                 .unwrap_or_else(|_| {
@@ -558,22 +561,33 @@ pub trait IdempotencyStore: Send + Sync + 'static {
                     lease.held_until = started + lease.ttl;
                     return Ok(None);
                 }
-                Err(StoreError::Conflict) if !lease.unsettled => return Err(StoreError::LeaseLost),
+                // Nothing of ours in flight: someone else wrote.
+                Err(StoreError::Conflict) if !prior => {
+                    lease.unsettled = false;
+                    return Err(StoreError::LeaseLost);
+                }
                 // Someone wrote, or an earlier write of ours did: look.
                 Err(StoreError::Conflict) => StoreError::Conflict,
-                Err(StoreError::Unacknowledged(reason)) => {
-                    lease.unsettled = true;
-                    StoreError::Unavailable(reason)
+                Err(StoreError::Unacknowledged(reason)) => StoreError::Unavailable(reason),
+                // Refused before it was sent: no new uncertainty.
+                Err(error) => {
+                    lease.unsettled = prior;
+                    match error {
+                        StoreError::Unavailable(_) => error,
+                        other => return Err(other),
+                    }
                 }
-                Err(error @ StoreError::Unavailable(_)) => error,
-                Err(other) => return Err(other),
             };
             if lease.unsettled {
-                match self.read_past(key, lease.revision).await {
-                    Ok(Some(Versioned {
+                let bound = deadline
+                    .saturating_duration_since(Instant::now())
+                    .max(MIN_WRITE_BOUND);
+                let view = tokio::time::timeout(bound, self.read_past(key, lease.revision)).await;
+                match view {
+                    Ok(Ok(Some(Versioned {
                         revision,
                         slot: Slot::Record(found),
-                    })) if revision > lease.revision && found.owner == lease.record.owner => {
+                    }))) if revision > lease.revision && found.owner == lease.record.owner => {
                         lease.revision = revision;
                         lease.unsettled = false;
                         if found.state == record.state {
@@ -582,10 +596,10 @@ pub trait IdempotencyStore: Send + Sync + 'static {
                         // An earlier renewal of ours: write over it at once.
                         continue;
                     }
-                    Ok(Some(Versioned { revision, .. })) if revision != lease.revision => {
+                    Ok(Ok(Some(Versioned { revision, .. }))) if revision != lease.revision => {
                         return Err(StoreError::LeaseLost)
                     }
-                    Ok(None) => return Err(StoreError::LeaseLost),
+                    Ok(Ok(None)) => return Err(StoreError::LeaseLost),
                     // Unchanged (ours has not landed, or not yet) or unreadable.
                     _ => {}
                 }

@@ -66,7 +66,16 @@ pub async fn start_worker(
     config: WorkerConfig,
     forward: Option<&str>,
 ) -> RunningWorker {
-    let client = server.connect().await;
+    start_worker_on(server.connect().await, config, forward).await
+}
+
+/// Like [`start_worker`], on a connection of the test's own (through a
+/// fault proxy, say).
+pub async fn start_worker_on(
+    client: Client,
+    config: WorkerConfig,
+    forward: Option<&str>,
+) -> RunningWorker {
     let js = async_nats::jetstream::new(client.clone());
     let store = KvStore::open(js, &BucketConfig::default())
         .await

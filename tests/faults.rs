@@ -1,0 +1,91 @@
+//! Network faults between a worker and its server, through a TCP fault
+//! proxy of the test's own: the guarantee where acks are lost.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::proxy::{Direction, FaultProxy, Mode};
+use common::upstream::{Upstream, FORWARD};
+use common::workers::{start_worker_on, test_config};
+use common::NatsServer;
+use idemq::store::kv::{BucketConfig, KvStore};
+use idemq::store::IdempotencyStore;
+use idemq::IdempotencyKey;
+use serde_json::{json, Value};
+
+/// Polls (bounded) until the upstream has seen `n` executions.
+async fn until_executed(upstream: &Upstream, n: u32) {
+    for _ in 0..100 {
+        if upstream.total() >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the upstream saw fewer than {n} executions within 5s");
+}
+
+#[tokio::test]
+async fn a_handler_running_across_a_stalled_renewal_keeps_its_lease_and_runs_once() {
+    let server = NatsServer::start();
+    let client = server.connect().await;
+    let upstream = Upstream::start(&client).await;
+    let address: SocketAddr = format!("127.0.0.1:{}", server.port())
+        .parse()
+        .expect("address");
+    let proxy = FaultProxy::start(address).await;
+    let through_proxy = async_nats::connect(proxy.url()).await.expect("connect");
+    // Renewals every 5 s, each given 5 s; the client's own timeouts are 5 s.
+    let config = idemq::WorkerConfig {
+        lease: Duration::from_secs(15),
+        handler_timeout: Duration::from_secs(60),
+        ..test_config()
+    };
+    let worker = start_worker_on(through_proxy, config, Some(FORWARD)).await;
+
+    let body = json!({
+        "intent_id": "stalled", "actor": "agent", "episode": "ep",
+        "capability": "slow", "params": {"sleep_ms": 20_000},
+    });
+    let sent = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let request = async_nats::Request::new()
+                .payload(body.to_string().into())
+                .timeout(Some(Duration::from_secs(60)));
+            let reply = client
+                .send_request("intents.work", request)
+                .await
+                .expect("a reply");
+            serde_json::from_slice::<Value>(&reply.payload).expect("JSON")
+        })
+    };
+    until_executed(&upstream, 1).await;
+    // From before the first renewal until past the third: each renewal
+    // reaches the server and lands, and no answer comes back in time, not
+    // even to the read that would settle it.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    proxy.set(Direction::Down, Mode::Hold);
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    proxy.set(Direction::Down, Mode::Pass);
+
+    let reply = tokio::time::timeout(Duration::from_secs(40), sent)
+        .await
+        .expect("answered within 40s")
+        .expect("request task");
+    assert_eq!(reply["result"]["status"], "Success", "{reply}");
+    assert_eq!(reply["replayed"], false);
+    assert_eq!(upstream.total(), 1, "executed once");
+    let store = KvStore::open(
+        async_nats::jetstream::new(client.clone()),
+        &BucketConfig::default(),
+    )
+    .await
+    .expect("bucket");
+    let key = IdempotencyKey::parse(reply["idem_key"].as_str().expect("key")).expect("key");
+    let record = store.get(&key).await.expect("get").expect("stored");
+    assert_eq!(record.result.as_ref().map(|_| ()), Some(()), "{record:?}");
+    assert_eq!(worker.stats.snapshot().takeovers, 0);
+    worker.stop().await;
+}
