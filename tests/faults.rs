@@ -28,6 +28,10 @@ async fn until_executed(upstream: &Upstream, n: u32) {
 
 #[tokio::test]
 async fn a_handler_running_across_a_stalled_renewal_keeps_its_lease_and_runs_once() {
+    if let Ok(filter) = std::env::var("IDEMQ_TEST_LOG") {
+        // Only for a person reading a run: the worker runs in this process.
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
+    }
     let server = NatsServer::start();
     let client = server.connect().await;
     let upstream = Upstream::start(&client).await;
@@ -36,24 +40,24 @@ async fn a_handler_running_across_a_stalled_renewal_keeps_its_lease_and_runs_onc
         .expect("address");
     let proxy = FaultProxy::start(address).await;
     let through_proxy = async_nats::connect(proxy.url()).await.expect("connect");
-    // Renewals every 5 s, each given 5 s; the client's own timeouts are 5 s.
+    // The default lease (30 s): renewals every 10 s, each given 10 s. The
+    // client's own timeouts: 5 s for a publish ack, 10 s for a read.
     let config = idemq::WorkerConfig {
-        lease: Duration::from_secs(15),
-        handler_timeout: Duration::from_secs(60),
+        handler_timeout: Duration::from_secs(90),
         ..test_config()
     };
     let worker = start_worker_on(through_proxy, config, Some(FORWARD)).await;
 
     let body = json!({
         "intent_id": "stalled", "actor": "agent", "episode": "ep",
-        "capability": "slow", "params": {"sleep_ms": 20_000},
+        "capability": "slow", "params": {"sleep_ms": 35_000},
     });
     let sent = {
         let client = client.clone();
         tokio::spawn(async move {
             let request = async_nats::Request::new()
                 .payload(body.to_string().into())
-                .timeout(Some(Duration::from_secs(60)));
+                .timeout(Some(Duration::from_secs(90)));
             let reply = client
                 .send_request("intents.work", request)
                 .await
@@ -62,17 +66,19 @@ async fn a_handler_running_across_a_stalled_renewal_keeps_its_lease_and_runs_onc
         })
     };
     until_executed(&upstream, 1).await;
-    // From before the first renewal until past the third: each renewal
-    // reaches the server and lands, and no answer comes back in time, not
-    // even to the read that would settle it.
+    // From before the first renewal (t = 10 s) to t = 27 s: the renewal
+    // reaches the server and lands; neither its ack nor the read that
+    // would settle it comes back in time, and the next renewal's conflict
+    // comes back only after the hold. The server's lease (from t = 10 s)
+    // lasts until t = 40 s.
     tokio::time::sleep(Duration::from_secs(4)).await;
     proxy.set(Direction::Down, Mode::Hold);
-    tokio::time::sleep(Duration::from_secs(12)).await;
+    tokio::time::sleep(Duration::from_secs(23)).await;
     proxy.set(Direction::Down, Mode::Pass);
 
-    let reply = tokio::time::timeout(Duration::from_secs(40), sent)
+    let reply = tokio::time::timeout(Duration::from_secs(60), sent)
         .await
-        .expect("answered within 40s")
+        .expect("answered within 60s")
         .expect("request task");
     assert_eq!(reply["result"]["status"], "Success", "{reply}");
     assert_eq!(reply["replayed"], false);

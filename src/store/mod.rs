@@ -526,9 +526,9 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     /// Retrying is safe because every attempt is a compare-and-swap on the
     /// same revision. A write whose acknowledgement was lost marks the lease
     /// unsettled, and is settled by reading the key: our owner token at a
-    /// newer revision is a write of ours. When it holds the state being
-    /// written, that is this write (or, for a renewal, one as good): it is
-    /// returned as found. An earlier renewal is adopted and written over.
+    /// newer revision is a write of ours. An outcome of ours is this very
+    /// write: it is returned as found. A renewal of ours is adopted and
+    /// written over at once, so the lease ends with an acknowledged write.
     async fn write_as_owner(
         &self,
         lease: &mut Lease,
@@ -590,10 +590,12 @@ pub trait IdempotencyStore: Send + Sync + 'static {
                     }))) if revision > lease.revision && found.owner == lease.record.owner => {
                         lease.revision = revision;
                         lease.unsettled = false;
-                        if found.state == record.state {
+                        if found.state == RecordState::Done && record.state == RecordState::Done {
                             return Ok(Some(found));
                         }
-                        // An earlier renewal of ours: write over it at once.
+                        // A renewal of ours landed, at a time we do not
+                        // know, so its lease may be nearly spent: write
+                        // over it at once (a renewal, or the outcome).
                         continue;
                     }
                     Ok(Ok(Some(Versioned { revision, .. }))) if revision != lease.revision => {
