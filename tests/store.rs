@@ -329,10 +329,16 @@ impl LossyAcks {
         self.reads_fail.store(fail, Ordering::SeqCst);
     }
 
-    fn ack_lost(&self) -> bool {
-        self.lose_acks
+    /// What the writer of a landed write hears: its result, or a lost ack.
+    fn acked<T>(&self, landed: T) -> Result<T, StoreError> {
+        let lost = self
+            .lose_acks
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok()
+            .is_ok();
+        if lost {
+            return Err(StoreError::Unacknowledged("ack lost".to_owned()));
+        }
+        Ok(landed)
     }
 }
 
@@ -353,18 +359,12 @@ impl IdempotencyStore for LossyAcks {
         ttl: Duration,
     ) -> Result<u64, StoreError> {
         let revision = self.inner.write(key, expected, record, ttl).await?;
-        if self.ack_lost() {
-            return Err(StoreError::Unacknowledged("ack lost".to_owned()));
-        }
-        Ok(revision)
+        self.acked(revision)
     }
 
     async fn remove(&self, key: &IdempotencyKey, expected: u64) -> Result<(), StoreError> {
         self.inner.remove(key, expected).await?;
-        if self.ack_lost() {
-            return Err(StoreError::Unacknowledged("ack lost".to_owned()));
-        }
-        Ok(())
+        self.acked(())
     }
 
     async fn purge(&self, key: &IdempotencyKey, expected: u64) -> Result<(), StoreError> {
