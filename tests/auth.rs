@@ -724,3 +724,114 @@ async fn the_jetstream_permission_set_is_all_a_jetstream_worker_needs() {
         "a JetStream-mode worker needed more than deploy/nats-auth/ allows:\n{refused}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_the_jetstream_permission_set_a_worker_killed_on_the_last_delivery_leaves_a_dead_letter(
+) {
+    let server = NatsServer::start_with_config_for(|dir| {
+        format!(
+            r#"
+            include "{worker}"
+            authorization {{
+              users: [
+                {{ user: idemq, password: "worker-pw", permissions: $IDEMQ_WORKER_JS }}
+                {{ user: admin, password: "admin-pw" }}
+                {{ user: upstream, password: "upstream-pw",
+                   permissions: {{ subscribe: "exec.>", allow_responses: true }} }}
+              ]
+            }}"#,
+            worker = include_path(dir, &deploy_file("worker-jetstream-permissions.conf")),
+        )
+    });
+    let url = server.url();
+    let connect = |user: &str, password: &str| {
+        async_nats::ConnectOptions::with_user_and_password(user.to_owned(), password.to_owned())
+            .connect(url.clone())
+    };
+    let upstream =
+        Upstream::start(&connect("upstream", "upstream-pw").await.expect("upstream")).await;
+    let admin = connect("admin", "admin-pw").await.expect("admin connects");
+    let js = async_nats::jetstream::new(admin.clone());
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "DLQ".to_owned(),
+        subjects: vec!["idemq.dlq.INTENTS".to_owned()],
+        ..Default::default()
+    })
+    .await
+    .expect("dead-letter stream");
+
+    let mut args: Vec<&str> = WORKER.to_vec();
+    args.extend([
+        "--forward",
+        FORWARD,
+        "--stream",
+        "INTENTS",
+        "--durable",
+        "workers",
+        "--ack-wait",
+        "2s",
+        // Every delivery is the last.
+        "--max-deliver",
+        "1",
+    ]);
+    let doomed = WorkerProcess::serve(&url, &args);
+    common::workers::wait_for_workers(&admin, 1).await;
+    let body = intent("last-delivery", "slow", json!({ "sleep_ms": 60_000 }));
+    js.publish("intents.work", body.into())
+        .await
+        .expect("publish")
+        .await
+        .expect("the stream takes it");
+    for _ in 0..100 {
+        if upstream.total() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(upstream.total(), 1, "the first worker runs it");
+    // A second worker, then the first dies holding the intent's only delivery.
+    let survivor = WorkerProcess::serve(&url, &args);
+    common::workers::wait_for_workers(&admin, 2).await;
+    doomed.signal("-KILL");
+    drop(doomed);
+
+    let mut dlq = js.get_stream("DLQ").await.expect("DLQ");
+    let mut held = 0;
+    for _ in 0..150 {
+        held = dlq.info().await.expect("DLQ info").state.messages;
+        if held > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        held,
+        1,
+        "the dead letter is kept; server log:\n{}",
+        violations(&server.log())
+    );
+    let letter = dlq.get_raw_message(1).await.expect("dead letter");
+    assert_eq!(
+        letter.headers.get("Idem-Dead-Reason").map(|v| v.as_str()),
+        Some("max_deliver")
+    );
+    let mut intents = js.get_stream("INTENTS").await.expect("INTENTS");
+    let mut left = u64::MAX;
+    for _ in 0..50 {
+        left = intents.info().await.expect("INTENTS info").state.messages;
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        left, 0,
+        "the dead-lettered intent is removed from its stream"
+    );
+    survivor.signal("-TERM");
+    let refused = violations(&server.log());
+    assert!(
+        refused.is_empty(),
+        "the max-deliveries path needed more than deploy/nats-auth/ allows:\n{refused}"
+    );
+}
