@@ -45,8 +45,9 @@ pub const DEAD_REASON_HEADER: &str = "Idem-Dead-Reason";
 pub const MAX_DELIVER_REASON: &str = "max_deliver";
 /// How long a pull request waits on the server before it is renewed.
 const PULL_EXPIRES: Duration = Duration::from_secs(30);
-/// Idle heartbeat of pull requests: a silent server is noticed within two.
-const PULL_HEARTBEAT: Duration = Duration::from_secs(5);
+/// Idle heartbeat of pull requests: a pull the server lost is noticed
+/// within two, and pulled anew (see [`pull_lost`]).
+const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
 /// Pause before re-creating the message stream after it ended.
 const RESUBSCRIBE_DELAY: Duration = Duration::from_secs(1);
 /// How long a reply may take to be safe before the intent is nak'ed instead of acked.
@@ -186,6 +187,15 @@ impl Consumer {
                     {
                         let message = match next {
                             Ok(message) => message,
+                            // The client thinks a pull is still waiting on
+                            // the server, but the server lost it (restarted,
+                            // or answered before its JetStream was back):
+                            // nothing would come until the pull expires.
+                            // A fresh stream pulls at once.
+                            Err(error) if pull_lost(&error) => {
+                                tracing::warn!(%error, "pull request lost; pulling anew");
+                                break;
+                            }
                             Err(error) => {
                                 tracing::warn!(%error, "pull consumer hiccup");
                                 continue;
@@ -509,6 +519,15 @@ fn dead_letter_headers(original: Option<&HeaderMap>, reason: &str) -> HeaderMap 
     }
     headers.insert(DEAD_REASON_HEADER, reason);
     headers
+}
+
+/// Whether a pull stream error means the server holds no pull request of
+/// ours any more, so the stream must be made again to take work.
+fn pull_lost(error: &pull::MessagesError) -> bool {
+    matches!(
+        error.kind(),
+        pull::MessagesErrorKind::MissingHeartbeat | pull::MessagesErrorKind::NoResponders
+    )
 }
 
 /// The nak delay: the verdict's suggestion, doubled per delivery, capped.

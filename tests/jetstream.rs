@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::PullConsumer};
 use async_nats::{Client, HeaderMap, Subscriber};
+use common::proxy::{Direction, FaultProxy, Mode};
 use common::upstream::{Upstream, FORWARD};
 use common::workers::{start_worker, test_config, wait_for_workers, RunningWorker, WorkerProcess};
 use common::NatsServer;
@@ -527,4 +528,91 @@ async fn a_ttl_shorter_than_a_held_copy_still_answers_it_with_the_one_outcome() 
     assert_eq!(fresh, 1, "one execution's own answer, one replay");
     until_drained(&js).await;
     worker.stop().await;
+}
+
+/// Each worker's `executed` counter, by instance id, from `idemq stats --json`.
+async fn executed_by_worker(url: &str) -> HashMap<String, u64> {
+    let output = common::workers::run_idemq(
+        &["stats", "--json", "--nats-url", url, "--timeout", "500ms"],
+        &[("RUST_LOG", Some("error"))],
+    )
+    .await;
+    assert!(output.status.success(), "idemq stats: {output:?}");
+    let report: Value = serde_json::from_slice(&output.stdout).expect("stats JSON");
+    report["workers"]
+        .as_array()
+        .expect("workers")
+        .iter()
+        .map(|w| {
+            let id = w["id"].as_str().expect("id").to_owned();
+            (id, w["stats"]["executed"].as_u64().expect("executed"))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_server_restart_every_worker_takes_work_again_within_seconds() {
+    let mut server = NatsServer::start();
+    let url = server.url();
+    // Two of the three reach the server through fault proxies, so they can
+    // be made to reconnect after the first: by then the first one's pull
+    // request waits on the consumer.
+    let address: std::net::SocketAddr = format!("127.0.0.1:{}", server.port())
+        .parse()
+        .expect("address");
+    let late = [
+        FaultProxy::start(address).await,
+        FaultProxy::start(address).await,
+    ];
+    let args = ["--handler-timeout", "3s"];
+    let _workers = [
+        spawn_worker(&url, &args),
+        spawn_worker(&late[0].url(), &args),
+        spawn_worker(&late[1].url(), &args),
+    ];
+    let client = server.connect().await;
+    let first_upstream = Upstream::start(&client).await;
+    wait_for_workers(&client, 3).await;
+    // Busy at the restart.
+    let js = jetstream::new(client.clone());
+    for i in 0..30 {
+        let body = intent(&format!("before-{i}"), "slow", json!({"sleep_ms": 200}));
+        publish(&js, &body).await;
+    }
+    drop((first_upstream, js, client));
+
+    for proxy in &late {
+        proxy.set(Direction::Up, Mode::Hold);
+        proxy.set(Direction::Down, Mode::Hold);
+    }
+    server.restart();
+    let client = server.connect().await;
+    let _upstream = Upstream::start(&client).await;
+    let js = jetstream::new(client.clone());
+    wait_for_workers(&client, 1).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for proxy in &late {
+        proxy.set(Direction::Up, Mode::Pass);
+        proxy.set(Direction::Down, Mode::Pass);
+    }
+    // All three have reconnected once they answer discovery again.
+    wait_for_workers(&client, 3).await;
+    let before = executed_by_worker(&url).await;
+    assert_eq!(before.len(), 3);
+
+    // A steady load for 5 s.
+    for i in 0..100 {
+        let body = intent(&format!("after-{i}"), "slow", json!({"sleep_ms": 50}));
+        publish(&js, &body).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let after = executed_by_worker(&url).await;
+    assert_eq!(after.len(), 3);
+    for (id, executed) in &after {
+        let earlier = before.get(id).copied().unwrap_or(0);
+        assert!(
+            *executed > earlier,
+            "worker {id} took no work in the 5 s after its reconnect: {before:?} -> {after:?}"
+        );
+    }
 }
