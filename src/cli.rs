@@ -509,7 +509,8 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, CliError> {
     }
     let url = args.nats.url();
     let (errors, mut server_errors) = tokio::sync::mpsc::channel(16);
-    let client = crate::config::connect_reporting(&args.nats, "idemq", Some(errors))
+    let capacity = Some(config.subscription_capacity());
+    let client = crate::config::connect_reporting(&args.nats, "idemq", Some(errors), capacity)
         .await
         .map_err(connect_failure)?;
     let handler: Arc<dyn Handler> = match &args.forward {

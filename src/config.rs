@@ -79,16 +79,19 @@ pub enum ConnectError {
 /// timeout and a connection name the server shows. Errors the server
 /// reports later (a permission violation, say) are logged.
 pub async fn connect(nats: &NatsArgs, name: &str) -> Result<async_nats::Client, ConnectError> {
-    connect_reporting(nats, name, None).await
+    connect_reporting(nats, name, None, None).await
 }
 
 /// Like [`connect`], and also hands every error the server reports on the
 /// connection to `server_errors` (dropped when the channel is full): `serve`
-/// refuses to run with permissions it lacks instead of idling.
+/// refuses to run with permissions it lacks instead of idling. With
+/// `subscription_capacity` every subscription buffers at most that many
+/// messages (see [`WorkerConfig::subscription_capacity`]).
 pub async fn connect_reporting(
     nats: &NatsArgs,
     name: &str,
     server_errors: Option<tokio::sync::mpsc::Sender<async_nats::ServerError>>,
+    subscription_capacity: Option<usize>,
 ) -> Result<async_nats::Client, ConnectError> {
     let url = nats.url();
     let servers: Vec<&str> = url
@@ -111,6 +114,10 @@ pub async fn connect_reporting(
                 }
             }
         });
+    let options = match subscription_capacity {
+        Some(capacity) => options.subscription_capacity(capacity),
+        None => options,
+    };
     let options = nats.auth.apply(options)?;
     options
         .connect(servers.as_slice())
@@ -221,7 +228,22 @@ impl JetStreamConfig {
     }
 }
 
+/// Fewest messages a worker's subscriptions buffer, whatever `--concurrency`:
+/// room for discovery requests, purge notices and wake-ups beside intents.
+pub const MIN_SUBSCRIPTION_CAPACITY: usize = 64;
+
 impl WorkerConfig {
+    /// How many messages each of the worker connection's subscriptions may
+    /// buffer: the in-flight bound (at least [`MIN_SUBSCRIPTION_CAPACITY`]).
+    /// A core-mode worker at its bound stops reading intents; without this
+    /// cap the client would buffer up to 65,536 of them (at 1 MiB each,
+    /// gigabytes). Past it the client drops intents, and their senders
+    /// retry, as core request/reply expects. Embedders pass it to
+    /// `ConnectOptions::subscription_capacity`.
+    pub fn subscription_capacity(&self) -> usize {
+        self.concurrency.max(MIN_SUBSCRIPTION_CAPACITY)
+    }
+
     /// How long an outcome is kept: the intent's `ttl_secs`, capped by
     /// `--ttl`. In JetStream mode it is at least the redelivery horizon
     /// (PROTOCOL.md v1.1 §6): a copy held for the outcome, or a late

@@ -313,3 +313,64 @@ async fn send_retries_with_the_same_key_and_prints_the_reply() {
     assert_eq!(second["result"], first["result"]);
     worker.stop().await;
 }
+
+/// Max-size intents in the flood below.
+const FLOOD: usize = 1500;
+/// What a worker at `--concurrency 4` may reach under it: the buffered
+/// intents (at most `MIN_SUBSCRIPTION_CAPACITY`, 64, of 1 MiB) and those
+/// in flight, on top of its own ~30 MiB.
+const FLOOD_RSS_BOUND: u64 = 200 * 1024 * 1024;
+
+#[tokio::test]
+async fn a_flood_of_max_size_intents_keeps_the_worker_within_its_memory_bound() {
+    let server = NatsServer::start();
+    let client = server.connect().await;
+    let _upstream = Upstream::start(&client).await;
+    let mut worker = WorkerProcess::serve(
+        &server.url(),
+        &[
+            "--forward",
+            FORWARD,
+            "--concurrency",
+            "4",
+            "--handler-timeout",
+            "5s",
+        ],
+    );
+    wait_for_workers(&client, 1).await;
+    let before = worker.peak_rss();
+
+    // Each just under the 1 MiB max payload, to a slow upstream: the
+    // worker takes 4 at a time, and the rest arrive much faster than that.
+    let filler = "x".repeat(1_000_000);
+    for i in 0..FLOOD {
+        let body = json!({
+            "intent_id": format!("flood-{i}"), "actor": "agent", "episode": "ep",
+            "capability": "slow", "params": {"sleep_ms": 200, "filler": filler},
+        });
+        client
+            .publish("intents.flood", body.to_string().into())
+            .await
+            .expect("publish");
+    }
+    client.flush().await.expect("flush");
+    // Let the worker read what the server sends it.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let peak = worker.peak_rss();
+    println!(
+        "worker peak RSS {} MiB before, {} MiB after {FLOOD} intents of 1 MB",
+        before >> 20,
+        peak >> 20
+    );
+    assert!(
+        peak < FLOOD_RSS_BOUND,
+        "peak RSS {} MiB over the {} MiB bound",
+        peak >> 20,
+        FLOOD_RSS_BOUND >> 20
+    );
+    // Still serving.
+    let reply = send(&client, "intents.ok", &intent("after-flood", json!(1))).await;
+    assert_eq!(reply["result"]["status"], "Success", "{reply}");
+    worker.signal("-TERM");
+    assert!(worker.wait(Duration::from_secs(30)).await.success());
+}

@@ -219,6 +219,29 @@ impl WorkerProcess {
         WorkerProcess(command.spawn().expect("spawn idemq"))
     }
 
+    /// The process id.
+    pub fn id(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// Peak resident set size so far (`VmHWM`), in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.0.id()))
+            .expect("read /proc/<pid>/status");
+        let line = status
+            .lines()
+            .find(|line| line.starts_with("VmHWM:"))
+            .expect("VmHWM line");
+        let kib: u64 = line
+            .trim_start_matches("VmHWM:")
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .expect("VmHWM in kB");
+        kib * 1024
+    }
+
     /// Sends a signal (`-TERM`, `-KILL`) with kill(1).
     pub fn signal(&self, signal: &str) {
         let status = Command::new("kill")
