@@ -99,9 +99,19 @@ impl ReplyRoutes {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
-/// Messages asked for per pull: enough to keep the in-flight bound busy
-/// without buffering much more than it.
+/// Most messages asked for per pull.
 const MAX_BATCH: usize = 256;
+
+/// Messages asked for per pull at `concurrency`: half the in-flight bound.
+/// The client pulls again when half a batch is left, so at most 1.5
+/// batches (3/4 of the bound) wait in the client: less than the
+/// subscription's capacity ([`WorkerConfig::subscription_capacity`]), so
+/// none is dropped there to be redelivered only after its ack wait.
+///
+/// [`WorkerConfig::subscription_capacity`]: crate::config::WorkerConfig::subscription_capacity
+fn pull_batch(concurrency: usize) -> usize {
+    (concurrency / 2).clamp(1, MAX_BATCH)
+}
 
 /// The stream and durable consumer one worker takes intents from.
 pub(crate) struct Consumer {
@@ -170,7 +180,7 @@ impl Consumer {
         intake.tracker.spawn(
             Arc::clone(&this).dead_letter_advisories(Arc::clone(pipeline), intake.shutdown.clone()),
         );
-        let batch = pipeline.config.concurrency.clamp(1, MAX_BATCH);
+        let batch = pull_batch(pipeline.config.concurrency);
         while !intake.shutdown.is_cancelled() {
             let messages = this
                 .consumer
@@ -565,6 +575,22 @@ mod tests {
         assert_eq!(get("Idem-Original-Nats-Msg-Id").as_deref(), Some("m-1"));
         assert_eq!(get("Idempotency-Key").as_deref(), Some("k"));
         assert_eq!(get(DEAD_REASON_HEADER).as_deref(), Some("INVALID_INTENT"));
+    }
+
+    #[test]
+    fn pulled_messages_fit_the_subscription_buffer() {
+        for concurrency in [1, 2, 3, 64, 256, 1024, 100_000] {
+            let config = crate::config::WorkerConfig {
+                concurrency,
+                ..Default::default()
+            };
+            let batch = pull_batch(concurrency);
+            assert!(batch >= 1);
+            assert!(
+                batch + batch / 2 <= config.subscription_capacity(),
+                "{concurrency}"
+            );
+        }
     }
 
     #[test]

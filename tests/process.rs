@@ -386,3 +386,65 @@ async fn a_flood_of_max_size_intents_keeps_the_worker_within_its_memory_bound() 
     worker.signal("-TERM");
     assert!(worker.wait(Duration::from_secs(30)).await.success());
 }
+
+/// `--grace` in the shutdown test below.
+const GRACE: Duration = Duration::from_secs(2);
+/// What the contract allows a stop past `--grace`: releasing the claims
+/// still running (5 s) and flushing the last replies (5 s).
+const PAST_GRACE: Duration = Duration::from_secs(10);
+
+#[tokio::test]
+async fn a_stop_past_grace_with_the_store_unreachable_still_exits_cleanly_in_bounded_time() {
+    let server = NatsServer::start();
+    let client = server.connect().await;
+    let upstream = Upstream::start(&client).await;
+    let address: std::net::SocketAddr = format!("127.0.0.1:{}", server.port())
+        .parse()
+        .expect("address");
+    let proxy = common::proxy::FaultProxy::start(address).await;
+    let mut worker = WorkerProcess::serve(
+        &proxy.url(),
+        &[
+            "--forward",
+            FORWARD,
+            "--grace",
+            "2s",
+            "--handler-timeout",
+            "60s",
+        ],
+    );
+    wait_for_workers(&client, 1).await;
+    let body = json!({
+        "intent_id": "outlives-grace", "actor": "agent", "episode": "ep",
+        "capability": "slow", "params": {"sleep_ms": 30_000},
+    });
+    client
+        .publish("intents.slow", body.to_string().into())
+        .await
+        .expect("publish");
+    for _ in 0..100 {
+        if upstream.total() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(upstream.total(), 1, "the handler runs");
+    // The worker's traffic to the server stalls (its release, its reply),
+    // and it is told to stop while the handler still runs.
+    proxy.set(common::proxy::Direction::Up, common::proxy::Mode::Hold);
+    let stopped = std::time::Instant::now();
+    worker.signal("-TERM");
+    let status = worker
+        .wait(GRACE + PAST_GRACE + Duration::from_secs(5))
+        .await;
+    let took = stopped.elapsed();
+    println!("stopped in {took:?}");
+    assert!(
+        status.success(),
+        "exit 0 after a stop past grace: {status:?}"
+    );
+    assert!(
+        took <= GRACE + PAST_GRACE + Duration::from_secs(1),
+        "stopped in {took:?}"
+    );
+}
