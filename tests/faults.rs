@@ -95,3 +95,81 @@ async fn a_handler_running_across_a_stalled_renewal_keeps_its_lease_and_runs_onc
     assert_eq!(worker.stats.snapshot().takeovers, 0);
     worker.stop().await;
 }
+
+#[tokio::test]
+async fn an_outcome_the_store_never_took_is_not_acked_away() {
+    let server = NatsServer::start();
+    let client = server.connect().await;
+    let upstream = Upstream::start(&client).await;
+    let address: SocketAddr = format!("127.0.0.1:{}", server.port())
+        .parse()
+        .expect("address");
+    let proxy = FaultProxy::start(address).await;
+    let through_proxy = async_nats::connect(proxy.url()).await.expect("connect");
+    let mut js_config = idemq::config::JetStreamConfig::new("INTENTS", "workers");
+    // No redelivery while the worker's traffic is held.
+    js_config.ack_wait = Duration::from_secs(30);
+    let config = idemq::WorkerConfig {
+        lease: Duration::from_secs(3),
+        delivery: idemq::config::Delivery::JetStream(js_config),
+        ..test_config()
+    };
+    let worker = start_worker_on(through_proxy, config, Some(FORWARD)).await;
+    let js = async_nats::jetstream::new(client.clone());
+    let body = json!({
+        "intent_id": "unstored", "actor": "agent", "episode": "ep",
+        "capability": "slow", "params": {"sleep_ms": 1000},
+    });
+    js.publish("intents.work", body.to_string().into())
+        .await
+        .expect("publish")
+        .await
+        .expect("stream ack");
+    until_executed(&upstream, 1).await;
+    // The handler's answer still reaches the worker; nothing the worker
+    // sends reaches the server for longer than the lease (and than the
+    // client's ack and read timeouts): the outcome cannot be stored.
+    proxy.set(Direction::Up, Mode::Hold);
+    tokio::time::sleep(Duration::from_secs(18)).await;
+    proxy.set(Direction::Up, Mode::Pass);
+
+    let store = KvStore::open(js.clone(), &BucketConfig::default())
+        .await
+        .expect("bucket");
+    let key = IdempotencyKey::from_intent_metadata("unstored", "agent", "ep", None);
+    let mut stored = None;
+    for _ in 0..150 {
+        if let Some(record) = store.get(&key).await.expect("get") {
+            if record.result.is_some() {
+                stored = Some(record);
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        stored.is_some(),
+        "the intent stayed in its stream and its outcome was stored in the end"
+    );
+    // The lease ran out while the store was unreachable: the documented
+    // window, so a second execution is allowed, never a third.
+    assert!(upstream.total() <= 2, "{} executions", upstream.total());
+    let mut consumer = js
+        .get_stream("INTENTS")
+        .await
+        .expect("stream")
+        .get_consumer::<async_nats::jetstream::consumer::pull::Config>("workers")
+        .await
+        .expect("consumer");
+    let mut pending = u64::MAX;
+    for _ in 0..100 {
+        let info = consumer.info().await.expect("info");
+        pending = info.num_pending + info.num_ack_pending as u64;
+        if pending == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(pending, 0, "acked once the outcome was stored");
+    worker.stop().await;
+}
