@@ -84,6 +84,11 @@ pub struct ServeArgs {
         default_value = "intents.>"
     )]
     pub subjects: Vec<String>,
+    /// Only reply to subjects matching these patterns (e.g. `results.>`,
+    /// `_INBOX.>`); system subjects, wildcards and the intent subjects are
+    /// refused whatever this says.
+    #[arg(long = "reply-allow", env = "IDEMQ_REPLY_ALLOW", value_delimiter = ',')]
+    pub reply_allow: Vec<String>,
     /// Queue group shared by the workers.
     #[arg(long, env = "IDEMQ_QUEUE_GROUP", default_value = "idemq")]
     pub queue_group: String,
@@ -162,6 +167,7 @@ impl ServeArgs {
     pub fn worker_config(&self) -> WorkerConfig {
         WorkerConfig {
             subjects: self.subjects.clone(),
+            reply_allow: self.reply_allow.clone(),
             queue_group: self.queue_group.clone(),
             ttl: self.ttl,
             handler_timeout: self.handler_timeout,

@@ -134,6 +134,9 @@ pub async fn connect_reporting(
 pub struct WorkerConfig {
     /// Subjects to take intents from (wildcards allowed).
     pub subjects: Vec<String>,
+    /// `--reply-allow`: when not empty, the only subjects replies may go
+    /// to (on top of the fixed refusals of `reply_policy`).
+    pub reply_allow: Vec<String>,
     /// Queue group shared by all workers (core mode).
     pub queue_group: String,
     /// Longest outcome lifetime; an intent's `ttl_secs` is clamped to it.
@@ -264,6 +267,7 @@ impl Default for WorkerConfig {
     fn default() -> Self {
         Self {
             subjects: vec!["intents.>".to_owned()],
+            reply_allow: Vec::new(),
             queue_group: "idemq".to_owned(),
             ttl: Duration::from_secs(24 * 3600),
             handler_timeout: Duration::from_secs(30),
@@ -295,6 +299,13 @@ impl WorkerConfig {
         for subject in &self.subjects {
             if !is_subscribe_subject(subject) {
                 problem(format!("--subject {subject:?} is not a valid NATS subject"));
+            }
+        }
+        for pattern in &self.reply_allow {
+            if !is_subscribe_subject(pattern) {
+                problem(format!(
+                    "--reply-allow {pattern:?} is not a valid NATS subject pattern"
+                ));
             }
         }
         if !crate::intent::is_token(&self.queue_group) {

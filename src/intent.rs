@@ -93,6 +93,14 @@ pub enum IntentError {
     /// The `Idempotency-Key` header is malformed.
     #[error(transparent)]
     InvalidKey(#[from] KeyError),
+    /// A reply target the worker must not publish to (see `reply_policy`).
+    #[error("reply target `{subject}` refused: {reason}")]
+    ReplyTargetRefused {
+        /// The refused subject.
+        subject: String,
+        /// Why, in words.
+        reason: &'static str,
+    },
 }
 
 /// A refused intent, with whatever could still be read for the reply.

@@ -242,6 +242,7 @@ impl Consumer {
         let delivered = message.info().map_or(1, |info| info.delivered.max(1));
         let work = pipeline.handle(
             &message.subject,
+            None,
             message.headers.as_ref(),
             &message.payload,
             abandon,

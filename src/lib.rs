@@ -13,6 +13,8 @@
 //!
 //! * [`key`]: the seed-compatible [`IdempotencyKey`]: derive, parse, display.
 //! * [`intent`]: the envelope: decode, validate, fingerprint ([`Intent`]).
+//! * [`reply_policy`]: where a reply may go: never where the caller could
+//!   turn the worker's credentials against the bucket or the JetStream API.
 //! * [`outcome`]: [`Outcome`], the stored [`Record`], the [`Reply`].
 //! * [`store`]: the [`IdempotencyStore`] trait and the claim protocol;
 //!   [`store::kv`] on JetStream KV, [`store::memory`] in process.
@@ -101,6 +103,7 @@
 
 pub mod key;
 pub mod intent;
+pub mod reply_policy;
 pub mod outcome;
 pub mod store;
 pub mod handler;

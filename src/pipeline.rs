@@ -26,6 +26,7 @@ use crate::config::WorkerConfig;
 use crate::handler::{Call, Handler, HandlerError};
 use crate::intent::{Intent, IntentError, Limits};
 use crate::outcome::{Answer, EncodedReply, Outcome, Record, Reply};
+use crate::reply_policy::ReplyPolicy;
 use crate::stats::{self, Stats};
 use crate::store::{Acquire, ClaimRequest, IdempotencyStore, Lease, StoreError};
 use prometheus_client::metrics::counter::Counter;
@@ -123,12 +124,16 @@ impl Verdict {
     }
 }
 
-/// A handled delivery: the verdict and where the intent asked to be answered.
+/// A handled delivery: the verdict and where the intent may be answered.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Handled {
     /// What became of it.
     pub verdict: Verdict,
-    /// `Idem-Reply-To` or `reply_to`, for messages without a reply subject.
+    /// Whether the message's own reply subject may be answered (core
+    /// mode): false when it was refused, and then nothing is answered.
+    pub answer_own: bool,
+    /// `Idem-Reply-To` or `reply_to`, for messages without a reply
+    /// subject; `None` when absent or refused.
     pub reply_to: Option<String>,
     /// The intent's fingerprint; `None` for a message that is not a valid
     /// intent. With the key it names one intent's answer across copies.
@@ -157,6 +162,8 @@ pub struct Pipeline {
     pub in_flight: InFlightKeys,
     /// Whether to read before claiming, from how claims have gone lately.
     pub odds: ReplayOdds,
+    /// Where replies may go.
+    pub replies: ReplyPolicy,
 }
 
 /// How often claims lately found their key already stored or claimed: a
@@ -207,11 +214,14 @@ impl Drop for InFlight {
 }
 
 impl Pipeline {
-    /// Handles one delivery. `abandon` is cancelled when shutdown gives up
-    /// waiting: a running handler is then dropped and its claim released.
+    /// Handles one delivery. `own_reply` is the message's reply subject
+    /// when it is a reply target (core mode; JetStream's is the ack
+    /// subject). `abandon` is cancelled when shutdown gives up waiting: a
+    /// running handler is then dropped and its claim released.
     pub async fn handle(
         &self,
         subject: &str,
+        own_reply: Option<&str>,
         headers: Option<&HeaderMap>,
         payload: &Bytes,
         abandon: &CancellationToken,
@@ -222,17 +232,48 @@ impl Pipeline {
         let limits = Limits {
             max_payload: self.config.max_payload,
         };
-        let intent = match Intent::decode(subject, headers, payload, limits) {
-            Ok(intent) => intent,
-            Err(invalid) => {
-                let rejection = Rejection::Invalid(invalid.error);
+        // Every reply target is vetted before anything runs: a refused one
+        // makes the intent invalid and is never published to.
+        let own_refused = own_reply.and_then(|own| self.replies.check(own).err());
+        let decoded = Intent::decode(subject, headers, payload, limits);
+        let named = match &decoded {
+            Ok(intent) => intent.reply_to.as_deref(),
+            Err(invalid) => invalid.reply_to.as_deref(),
+        };
+        let named_refused = named.and_then(|named| self.replies.check(named).err());
+        // A refused own reply subject means no answer at all; a refused
+        // named target is never answered on.
+        let answer_own = own_reply.is_some() && own_refused.is_none();
+        let named_ok = own_refused.is_none() && named_refused.is_none();
+        let refused = own_refused.or(named_refused);
+        let intent = match (decoded, refused) {
+            (Ok(intent), None) => intent,
+            (decoded, refused) => {
+                let (idem_key, intent_id, reply_to, error) = match decoded {
+                    Ok(intent) => (
+                        Some(intent.key),
+                        Some(intent.intent_id),
+                        intent.reply_to,
+                        None,
+                    ),
+                    Err(invalid) => (
+                        invalid.idem_key,
+                        invalid.intent_id,
+                        invalid.reply_to,
+                        Some(invalid.error),
+                    ),
+                };
+                // A refused target outranks what else is wrong: it is the
+                // one thing the caller must not try again.
+                let error = refused.or(error).unwrap_or(IntentError::NotObject);
+                let rejection = Rejection::Invalid(error);
                 self.stats.count_invalid(rejection.code());
                 tracing::info!(error = %rejection, %subject, "invalid intent");
-                let outcome = rejection.outcome();
-                let reply = Reply::unstored(invalid.idem_key, invalid.intent_id, outcome);
+                let reply = Reply::unstored(idem_key, intent_id, rejection.outcome());
                 return Handled {
                     verdict: Verdict::Invalid(reply.into()),
-                    reply_to: invalid.reply_to,
+                    answer_own,
+                    reply_to: reply_to.filter(|_| named_ok),
                     fingerprint: None,
                 };
             }
@@ -266,6 +307,7 @@ impl Pipeline {
         }
         Handled {
             verdict,
+            answer_own,
             reply_to: intent.reply_to,
             fingerprint: Some(intent.fingerprint),
         }

@@ -25,6 +25,7 @@ use crate::handler::Handler;
 use crate::jetstream;
 use crate::key::IdempotencyKey;
 use crate::pipeline::{next_with_permit, Pipeline, ReplayOdds};
+use crate::reply_policy::ReplyPolicy;
 use crate::service;
 use crate::stats::Stats;
 use crate::store::IdempotencyStore;
@@ -78,6 +79,7 @@ impl Worker {
                 cache: OutcomeCache::new(config.cache_bytes),
                 in_flight: InFlightKeys::default(),
                 odds: ReplayOdds::default(),
+                replies: ReplyPolicy::new(&config.subjects, &config.reply_allow),
                 config,
             },
         }
@@ -265,14 +267,16 @@ fn answer_core(
         let handled = pipeline
             .handle(
                 &message.subject,
+                message.reply.as_deref(),
                 message.headers.as_ref(),
                 &message.payload,
                 &abandon,
             )
             .await;
         // The message's own reply subject as it came (no copy), else the
-        // one the intent names.
-        match (message.reply).or_else(|| handled.reply_to.map(Subject::from)) {
+        // one the intent names; neither once the policy refused one.
+        let own = message.reply.filter(|_| handled.answer_own);
+        match own.or_else(|| handled.reply_to.map(Subject::from)) {
             Some(reply_to) => {
                 let reply = handled.verdict.answer();
                 // Boxed: inline, the publish would double every task's size.

@@ -1,0 +1,141 @@
+//! Where the worker may publish a reply (PROTOCOL.md v1.1, "Reply targets").
+//!
+//! A reply goes out with the worker's own NATS credentials, so the caller
+//! must not be able to choose where it lands: a reply subject of
+//! `$KV.<bucket>.<key>` would overwrite another intent's stored record, one
+//! under `$JS.API` would drive the JetStream API, one on the worker's own
+//! intent subjects would feed it intents. Every reply target (a core
+//! message's own reply subject, `Idem-Reply-To`, `reply_to`) is checked
+//! here before anything runs; a refused one is `INVALID_INTENT` and is
+//! never published to.
+
+use crate::intent::IntentError;
+
+/// The reply targets a worker accepts.
+#[derive(Debug, Clone, Default)]
+pub struct ReplyPolicy {
+    /// The worker's own intent subjects (`--subject`): never reply targets.
+    own: Vec<String>,
+    /// `--reply-allow`: when not empty, a target must match one of these.
+    allow: Vec<String>,
+}
+
+impl ReplyPolicy {
+    /// A policy for a worker on `own` subjects, narrowed to `allow` when
+    /// that is not empty.
+    pub fn new(own: &[String], allow: &[String]) -> ReplyPolicy {
+        ReplyPolicy {
+            own: own.to_vec(),
+            allow: allow.to_vec(),
+        }
+    }
+
+    /// Whether the worker may publish a reply to `subject`; the error says
+    /// which subject was refused and why.
+    pub fn check(&self, subject: &str) -> Result<(), IntentError> {
+        let refuse = |reason| {
+            Err(IntentError::ReplyTargetRefused {
+                subject: subject.to_owned(),
+                reason,
+            })
+        };
+        if subject.starts_with('$') {
+            return refuse("system subjects ($KV, $JS, $SYS, $SRV, ...) are never reply targets");
+        }
+        if subject.is_empty() || subject.chars().any(char::is_whitespace) {
+            return refuse("a subject has no whitespace");
+        }
+        if subject.split('.').any(|token| token == "*" || token == ">") {
+            return refuse("a reply target has no wildcards");
+        }
+        if subject.split('.').any(str::is_empty) {
+            return refuse("a subject has no empty tokens");
+        }
+        if self.own.iter().any(|own| subject_matches(own, subject)) {
+            return refuse("it is one of the worker's own intent subjects");
+        }
+        if !self.allow.is_empty()
+            && !self
+                .allow
+                .iter()
+                .any(|allow| subject_matches(allow, subject))
+        {
+            return refuse("it is outside --reply-allow");
+        }
+        Ok(())
+    }
+}
+
+/// Whether the NATS subject `pattern` (`*` one token, `>` one or more
+/// trailing tokens) matches the literal `subject`.
+pub fn subject_matches(pattern: &str, subject: &str) -> bool {
+    let mut tokens = subject.split('.');
+    for wanted in pattern.split('.') {
+        match (wanted, tokens.next()) {
+            (">", Some(_)) => return true,
+            (_, None) => return false,
+            ("*", Some(_)) => {}
+            (wanted, Some(token)) if wanted == token => {}
+            _ => return false,
+        }
+    }
+    tokens.next().is_none()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_match_as_nats_does() {
+        assert!(subject_matches("intents.>", "intents.a"));
+        assert!(subject_matches("intents.>", "intents.a.b"));
+        assert!(!subject_matches("intents.>", "intents"));
+        assert!(subject_matches("a.*.c", "a.b.c"));
+        assert!(!subject_matches("a.*.c", "a.b.d"));
+        assert!(!subject_matches("a.*", "a.b.c"));
+        assert!(subject_matches("a.b", "a.b"));
+        assert!(!subject_matches("a.b", "a.bc"));
+        assert!(!subject_matches("a.b.c", "a.b"));
+    }
+
+    #[test]
+    fn system_wildcard_whitespace_and_own_subjects_are_refused() {
+        let policy = ReplyPolicy::new(&["intents.>".to_owned()], &[]);
+        for refused in [
+            "$KV.IDEMPOTENCY.idem_0123456789abcdef",
+            "$JS.API.STREAM.DELETE.INTENTS",
+            "$SYS.REQ.SERVER.PING",
+            "results.*",
+            "results.>",
+            "a b",
+            "a\tb",
+            "",
+            "a..b",
+            "intents.work",
+        ] {
+            assert!(
+                matches!(
+                    policy.check(refused),
+                    Err(IntentError::ReplyTargetRefused { ref subject, .. }) if subject == refused
+                ),
+                "{refused:?}"
+            );
+        }
+        for allowed in ["_INBOX.abc.def", "results.agent-1", "exec_results"] {
+            assert_eq!(policy.check(allowed), Ok(()), "{allowed}");
+        }
+    }
+
+    #[test]
+    fn reply_allow_narrows_the_targets() {
+        let policy = ReplyPolicy::new(
+            &["intents.>".to_owned()],
+            &["results.>".to_owned(), "_INBOX.>".to_owned()],
+        );
+        assert_eq!(policy.check("results.a"), Ok(()));
+        assert_eq!(policy.check("_INBOX.x.y"), Ok(()));
+        assert!(policy.check("exec.charge").is_err());
+        assert!(policy.check("$KV.B.k").is_err(), "the floor still holds");
+    }
+}
