@@ -552,7 +552,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, CliError> {
         }
         error
     });
-    tracing::info!(url = %url, bucket = %args.bucket, forward = ?args.forward, "idemq serving");
+    tracing::info!(url = %crate::auth::mask_url(&url), bucket = %args.bucket, forward = ?args.forward, "idemq serving");
     let worker = Worker::new(client.clone(), Arc::clone(&store), handler, config);
     // The endpoints outlive intake: during the grace period /healthz still
     // answers and /readyz says the worker is stopping.

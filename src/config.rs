@@ -93,12 +93,10 @@ pub async fn connect_reporting(
     server_errors: Option<tokio::sync::mpsc::Sender<async_nats::ServerError>>,
     subscription_capacity: Option<usize>,
 ) -> Result<async_nats::Client, ConnectError> {
-    let url = nats.url();
-    let servers: Vec<&str> = url
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .collect();
+    // Credentials in the URLs become connect options; the client, its
+    // logs and our errors see only the servers, and a masked list.
+    let (servers, from_url) = crate::auth::split_url_credentials(&nats.url())?;
+    let url = crate::auth::mask_url(&nats.url());
     let options = async_nats::ConnectOptions::new()
         .name(name)
         .connection_timeout(CONNECT_TIMEOUT)
@@ -118,7 +116,7 @@ pub async fn connect_reporting(
         Some(capacity) => options.subscription_capacity(capacity),
         None => options,
     };
-    let options = nats.auth.apply(options)?;
+    let options = nats.auth.apply_with(options, from_url.as_ref())?;
     options
         .connect(servers.as_slice())
         .await

@@ -236,9 +236,17 @@ pub fn render(
         // A flag whose environment value clap hides (`hide_env_values`,
         // set on `--token` and `--password`) is a secret here too.
         let secret = arg.is_hide_env_values_set();
+        // A server URL with credentials in it: shown masked, commented out.
+        let masked: Vec<String> = values.iter().map(|v| crate::auth::mask_url(v)).collect();
+        let url_credentials = masked != values;
         // Writing to a String cannot fail.
         let _ = match values.as_slice() {
             [] => writeln!(out, "# {key} =   (unset)"),
+            _ if url_credentials => writeln!(
+                out,
+                "# {key} = {}  # {source}, credentials masked",
+                scalar(&masked.join(","))
+            ),
             // Commented out, so the printed file never carries a fake secret.
             _ if secret => writeln!(out, "# {key} = \"********\"  # {source}, masked"),
             _ if matches!(arg.get_action(), ArgAction::SetTrue) => {

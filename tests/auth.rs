@@ -835,3 +835,127 @@ async fn under_the_jetstream_permission_set_a_worker_killed_on_the_last_delivery
         "the max-deliveries path needed more than deploy/nats-auth/ allows:\n{refused}"
     );
 }
+
+/// Runs `idemq ARGS` at `RUST_LOG=trace` and returns (status ok, stdout + stderr).
+async fn traced(args: &[&str], env: &[(&str, Option<&str>)]) -> (bool, String) {
+    let mut vars = vec![("RUST_LOG", Some("trace")), ("NATS_URL", None)];
+    vars.extend_from_slice(env);
+    let output = run_idemq(args, &vars).await;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+fn never_shows(secret: &str, what: &str, text: &str) {
+    assert!(!text.contains(secret), "{what} printed the secret:\n{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_in_urls_work_for_every_command_and_never_print() {
+    const SECRET: &str = "pw-in-url-7f3a91";
+    const WRONG: &str = "wrong-in-url-c2d4e8";
+    let server = NatsServer::start_with_config(&format!(
+        r#"authorization {{ users: [ {{ user: idemq, password: "{SECRET}" }} ] }}"#
+    ));
+    let port = server.port();
+    let good = format!("nats://idemq:{SECRET}@127.0.0.1:{port}");
+    // A cluster list: the credentials ride on one entry, the other has none.
+    let listed = format!("{good},nats://127.0.0.1:{port}");
+    let bad = format!("nats://idemq:{WRONG}@127.0.0.1:{port}");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log_path = dir.path().join("serve.log");
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let mut worker = WorkerProcess::spawn(
+        std::process::Command::new(common::workers::BIN)
+            .args(["serve", "--nats-url", &listed])
+            .env("RUST_LOG", "trace")
+            .env_remove("NATS_URL")
+            .stdout(std::process::Stdio::null())
+            .stderr(log),
+    );
+    let body = intent("url-creds", "echo", json!(1));
+    let mut reply = None;
+    for _ in 0..100 {
+        let (ok, text) = traced(&["send", "intents.echo", &body, "--nats-url", &good], &[]).await;
+        never_shows(SECRET, "send", &text);
+        if ok {
+            reply = text
+                .lines()
+                .find_map(|l| serde_json::from_str::<Value>(l).ok());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let reply = reply.expect("send through URL credentials");
+    assert_eq!(reply["result"]["status"], "Success", "{reply}");
+    let key = reply["idem_key"].as_str().expect("key");
+
+    for (what, args) in [
+        ("get", vec!["get", key, "--nats-url", &good]),
+        ("stats", vec!["stats", "--nats-url", &listed]),
+        ("purge", vec!["purge", key, "--nats-url", &good]),
+    ] {
+        let (ok, text) = traced(&args, &[]).await;
+        assert!(ok, "{what} through URL credentials:\n{text}");
+        never_shows(SECRET, what, &text);
+    }
+    // Failed connections name the URL, masked.
+    for (what, args) in [
+        (
+            "send",
+            vec!["send", "intents.echo", &body, "--nats-url", &bad],
+        ),
+        ("get", vec!["get", key, "--nats-url", &bad]),
+        ("stats", vec!["stats", "--nats-url", &bad]),
+    ] {
+        let (ok, text) = traced(&args, &[]).await;
+        assert!(!ok, "{what} with a wrong password in the URL must fail");
+        never_shows(WRONG, what, &text);
+        assert!(
+            text.contains("idemq:***@"),
+            "{what} shows the URL masked:\n{text}"
+        );
+    }
+    // NATS_URL, and a URL credential beside an auth flag (a usage error).
+    let (ok, text) = traced(&["serve", "--print-config"], &[("NATS_URL", Some(&good))]).await;
+    assert!(ok, "{text}");
+    never_shows(SECRET, "--print-config", &text);
+    assert!(text.contains("idemq:***@127.0.0.1"), "{text}");
+    let (ok, text) = traced(
+        &[
+            "send",
+            "intents.echo",
+            &body,
+            "--nats-url",
+            &good,
+            "--token",
+            "t",
+        ],
+        &[],
+    )
+    .await;
+    assert!(!ok && text.contains("two ways to authenticate"), "{text}");
+    never_shows(SECRET, "a conflicting send", &text);
+
+    worker.signal("-TERM");
+    assert!(worker.wait(EXIT_BOUND).await.success(), "clean exit");
+    let served = std::fs::read_to_string(&log_path).expect("serve log");
+    assert!(served.contains("idemq:***@"), "serve logs its URL masked");
+    never_shows(SECRET, "serve at trace", &served);
+}
+
+#[tokio::test]
+async fn a_token_in_the_url_authenticates() {
+    const TOKEN: &str = "url-token-5be0";
+    let server = NatsServer::start_with_config(&format!(r#"authorization {{ token: "{TOKEN}" }}"#));
+    let url = format!("nats://{TOKEN}@127.0.0.1:{}", server.port());
+    let mut worker = WorkerProcess::serve(&url, &[]);
+    let reply = send_when_ready(&url, &[], &intent("url-token", "echo", json!(1))).await;
+    assert_eq!(reply["result"]["status"], "Success", "{reply}");
+    worker.signal("-TERM");
+    assert!(worker.wait(EXIT_BOUND).await.success());
+}

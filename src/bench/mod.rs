@@ -380,7 +380,7 @@ async fn connect(nats: &NatsArgs, name: &str) -> Result<Client, BenchError> {
         .map_err(|e| match e {
             ConnectError::Auth(auth) => BenchError::Usage(auth.to_string()),
             other => BenchError::Connect {
-                url: nats.url(),
+                url: crate::auth::mask_url(&nats.url()),
                 reason: other.to_string(),
             },
         })
