@@ -563,11 +563,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, CliError> {
                 .await
                 .map_err(|e| CliError::Usage(format!("--metrics-addr {addr}: {e}")))?;
             tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
-            let readiness = crate::http::Readiness {
-                client,
-                store,
-                shutdown: shutdown.clone(),
-            };
+            let readiness = crate::http::Readiness::new(client, store, shutdown.clone());
             Some(tokio::spawn(crate::http::serve(
                 listener,
                 worker.stats(),

@@ -10,6 +10,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use async_nats::connection::State;
 use async_nats::Client;
 use axum::extract::State as Shared;
@@ -30,20 +32,41 @@ pub const READY_BOUND: Duration = Duration::from_secs(2);
 /// The content type of prometheus-client's text encoding.
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
+/// How long a probe of the bucket stands for readiness: however often
+/// `/readyz` is asked, the bucket is read at most once per this.
+pub const PROBE_EVERY: Duration = Duration::from_secs(1);
+
 /// What `/readyz` checks.
 #[derive(Clone)]
 pub struct Readiness {
-    /// The worker's connection.
-    pub client: Client,
-    /// The worker's store: a read of an unused key proves the bucket answers.
-    pub store: Arc<dyn IdempotencyStore>,
-    /// The worker's shutdown signal: once it fires, the worker is not ready.
-    pub shutdown: CancellationToken,
+    client: Client,
+    store: Arc<dyn IdempotencyStore>,
+    shutdown: CancellationToken,
+    /// The last bucket probe: when it started, and what it found.
+    probed: Arc<tokio::sync::Mutex<Option<(Instant, Result<(), String>)>>>,
 }
 
 impl Readiness {
-    /// `Ok` when the connection is up and the store answers a read within
-    /// [`READY_BOUND`]; otherwise why not.
+    /// Readiness of a worker on `client` and `store`, not ready once
+    /// `shutdown` fires.
+    pub fn new(
+        client: Client,
+        store: Arc<dyn IdempotencyStore>,
+        shutdown: CancellationToken,
+    ) -> Readiness {
+        Readiness {
+            client,
+            store,
+            shutdown,
+            probed: Arc::default(),
+        }
+    }
+
+    /// `Ok` when the worker is not stopping, the connection is up (both
+    /// looked at every time, at no cost) and the store answered a read
+    /// within [`READY_BOUND`] in the last [`PROBE_EVERY`]; otherwise why not.
+    /// A scraper asking many times a second costs one read a second, and a
+    /// lost connection still shows at once.
     pub async fn check(&self) -> Result<(), String> {
         if self.shutdown.is_cancelled() {
             return Err("shutting down".to_owned());
@@ -51,15 +74,24 @@ impl Readiness {
         if self.client.connection_state() != State::Connected {
             return Err("not connected to NATS".to_owned());
         }
-        let probe = probe_key();
-        match tokio::time::timeout(READY_BOUND, self.store.read(&probe)).await {
+        // Held across the probe: concurrent requests wait for one read.
+        let mut probed = self.probed.lock().await;
+        if let Some((at, found)) = probed.as_ref() {
+            if at.elapsed() < PROBE_EVERY {
+                return found.clone();
+            }
+        }
+        let at = Instant::now();
+        let found = match tokio::time::timeout(READY_BOUND, self.store.read(&probe_key())).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(error)) => Err(format!("bucket unreachable: {error}")),
             Err(_) => Err(format!(
                 "bucket did not answer within {}",
                 humantime::format_duration(READY_BOUND)
             )),
-        }
+        };
+        *probed = Some((at, found.clone()));
+        found
     }
 }
 

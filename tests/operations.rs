@@ -543,3 +543,86 @@ async fn purge_from_the_command_line_makes_the_next_copy_execute() {
         "a malformed key is a usage error"
     );
 }
+
+/// A store that counts the reads it serves.
+struct CountingReads {
+    inner: idemq::store::memory::MemoryStore,
+    reads: std::sync::atomic::AtomicU32,
+}
+
+#[async_trait::async_trait]
+impl idemq::store::IdempotencyStore for CountingReads {
+    async fn read(
+        &self,
+        key: &idemq::IdempotencyKey,
+    ) -> Result<Option<idemq::store::Versioned>, idemq::store::StoreError> {
+        self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.read(key).await
+    }
+    async fn write(
+        &self,
+        key: &idemq::IdempotencyKey,
+        expected: u64,
+        record: &idemq::outcome::Record,
+        ttl: Duration,
+    ) -> Result<u64, idemq::store::StoreError> {
+        self.inner.write(key, expected, record, ttl).await
+    }
+    async fn remove(
+        &self,
+        key: &idemq::IdempotencyKey,
+        expected: u64,
+    ) -> Result<(), idemq::store::StoreError> {
+        self.inner.remove(key, expected).await
+    }
+    async fn purge(
+        &self,
+        key: &idemq::IdempotencyKey,
+        expected: u64,
+    ) -> Result<(), idemq::store::StoreError> {
+        self.inner.purge(key, expected).await
+    }
+    async fn watch(
+        &self,
+        key: &idemq::IdempotencyKey,
+        from: u64,
+    ) -> Result<idemq::store::Watch, idemq::store::StoreError> {
+        self.inner.watch(key, from).await
+    }
+}
+
+#[tokio::test]
+async fn readiness_reads_the_bucket_at_most_once_a_second_and_still_sees_nats_go() {
+    let mut server = NatsServer::start();
+    let client = server.connect().await;
+    let store = std::sync::Arc::new(CountingReads {
+        inner: idemq::store::memory::MemoryStore::new(),
+        reads: Default::default(),
+    });
+    let readiness = idemq::http::Readiness::new(
+        client.clone(),
+        store.clone(),
+        tokio_util::sync::CancellationToken::new(),
+    );
+    let started = std::time::Instant::now();
+    for _ in 0..500 {
+        assert_eq!(readiness.check().await, Ok(()));
+    }
+    let reads = store.reads.load(std::sync::atomic::Ordering::SeqCst);
+    let seconds = u32::try_from(started.elapsed().as_secs()).unwrap_or(u32::MAX);
+    assert!(
+        reads <= seconds + 1,
+        "{reads} bucket reads for 500 checks in {seconds}s"
+    );
+
+    server.stop();
+    let mut flipped = false;
+    for _ in 0..40 {
+        if readiness.check().await.is_err() {
+            flipped = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(flipped, "not ready within 2 s of NATS going away");
+}
