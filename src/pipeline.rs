@@ -451,14 +451,16 @@ impl Pipeline {
                     }
                 }
             };
-            Stats::observe(&self.stats.handler_seconds, started.elapsed());
+            let took = started.elapsed();
+            Stats::observe(&self.stats.handler_seconds, took);
+            let attempt = lease.record.attempt;
             let outcome = match result {
                 Err(_elapsed) => Outcome::Timeout,
                 Ok(Ok(outcome)) => outcome,
                 Ok(Err(HandlerError::Transient { code, message })) => {
+                    executed(attempt, took, "Error", Some(&code), true);
                     self.release(&mut lease).await;
                     self.stats.transient.inc();
-                    tracing::info!(%code, "transient failure; claim released");
                     let reply = self.unstored(intent, Outcome::error(code, message));
                     return Verdict::Retry {
                         reply: reply.into(),
@@ -470,6 +472,7 @@ impl Pipeline {
                     return self.refuse(intent, Rejection::NoHandler(reason));
                 }
             };
+            executed(attempt, took, outcome.status(), outcome.error_code(), false);
             let ttl = self.config.outcome_ttl(intent.ttl_secs);
             match self.store.complete(&mut lease, outcome.clone(), ttl).await {
                 Ok(record) => {
@@ -629,6 +632,20 @@ impl Pipeline {
                 retry(&self.stats.transient, TRANSIENT_RETRY_AFTER)
             }
         }
+    }
+}
+
+/// The execution log line (PROTOCOL.md v1.1 §7): one `info` event per
+/// handler run, never per replay, inside the intent's span (which carries
+/// `idem_key`, `intent_id` and `capability`). It names the outcome, not
+/// its content: params, results and payloads never reach a log.
+fn executed(attempt: u32, took: Duration, status: &str, code: Option<&str>, transient: bool) {
+    let handler_ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
+    match code {
+        Some(code) => {
+            tracing::info!(status, code, attempt, handler_ms, transient, "executed");
+        }
+        None => tracing::info!(status, attempt, handler_ms, "executed"),
     }
 }
 

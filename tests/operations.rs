@@ -626,3 +626,78 @@ async fn readiness_reads_the_bucket_at_most_once_a_second_and_still_sees_nats_go
     }
     assert!(flipped, "not ready within 2 s of NATS going away");
 }
+
+/// Runs a worker at the default log level in `format`, sends one intent
+/// twice (an execution and a replay) and one that ends in a stored error,
+/// all with `secret` in their params; returns the worker's log.
+async fn default_level_log(format: &str, secret: &str) -> String {
+    let server = NatsServer::start();
+    let client = server.connect().await;
+    let _upstream = common::upstream::Upstream::start(&client).await;
+    let dir = tempfile::TempDir::new().expect("temp dir");
+    let log_path = dir.path().join("worker.log");
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let mut worker = WorkerProcess::spawn(
+        Command::new(BIN)
+            .args(["serve", "--nats-url", &server.url(), "--log-format", format])
+            .args(["--forward", common::upstream::FORWARD])
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(log),
+    );
+    common::workers::wait_for_workers(&client, 1).await;
+    let body = intent("exec-log", json!({ "card": secret }));
+    send(&client, "intents.ok", &body).await;
+    send(&client, "intents.ok", &body).await;
+    let failing = intent("exec-log-422", json!({ "card": secret }));
+    send(&client, "intents.fail422", &failing).await;
+    worker.signal("-TERM");
+    assert!(worker.wait(Duration::from_secs(15)).await.success());
+    std::fs::read_to_string(&log_path).expect("read log")
+}
+
+#[tokio::test]
+async fn one_execution_log_line_per_execution_at_the_default_level() {
+    let secret = "EXEC-LOG-SECRET-4410";
+    // JSON: the event's fields and its intent span.
+    let text = default_level_log("json", secret).await;
+    assert!(!text.contains(secret), "params reached the log:\n{text}");
+    let executed: Vec<Value> = text
+        .lines()
+        .map(|line| serde_json::from_str::<Value>(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .filter(|line| line["fields"]["message"] == "executed")
+        .collect();
+    assert_eq!(
+        executed.len(),
+        2,
+        "two executions, the replay logs none:\n{text}"
+    );
+    let (ok, failed) = (&executed[0], &executed[1]);
+    assert_eq!(ok["level"], "INFO");
+    assert_eq!(ok["span"]["idem_key"], key_of("exec-log"));
+    assert_eq!(ok["span"]["intent_id"], "exec-log");
+    assert_eq!(ok["span"]["capability"], "ok");
+    assert_eq!(ok["fields"]["status"], "Success");
+    assert_eq!(ok["fields"]["attempt"], 1);
+    assert!(ok["fields"]["handler_ms"].is_u64(), "{ok}");
+    assert_eq!(failed["span"]["intent_id"], "exec-log-422");
+    assert_eq!(failed["fields"]["status"], "Error");
+    assert_eq!(failed["fields"]["code"], "422");
+
+    // Pretty: the same line, fields as key=value.
+    let text = default_level_log("pretty", secret).await;
+    assert!(!text.contains(secret), "params reached the log:\n{text}");
+    let executed: Vec<&str> = text.lines().filter(|l| l.contains(" executed ")).collect();
+    assert_eq!(executed.len(), 2, "{text}");
+    for field in [
+        "idem_key=",
+        "intent_id=exec-log",
+        "capability=ok",
+        "status=\"Success\"",
+        "attempt=1",
+        "handler_ms=",
+    ] {
+        assert!(executed[0].contains(field), "{field} in {}", executed[0]);
+    }
+    assert!(executed[1].contains("code=\"422\""), "{}", executed[1]);
+}
