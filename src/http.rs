@@ -42,9 +42,12 @@ pub struct Readiness {
     client: Client,
     store: Arc<dyn IdempotencyStore>,
     shutdown: CancellationToken,
-    /// The last bucket probe: when it started, and what it found.
-    probed: Arc<tokio::sync::Mutex<Option<(Instant, Result<(), String>)>>>,
+    /// The last bucket probe.
+    probed: Arc<tokio::sync::Mutex<Option<Probe>>>,
 }
+
+/// A bucket probe: when it started, and what it found.
+type Probe = (Instant, Result<(), String>);
 
 impl Readiness {
     /// Readiness of a worker on `client` and `store`, not ready once
