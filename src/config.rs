@@ -24,6 +24,11 @@ pub struct NatsArgs {
     /// [default: nats://127.0.0.1:4222]
     #[arg(long, env = "IDEMQ_NATS_URL", hide_env = true)]
     pub nats_url: Option<String>,
+    /// Prefix of this connection's request inboxes (default `_INBOX`), so a
+    /// user can be allowed `_INBOX_<user>.>` instead of every client's
+    /// `_INBOX.>`.
+    #[arg(long, env = "IDEMQ_INBOX_PREFIX")]
+    pub inbox_prefix: Option<String>,
     #[command(flatten)]
     #[allow(missing_docs)]
     pub auth: AuthArgs,
@@ -51,6 +56,7 @@ impl NatsArgs {
     pub fn new(url: impl Into<String>) -> NatsArgs {
         NatsArgs {
             nats_url: Some(url.into()),
+            inbox_prefix: None,
             auth: AuthArgs::default(),
         }
     }
@@ -112,6 +118,10 @@ pub async fn connect_reporting(
                 }
             }
         });
+    let options = match &nats.inbox_prefix {
+        Some(prefix) => options.custom_inbox_prefix(prefix.clone()),
+        None => options,
+    };
     let options = match subscription_capacity {
         Some(capacity) => options.subscription_capacity(capacity),
         None => options,

@@ -489,8 +489,24 @@ fn deploy_file(name: &str) -> PathBuf {
         .join(name)
 }
 
-const WORKER: [&str; 4] = ["--user", "idemq", "--password", "worker-pw"];
-const AGENT: [&str; 4] = ["--user", "agent", "--password", "agent-pw"];
+/// The worker's user, with the private inbox its shipped permissions allow.
+const WORKER: [&str; 6] = [
+    "--user",
+    "idemq",
+    "--password",
+    "worker-pw",
+    "--inbox-prefix",
+    "_INBOX_idemq",
+];
+/// An agent, likewise.
+const AGENT: [&str; 6] = [
+    "--user",
+    "agent",
+    "--password",
+    "agent-pw",
+    "--inbox-prefix",
+    "_INBOX_agent",
+];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_deploy_permission_set_is_all_the_worker_needs() {
@@ -958,4 +974,77 @@ async fn a_token_in_the_url_authenticates() {
     assert_eq!(reply["result"]["status"], "Success", "{reply}");
     worker.signal("-TERM");
     assert!(worker.wait(EXIT_BOUND).await.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_the_shipped_permissions_an_agent_reads_only_its_own_replies() {
+    let server = NatsServer::start_with_config_for(|dir| {
+        format!(
+            r#"
+            include "{worker}"
+            include "{agent}"
+            authorization {{
+              users: [
+                {{ user: idemq, password: "worker-pw", permissions: $IDEMQ_WORKER }}
+                {{ user: agent, password: "agent-pw", permissions: $IDEMQ_AGENT }}
+                {{ user: other, password: "other-pw",
+                   permissions: {{ publish: "intents.>", subscribe: "_INBOX_other.>" }} }}
+              ]
+            }}"#,
+            worker = include_path(dir, &deploy_file("worker-permissions.conf")),
+            agent = include_path(dir, &deploy_file("agent-permissions.conf")),
+        )
+    });
+    let url = server.url();
+    let mut worker = WorkerProcess::serve(&url, &WORKER);
+    // The agent's own replies arrive on its private inbox.
+    let body = intent("private-inbox", "echo", json!(1));
+    let reply = send_when_ready(&url, &AGENT, &body).await;
+    assert_eq!(reply["result"]["status"], "Success", "{reply}");
+
+    // Another agent's replies, and everyone's: not the agent's to read.
+    let connect = |user: &str, password: &str, prefix: &str| {
+        async_nats::ConnectOptions::with_user_and_password(user.to_owned(), password.to_owned())
+            .custom_inbox_prefix(prefix.to_owned())
+            .connect(url.clone())
+    };
+    let agent = connect("agent", "agent-pw", "_INBOX_agent")
+        .await
+        .expect("agent");
+    let mut snooping = agent.subscribe("_INBOX_other.>").await.expect("subscribe");
+    let mut everyone = agent.subscribe("_INBOX.>").await.expect("subscribe");
+    agent.flush().await.expect("flush");
+    let other = connect("other", "other-pw", "_INBOX_other")
+        .await
+        .expect("other");
+    let request = async_nats::Request::new()
+        .payload(intent("other-agent", "echo", json!(2)).into())
+        .timeout(Some(Duration::from_secs(10)));
+    let answer = other
+        .send_request("intents.echo", request)
+        .await
+        .expect("the other agent's own reply");
+    assert!(!answer.payload.is_empty());
+    for (what, sub) in [
+        ("_INBOX_other.>", &mut snooping),
+        ("_INBOX.>", &mut everyone),
+    ] {
+        let seen =
+            tokio::time::timeout(Duration::from_millis(500), futures::StreamExt::next(sub)).await;
+        assert!(
+            !matches!(seen, Ok(Some(_))),
+            "the agent read another agent's reply through {what}"
+        );
+    }
+    let log = server.log();
+    for subject in ["_INBOX_other.>", "_INBOX.>"] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("Subscription Violation") && l.contains(subject)),
+            "the server refused the agent's subscription to {subject}:\n{}",
+            violations(&log)
+        );
+    }
+    worker.signal("-TERM");
+    assert!(worker.wait(EXIT_BOUND).await.success(), "clean exit");
 }
