@@ -1048,3 +1048,91 @@ async fn under_the_shipped_permissions_an_agent_reads_only_its_own_replies() {
     worker.signal("-TERM");
     assert!(worker.wait(EXIT_BOUND).await.success(), "clean exit");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_from_flags_env_and_config_files_never_print_at_trace() {
+    const SECRET: &str = "pw-carried-9d21";
+    let server = NatsServer::start_with_config(&format!(
+        r#"authorization {{ users: [ {{ user: idemq, password: "{SECRET}" }} ] }}"#
+    ));
+    let url = server.url();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let by_flag = ["--user", "idemq", "--password", SECRET];
+
+    // serve, its password from a config file, logging at trace.
+    let config = write(
+        dir.path(),
+        "idemq.toml",
+        &format!("user = \"idemq\"\npassword = \"{SECRET}\"\n"),
+    );
+    let log_path = dir.path().join("serve.log");
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let mut worker = WorkerProcess::spawn(
+        std::process::Command::new(common::workers::BIN)
+            .args(["serve", "--nats-url", &url, "--config", &config])
+            .env("RUST_LOG", "trace")
+            .stdout(std::process::Stdio::null())
+            .stderr(log),
+    );
+    let body = intent("carried", "echo", json!(1));
+    let reply = send_when_ready(&url, &by_flag, &body).await;
+    let key = reply["idem_key"].as_str().expect("key").to_owned();
+
+    let commands: Vec<(&str, Vec<&str>)> = vec![
+        (
+            "send",
+            vec!["send", "intents.echo", &body, "--nats-url", &url],
+        ),
+        ("get", vec!["get", &key, "--nats-url", &url]),
+        ("stats", vec!["stats", "--nats-url", &url]),
+        (
+            "bench",
+            vec![
+                "bench",
+                "--nats-url",
+                &url,
+                "--count",
+                "4",
+                "--concurrency",
+                "2",
+                "--rss-concurrency",
+                "2",
+                "--copies",
+                "2",
+            ],
+        ),
+        ("purge", vec!["purge", &key, "--nats-url", &url, "--force"]),
+    ];
+    for (what, args) in &commands {
+        // By flag, and by environment variable.
+        let mut flagged = args.clone();
+        flagged.extend(by_flag);
+        let (ok, text) = traced(&flagged, &[]).await;
+        assert!(ok, "{what} with --password:\n{text}");
+        never_shows(SECRET, what, &text);
+        let (_, text) = traced(
+            args,
+            &[
+                ("IDEMQ_USER", Some("idemq")),
+                ("IDEMQ_PASSWORD", Some(SECRET)),
+            ],
+        )
+        .await;
+        never_shows(SECRET, what, &text);
+        // A wrong secret: the failed connection does not print it either.
+        let wrong = format!("wrong-{what}-51c7");
+        let mut failing = args.clone();
+        failing.extend(["--user", "idemq", "--password", &wrong]);
+        let (ok, text) = traced(&failing, &[]).await;
+        assert!(!ok, "{what} with a wrong password must fail");
+        never_shows(&wrong, what, &text);
+    }
+    let (ok, text) = traced(&["serve", "--config", &config, "--print-config"], &[]).await;
+    assert!(ok, "{text}");
+    never_shows(SECRET, "--print-config", &text);
+
+    worker.signal("-TERM");
+    assert!(worker.wait(EXIT_BOUND).await.success(), "clean exit");
+    let served = std::fs::read_to_string(&log_path).expect("serve log");
+    never_shows(SECRET, "serve at trace", &served);
+}
