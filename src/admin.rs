@@ -7,6 +7,7 @@
 //! as custom endpoint data. Workers answer within the collection window,
 //! so the table is as complete as the slowest worker is quick.
 
+use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -17,7 +18,6 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use crate::cli::{connect, CliError, PurgeArgs, StatsArgs};
-use crate::key::IdempotencyKey;
 use crate::outcome::RecordState;
 use crate::service::SERVICE_NAME;
 use crate::stats::Snapshot;
@@ -65,6 +65,9 @@ pub struct Report {
     pub workers: Vec<WorkerStats>,
     /// The workers' counters added up (in flight: now, across them).
     pub total: Snapshot,
+    /// With `--tenants`: keys in the bucket per tenant (`""`: unscoped keys).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenants: Option<BTreeMap<String, u64>>,
 }
 
 impl Report {
@@ -78,6 +81,7 @@ impl Report {
             bucket,
             workers,
             total,
+            tenants: None,
         }
     }
 }
@@ -87,7 +91,10 @@ pub async fn stats(args: &StatsArgs) -> Result<ExitCode, CliError> {
     let client = connect(&args.at.nats).await?;
     let bucket = bucket_stats(&client, &args.at.bucket).await?;
     let workers = worker_stats(&client, args.timeout).await?;
-    let report = Report::new(bucket, workers);
+    let mut report = Report::new(bucket, workers);
+    if args.tenants {
+        report.tenants = Some(keys_per_tenant(&client, &args.at.bucket).await?);
+    }
     if args.json {
         let json =
             serde_json::to_string_pretty(&report).map_err(|e| CliError::Failed(e.to_string()))?;
@@ -96,6 +103,30 @@ pub async fn stats(args: &StatsArgs) -> Result<ExitCode, CliError> {
         print!("{}", render(&report, &args.at.bucket));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Keys per tenant, counted by the server (a `STREAM.INFO` with a subject
+/// filter, paged): the first token of a scoped key, `""` for bare ones.
+async fn keys_per_tenant(client: &Client, bucket: &str) -> Result<BTreeMap<String, u64>, CliError> {
+    let js = async_nats::jetstream::new(client.clone());
+    let prefix = format!("$KV.{bucket}.");
+    let stream = js
+        .get_stream(format!("KV_{bucket}"))
+        .await
+        .map_err(|e| CliError::Failed(format!("bucket {bucket}: {e}")))?;
+    let mut subjects = stream
+        .info_with_subjects(format!("{prefix}>"))
+        .await
+        .map_err(|e| CliError::Failed(format!("bucket {bucket}: {e}")))?;
+    let mut tenants = BTreeMap::new();
+    while let Some(entry) = subjects.next().await {
+        let (subject, count) =
+            entry.map_err(|e| CliError::Failed(format!("bucket {bucket}: {e}")))?;
+        let key = subject.strip_prefix(&prefix).unwrap_or(&subject);
+        let tenant = key.rsplit_once('.').map_or("", |(tenant, _)| tenant);
+        *tenants.entry(tenant.to_owned()).or_insert(0) += count as u64;
+    }
+    Ok(tenants)
 }
 
 async fn bucket_stats(client: &Client, bucket: &str) -> Result<Option<BucketStats>, CliError> {
@@ -195,6 +226,14 @@ pub fn render(report: &Report, bucket: &str) -> String {
         )),
         None => out.push_str(&format!("Bucket {bucket}: does not exist yet\n\n")),
     }
+    if let Some(tenants) = &report.tenants {
+        out.push_str("Keys per tenant:\n");
+        for (tenant, keys) in tenants {
+            let name = if tenant.is_empty() { "(none)" } else { tenant };
+            out.push_str(&format!("  {name}: {keys}\n"));
+        }
+        out.push('\n');
+    }
     if report.workers.is_empty() {
         out.push_str("No idemq worker answered.\n");
         return out;
@@ -227,7 +266,7 @@ pub fn render(report: &Report, bucket: &str) -> String {
 /// execution still runs is left alone unless `--force`: purging it would
 /// let a copy execute beside the running one.
 pub async fn purge(args: &PurgeArgs) -> Result<ExitCode, CliError> {
-    let key = IdempotencyKey::parse(&args.key).map_err(|e| CliError::Usage(e.to_string()))?;
+    let key = crate::cli::key_in(&args.key, args.tenant.as_deref())?;
     let (client, store) = args.at.open().await?;
     let seen = store
         .read(&key)

@@ -89,6 +89,10 @@ pub struct ServeArgs {
     /// refused whatever this says.
     #[arg(long = "reply-allow", env = "IDEMQ_REPLY_ALLOW", value_delimiter = ',')]
     pub reply_allow: Vec<String>,
+    /// Scope keys by tenant: the N-th token (from 1) of an intent's subject
+    /// names it, and its KV key becomes `<tenant>.<idem_key>`.
+    #[arg(long, env = "IDEMQ_TENANT_TOKEN")]
+    pub tenant_token: Option<usize>,
     /// Queue group shared by the workers.
     #[arg(long, env = "IDEMQ_QUEUE_GROUP", default_value = "idemq")]
     pub queue_group: String,
@@ -168,6 +172,7 @@ impl ServeArgs {
         WorkerConfig {
             subjects: self.subjects.clone(),
             reply_allow: self.reply_allow.clone(),
+            tenant_token: self.tenant_token,
             queue_group: self.queue_group.clone(),
             ttl: self.ttl,
             handler_timeout: self.handler_timeout,
@@ -269,6 +274,9 @@ impl BucketArgs {
 pub struct GetArgs {
     /// The idempotency key.
     pub key: String,
+    /// The tenant whose key it is (workers run with --tenant-token).
+    #[arg(long, env = "IDEMQ_TENANT")]
+    pub tenant: Option<String>,
     #[command(flatten)]
     #[allow(missing_docs)]
     pub at: BucketArgs,
@@ -286,6 +294,9 @@ pub struct StatsArgs {
     /// Print JSON instead of a table.
     #[arg(long, env = "IDEMQ_JSON", value_parser = BoolishValueParser::new())]
     pub json: bool,
+    /// Also count the bucket's keys per tenant.
+    #[arg(long, env = "IDEMQ_TENANTS", value_parser = BoolishValueParser::new())]
+    pub tenants: bool,
 }
 
 /// `idemq purge`.
@@ -293,6 +304,9 @@ pub struct StatsArgs {
 pub struct PurgeArgs {
     /// The idempotency key whose outcome to remove.
     pub key: String,
+    /// The tenant whose key it is (workers run with --tenant-token).
+    #[arg(long, env = "IDEMQ_TENANT")]
+    pub tenant: Option<String>,
     #[command(flatten)]
     #[allow(missing_docs)]
     pub at: BucketArgs,
@@ -679,8 +693,21 @@ async fn send(args: SendArgs) -> Result<ExitCode, CliError> {
     Err(CliError::Failed("no reply; gave up".to_owned()))
 }
 
+/// The KV key `idemq get`/`purge` name: `key`, in `tenant`'s scope if given.
+pub(crate) fn key_in(key: &str, tenant: Option<&str>) -> Result<IdempotencyKey, CliError> {
+    let key = IdempotencyKey::parse(key).map_err(|e| CliError::Usage(e.to_string()))?;
+    match tenant {
+        None => Ok(key),
+        Some(tenant) => key.in_tenant(tenant).ok_or_else(|| {
+            CliError::Usage(format!(
+                "--tenant {tenant:?} is not a tenant name (1 or more of [A-Za-z0-9_=-])"
+            ))
+        }),
+    }
+}
+
 async fn get(args: GetArgs) -> Result<ExitCode, CliError> {
-    let key = IdempotencyKey::parse(&args.key).map_err(|e| CliError::Usage(e.to_string()))?;
+    let key = key_in(&args.key, args.tenant.as_deref())?;
     let (_client, store) = args.at.open().await?;
     match store.get(&key).await {
         Ok(Some(record)) => {

@@ -145,6 +145,9 @@ pub struct WorkerConfig {
     /// `--reply-allow`: when not empty, the only subjects replies may go
     /// to (on top of the fixed refusals of `reply_policy`).
     pub reply_allow: Vec<String>,
+    /// `--tenant-token N`: the N-th token (1-based) of an intent's subject
+    /// is its tenant, put in front of its KV key.
+    pub tenant_token: Option<usize>,
     /// Queue group shared by all workers (core mode).
     pub queue_group: String,
     /// Longest outcome lifetime; an intent's `ttl_secs` is clamped to it.
@@ -276,6 +279,7 @@ impl Default for WorkerConfig {
         Self {
             subjects: vec!["intents.>".to_owned()],
             reply_allow: Vec::new(),
+            tenant_token: None,
             queue_group: "idemq".to_owned(),
             ttl: Duration::from_secs(24 * 3600),
             handler_timeout: Duration::from_secs(30),
@@ -308,6 +312,9 @@ impl WorkerConfig {
             if !is_subscribe_subject(subject) {
                 problem(format!("--subject {subject:?} is not a valid NATS subject"));
             }
+        }
+        if self.tenant_token == Some(0) {
+            problem("--tenant-token counts subject tokens from 1".to_owned());
         }
         for pattern in &self.reply_allow {
             if !is_subscribe_subject(pattern) {

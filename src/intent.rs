@@ -93,6 +93,17 @@ pub enum IntentError {
     /// The `Idempotency-Key` header is malformed.
     #[error(transparent)]
     InvalidKey(#[from] KeyError),
+    /// `--tenant-token` names no tenant in this subject: the token is
+    /// missing or not a valid KV key token.
+    #[error(
+        "token {token} of subject `{subject}` is not a tenant name (1 or more of [A-Za-z0-9_=-])"
+    )]
+    InvalidTenant {
+        /// The `--tenant-token` position.
+        token: usize,
+        /// The intent's subject.
+        subject: String,
+    },
     /// A reply target the worker must not publish to (see `reply_policy`).
     #[error("reply target `{subject}` refused: {reason}")]
     ReplyTargetRefused {
@@ -121,11 +132,15 @@ pub struct Invalid {
 pub struct Limits {
     /// Largest accepted payload in bytes (`--max-payload`).
     pub max_payload: usize,
+    /// `--tenant-token N`: the N-th subject token (1-based) names the
+    /// intent's tenant, and scopes its key (PROTOCOL.md v1.1 §5).
+    pub tenant_token: Option<usize>,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
+            tenant_token: None,
             max_payload: 1024 * 1024,
         }
     }
@@ -189,10 +204,30 @@ impl Intent {
         };
 
         let result = Self::validate(subject, &mut body, header_key, reply_to);
-        result.map_err(|error| {
+        let mut intent = result.map_err(|error| {
             partial.error = error;
             Box::new(partial)
-        })
+        })?;
+        if let Some(token) = limits.tenant_token {
+            let tenant = token
+                .checked_sub(1)
+                .and_then(|index| subject.split('.').nth(index));
+            match tenant.and_then(|tenant| intent.key.in_tenant(tenant)) {
+                Some(scoped) => intent.key = scoped,
+                None => {
+                    return Err(Box::new(Invalid {
+                        error: IntentError::InvalidTenant {
+                            token,
+                            subject: subject.to_owned(),
+                        },
+                        intent_id: Some(intent.intent_id),
+                        idem_key: Some(intent.key),
+                        reply_to: intent.reply_to,
+                    }))
+                }
+            }
+        }
+        Ok(intent)
     }
 
     fn validate(

@@ -17,10 +17,12 @@ const PREFIX: &str = "idem_";
 /// Number of hex digits after the prefix.
 const HEX_LEN: usize = 16;
 
-/// A validated idempotency key (`idem_` + 16 lowercase hex digits).
+/// A validated idempotency key (`idem_` + 16 lowercase hex digits),
+/// optionally scoped to a tenant (`<tenant>.idem_...`, PROTOCOL.md v1.1 §5).
 ///
-/// It is also the JetStream KV key under which the intent's claim and
-/// outcome live, so every character is valid in a NATS subject token.
+/// Its text ([`as_str`](Self::as_str)) is the JetStream KV key under which
+/// the intent's claim and outcome live; [`bare`](Self::bare) is the key
+/// replies carry. Every character is valid in a NATS subject.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct IdempotencyKey(String);
 
@@ -75,19 +77,55 @@ impl IdempotencyKey {
         Ok(Self(format!("{PREFIX}{}", hex.to_ascii_lowercase())))
     }
 
-    /// The key as text.
+    /// The key as text: with its tenant in front when scoped (the KV key).
     pub fn as_str(&self) -> &str {
         &self.0
     }
 
-    /// The key's 64 bits (its hex digits as a number): a compact map key.
+    /// The key without its tenant: `idem_` + 16 hex digits.
+    pub fn bare(&self) -> &str {
+        self.0.rsplit('.').next().unwrap_or(&self.0)
+    }
+
+    /// The tenant the key is scoped to, if any.
+    pub fn tenant(&self) -> Option<&str> {
+        self.0.rsplit_once('.').map(|(tenant, _)| tenant)
+    }
+
+    /// This key in `tenant`'s scope; `None` when `tenant` is not a valid
+    /// KV key token (`[A-Za-z0-9_=-]`, one or more).
+    pub fn in_tenant(&self, tenant: &str) -> Option<IdempotencyKey> {
+        is_tenant(tenant).then(|| Self(format!("{tenant}.{}", self.bare())))
+    }
+
+    /// Parses a key as stored: bare, or `<tenant>.` in front.
+    pub fn parse_scoped(text: &str) -> Result<Self, KeyError> {
+        match text.rsplit_once('.') {
+            None => Self::parse(text),
+            Some((tenant, bare)) => Self::parse(bare)?
+                .in_tenant(tenant)
+                .ok_or_else(|| KeyError(text.to_owned())),
+        }
+    }
+
+    /// The key's 64 bits (its hex digits as a number, mixed with the
+    /// tenant's hash when scoped): a compact map key.
     pub fn bits(&self) -> u64 {
         // Every constructor leaves exactly PREFIX + HEX_LEN hex digits, so
         // the fallback is never taken; it only keeps this free of panics.
-        self.0
+        let bits = self
+            .bare()
             .get(PREFIX.len()..)
             .and_then(|hex| u64::from_str_radix(hex, 16).ok())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        match self.tenant() {
+            None => bits,
+            // FNV-1a: fixed, so every worker agrees; a tenant's keys then
+            // never share bits with another's but by a 2^-64 chance.
+            Some(tenant) => tenant.bytes().fold(bits ^ 0xcbf2_9ce4_8422_2325, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+            }),
+        }
     }
 }
 
@@ -127,13 +165,42 @@ impl Serialize for IdempotencyKey {
 impl<'de> Deserialize<'de> for IdempotencyKey {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = String::deserialize(deserializer)?;
-        Self::parse(&text).map_err(serde::de::Error::custom)
+        Self::parse_scoped(&text).map_err(serde::de::Error::custom)
     }
+}
+
+/// Whether `tenant` can stand in front of a key: one KV key token.
+pub fn is_tenant(tenant: &str) -> bool {
+    !tenant.is_empty()
+        && tenant
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'='))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_scoped_key_keeps_its_tenant_apart() {
+        let key = IdempotencyKey::parse("idem_710f82ad09b890d9").expect("key");
+        let a = key.in_tenant("acme").expect("scoped");
+        let b = key.in_tenant("globex").expect("scoped");
+        assert_eq!(a.as_str(), "acme.idem_710f82ad09b890d9");
+        assert_eq!(a.bare(), key.as_str());
+        assert_eq!(a.tenant(), Some("acme"));
+        assert_eq!(key.tenant(), None);
+        assert_ne!(a.bits(), b.bits());
+        assert_ne!(a.bits(), key.bits());
+        assert_eq!(IdempotencyKey::parse_scoped(a.as_str()), Ok(a.clone()));
+        assert!(
+            IdempotencyKey::parse(a.as_str()).is_err(),
+            "headers stay bare"
+        );
+        for bad in ["", "a.b", "a b", "a*", ">", "ü"] {
+            assert_eq!(key.in_tenant(bad), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn parse_normalises_upper_case_hex() {

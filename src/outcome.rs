@@ -140,7 +140,8 @@ pub struct Reply {
 /// once and a record's outcome is encoded without being copied first.
 #[derive(Serialize)]
 struct ReplyView<'a> {
-    idem_key: Option<&'a IdempotencyKey>,
+    /// Bare: a tenant's scope is the worker's business, not the caller's.
+    idem_key: Option<&'a str>,
     intent_id: Option<&'a str>,
     replayed: bool,
     result: &'a Outcome,
@@ -154,7 +155,7 @@ impl<'a> ReplyView<'a> {
     /// A stored record's reply; `None` for a record without an outcome.
     fn of_record(record: &'a Record, replayed: bool) -> Option<ReplyView<'a>> {
         Some(ReplyView {
-            idem_key: Some(&record.idem_key),
+            idem_key: Some(record.idem_key.bare()),
             intent_id: Some(&record.intent_id),
             replayed,
             result: record.result.as_ref()?,
@@ -167,7 +168,7 @@ impl<'a> ReplyView<'a> {
 impl Serialize for Reply {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         ReplyView {
-            idem_key: self.idem_key.as_ref(),
+            idem_key: self.idem_key.as_ref().map(IdempotencyKey::bare),
             intent_id: self.intent_id.as_deref(),
             replayed: self.replayed,
             result: &self.result,
@@ -238,7 +239,7 @@ fn reply_headers(
     // Names from `from_static` are neither validated nor copied per reply.
     let mut headers = HeaderMap::new();
     if let Some(key) = key {
-        headers.insert(HeaderName::from_static(KEY_HEADER), key.as_str());
+        headers.insert(HeaderName::from_static(KEY_HEADER), key.bare());
     }
     let replayed = if replayed { "true" } else { "false" };
     headers.insert(HeaderName::from_static(REPLAYED_HEADER), replayed);

@@ -231,6 +231,7 @@ impl Pipeline {
         let _in_flight = InFlight(Arc::clone(&self.stats));
         let limits = Limits {
             max_payload: self.config.max_payload,
+            tenant_token: self.config.tenant_token,
         };
         // Every reply target is vetted before anything runs: a refused one
         // makes the intent invalid and is never published to.

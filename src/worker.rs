@@ -189,7 +189,7 @@ async fn evict_purged(
                 None => return,
             },
         };
-        match std::str::from_utf8(&notice.payload).map(IdempotencyKey::parse) {
+        match std::str::from_utf8(&notice.payload).map(IdempotencyKey::parse_scoped) {
             Ok(Ok(key)) => pipeline.cache.remove(&key),
             _ => tracing::debug!("ignored a malformed purge notice"),
         }

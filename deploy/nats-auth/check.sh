@@ -12,7 +12,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 . "$here/../nats-server.sh" || exit 1
 bin="$nats_server"
 
-if out="$(IDEMQ_WORKER_PASSWORD=check IDEMQ_AGENT_PASSWORD=check "$bin" -c "$here/server.conf" -t 2>&1)"; then
+if out="$(IDEMQ_WORKER_PASSWORD=check IDEMQ_AGENT_PASSWORD=check IDEMQ_ACME_PASSWORD=check IDEMQ_GLOBEX_PASSWORD=check "$bin" -c "$here/server.conf" -t 2>&1)"; then
   echo "ok   nats-auth/server.conf: $out"
 else
   echo "FAIL nats-auth/server.conf: $out" >&2
