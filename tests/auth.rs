@@ -913,6 +913,22 @@ async fn credentials_in_urls_work_for_every_command_and_never_print() {
     for (what, args) in [
         ("get", vec!["get", key, "--nats-url", &good]),
         ("stats", vec!["stats", "--nats-url", &listed]),
+        (
+            "bench",
+            vec![
+                "bench",
+                "--nats-url",
+                &good,
+                "--count",
+                "4",
+                "--concurrency",
+                "2",
+                "--rss-concurrency",
+                "2",
+                "--copies",
+                "2",
+            ],
+        ),
         ("purge", vec!["purge", key, "--nats-url", &good]),
     ] {
         let (ok, text) = traced(&args, &[]).await;
