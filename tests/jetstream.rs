@@ -616,3 +616,49 @@ async fn after_a_server_restart_every_worker_takes_work_again_within_seconds() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_worker_pulls_no_more_intents_than_it_has_free_permits() {
+    let config = WorkerConfig {
+        concurrency: 2,
+        ..js_config(|js| js.ack_wait = Duration::from_secs(2))
+    };
+    let Rig {
+        server: _server,
+        client: _client,
+        upstream,
+        worker,
+        js,
+        mut replies,
+    } = rig(config, Some(FORWARD)).await;
+    for i in 0..12 {
+        let body = intent(&format!("bounded-{i}"), "slow", json!({"sleep_ms": 700}));
+        publish(&js, &body).await;
+    }
+    // Delivered but not yet acked, sampled while the worker drains them:
+    // never more than the two it can run.
+    let mut consumer = consumer(&js).await;
+    let mut most_unacked = 0;
+    let mut redelivered = 0;
+    for _ in 0..60 {
+        let info = consumer.info().await.expect("consumer info");
+        most_unacked = most_unacked.max(info.num_ack_pending);
+        redelivered = redelivered.max(info.num_redelivered);
+        if info.num_pending == 0 && info.num_ack_pending == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let seen = collect(&mut replies, 12, Duration::from_secs(20)).await;
+    assert_eq!(seen.len(), 12);
+    assert!(
+        most_unacked <= 2,
+        "{most_unacked} delivered and unacked at once"
+    );
+    assert_eq!(
+        redelivered, 0,
+        "no intent aged past its ack wait in a local queue"
+    );
+    assert_eq!(upstream.total(), 12);
+    worker.stop().await;
+}
