@@ -13,7 +13,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 pub use echo::Echo;
-pub use forward::{Forward, ForwardError, SERVICE_ERROR_CODE_HEADER, SERVICE_ERROR_HEADER};
+pub use forward::{
+    map_reply, Forward, ForwardError, SERVICE_ERROR_CODE_HEADER, SERVICE_ERROR_HEADER,
+};
 
 use crate::intent::Intent;
 use crate::outcome::Outcome;
