@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::proxy::{Direction, FaultProxy, Mode};
@@ -35,10 +34,7 @@ async fn a_handler_running_across_a_stalled_renewal_keeps_its_lease_and_runs_onc
     let server = NatsServer::start();
     let client = server.connect().await;
     let upstream = Upstream::start(&client).await;
-    let address: SocketAddr = format!("127.0.0.1:{}", server.port())
-        .parse()
-        .expect("address");
-    let proxy = FaultProxy::start(address).await;
+    let proxy = FaultProxy::before(&server).await;
     let through_proxy = async_nats::connect(proxy.url()).await.expect("connect");
     // The default lease (30 s): renewals every 10 s, each given 10 s. The
     // client's own timeouts: 5 s for a publish ack, 10 s for a read.
@@ -101,10 +97,7 @@ async fn an_outcome_the_store_never_took_is_not_acked_away() {
     let server = NatsServer::start();
     let client = server.connect().await;
     let upstream = Upstream::start(&client).await;
-    let address: SocketAddr = format!("127.0.0.1:{}", server.port())
-        .parse()
-        .expect("address");
-    let proxy = FaultProxy::start(address).await;
+    let proxy = FaultProxy::before(&server).await;
     let through_proxy = async_nats::connect(proxy.url()).await.expect("connect");
     let mut js_config = idemq::config::JetStreamConfig::new("INTENTS", "workers");
     // No redelivery while the worker's traffic is held.

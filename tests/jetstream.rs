@@ -557,12 +557,9 @@ async fn after_a_server_restart_every_worker_takes_work_again_within_seconds() {
     // Two of the three reach the server through fault proxies, so they can
     // be made to reconnect after the first: by then the first one's pull
     // request waits on the consumer.
-    let address: std::net::SocketAddr = format!("127.0.0.1:{}", server.port())
-        .parse()
-        .expect("address");
     let late = [
-        FaultProxy::start(address).await,
-        FaultProxy::start(address).await,
+        FaultProxy::before(&server).await,
+        FaultProxy::before(&server).await,
     ];
     let args = ["--handler-timeout", "3s"];
     let _workers = [

@@ -398,10 +398,7 @@ async fn a_stop_past_grace_with_the_store_unreachable_still_exits_cleanly_in_bou
     let server = NatsServer::start();
     let client = server.connect().await;
     let upstream = Upstream::start(&client).await;
-    let address: std::net::SocketAddr = format!("127.0.0.1:{}", server.port())
-        .parse()
-        .expect("address");
-    let proxy = common::proxy::FaultProxy::start(address).await;
+    let proxy = common::proxy::FaultProxy::before(&server).await;
     let mut worker = WorkerProcess::serve(
         &proxy.url(),
         &[

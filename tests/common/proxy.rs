@@ -91,6 +91,11 @@ impl FaultProxy {
         }
     }
 
+    /// A proxy in front of the test's `server`.
+    pub async fn before(server: &super::NatsServer) -> FaultProxy {
+        FaultProxy::start(SocketAddr::from(([127, 0, 0, 1], server.port()))).await
+    }
+
     /// `nats://127.0.0.1:<port>` of the proxy.
     pub fn url(&self) -> String {
         format!("nats://{}", self.addr)
