@@ -483,11 +483,10 @@ pub fn split_url_credentials(
     let mut servers = Vec::new();
     let mut found: Option<UrlCredentials> = None;
     for entry in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let Some(at) = credentials_end(entry) else {
+        let Some((scheme_end, at)) = userinfo_span(entry) else {
             servers.push(entry.to_owned());
             continue;
         };
-        let scheme_end = entry.find("://").map_or(0, |i| i + 3);
         let userinfo = &entry[scheme_end..at];
         let decode = |part: &str| {
             percent_encoding::percent_decode_str(part)
@@ -514,15 +513,16 @@ pub fn split_url_credentials(
     Ok((servers, found))
 }
 
-/// The byte index of the `@` that ends an entry's credentials, if any.
-fn credentials_end(entry: &str) -> Option<usize> {
-    let scheme_end = entry.find("://").map_or(0, |i| i + 3);
-    let authority_end = entry[scheme_end..]
+/// Where an entry's credentials are: `(start, end)`, from just after the
+/// scheme's `://` (or the start) to the `@` before the host.
+fn userinfo_span(entry: &str) -> Option<(usize, usize)> {
+    let start = entry.find("://").map_or(0, |i| i + 3);
+    let authority_end = entry[start..]
         .find(['/', '?', '#'])
-        .map_or(entry.len(), |i| scheme_end + i);
-    entry[scheme_end..authority_end]
+        .map_or(entry.len(), |i| start + i);
+    entry[start..authority_end]
         .rfind('@')
-        .map(|i| scheme_end + i)
+        .map(|i| (start, start + i))
 }
 
 /// A `--nats-url` list as it may be shown: `nats://user:***@host:port`,
@@ -531,10 +531,9 @@ fn credentials_end(entry: &str) -> Option<usize> {
 pub fn mask_url(list: &str) -> String {
     list.split(',')
         .map(|entry| {
-            let Some(at) = credentials_end(entry) else {
+            let Some((scheme_end, at)) = userinfo_span(entry) else {
                 return entry.to_owned();
             };
-            let scheme_end = entry.find("://").map_or(0, |i| i + 3);
             let userinfo = &entry[scheme_end..at];
             let shown = match userinfo.split_once(':') {
                 Some((user, _)) => format!("{user}:***"),

@@ -101,8 +101,9 @@ pub async fn connect_reporting(
 ) -> Result<async_nats::Client, ConnectError> {
     // Credentials in the URLs become connect options; the client, its
     // logs and our errors see only the servers, and a masked list.
-    let (servers, from_url) = crate::auth::split_url_credentials(&nats.url())?;
-    let url = crate::auth::mask_url(&nats.url());
+    let given = nats.url();
+    let (servers, from_url) = crate::auth::split_url_credentials(&given)?;
+    let url = crate::auth::mask_url(&given);
     let options = async_nats::ConnectOptions::new()
         .name(name)
         .connection_timeout(CONNECT_TIMEOUT)

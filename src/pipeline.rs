@@ -247,26 +247,26 @@ impl Pipeline {
         let answer_own = own_reply.is_some() && own_refused.is_none();
         let named_ok = own_refused.is_none() && named_refused.is_none();
         let refused = own_refused.or(named_refused);
-        let intent = match (decoded, refused) {
-            (Ok(intent), None) => intent,
-            (decoded, refused) => {
-                let (idem_key, intent_id, reply_to, error) = match decoded {
-                    Ok(intent) => (
-                        Some(intent.key),
-                        Some(intent.intent_id),
-                        intent.reply_to,
-                        None,
-                    ),
-                    Err(invalid) => (
-                        invalid.idem_key,
-                        invalid.intent_id,
-                        invalid.reply_to,
-                        Some(invalid.error),
-                    ),
-                };
-                // A refused target outranks what else is wrong: it is the
-                // one thing the caller must not try again.
-                let error = refused.or(error).unwrap_or(IntentError::NotObject);
+        // A refused target outranks what else is wrong: it is the one
+        // thing the caller must not try again.
+        let checked = match (decoded, refused) {
+            (Ok(intent), None) => Ok(intent),
+            (Ok(intent), Some(refused)) => Err((
+                Some(intent.key),
+                Some(intent.intent_id),
+                intent.reply_to,
+                refused,
+            )),
+            (Err(invalid), refused) => Err((
+                invalid.idem_key,
+                invalid.intent_id,
+                invalid.reply_to,
+                refused.unwrap_or(invalid.error),
+            )),
+        };
+        let intent = match checked {
+            Ok(intent) => intent,
+            Err((idem_key, intent_id, reply_to, error)) => {
                 let rejection = Rejection::Invalid(error);
                 self.stats.count_invalid(rejection.code());
                 tracing::info!(error = %rejection, %subject, "invalid intent");
