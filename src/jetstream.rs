@@ -31,12 +31,11 @@ use async_nats::jetstream::stream::{self, RetentionPolicy, StorageType};
 use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
 use futures::StreamExt;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{JetStreamConfig, NAK_DELAY_CAP};
 use crate::outcome::Answer;
-use crate::pipeline::{Pipeline, Verdict};
+use crate::pipeline::{next_with_permit, Pipeline, Verdict};
 use crate::stats::{self, Stats};
 use crate::worker::{Intake, WorkerError};
 
@@ -44,6 +43,11 @@ use crate::worker::{Intake, WorkerError};
 pub const DEAD_REASON_HEADER: &str = "Idem-Dead-Reason";
 /// The reason of an intent that ran out of deliveries.
 pub const MAX_DELIVER_REASON: &str = "max_deliver";
+/// How long a pull request waits on the server before it is renewed.
+const PULL_EXPIRES: Duration = Duration::from_secs(30);
+/// Idle heartbeat of pull requests: a pull the server lost is noticed
+/// within two, and pulled anew (see [`pull_lost`]).
+const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
 /// Pause before re-creating the message stream after it ended.
 const RESUBSCRIBE_DELAY: Duration = Duration::from_secs(1);
 /// How long a reply may take to be safe before the intent is nak'ed instead of acked.
@@ -95,38 +99,18 @@ impl ReplyRoutes {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
-/// Most messages asked for per pull (and so held by a pull's
-/// subscription at once: within [`MIN_SUBSCRIPTION_CAPACITY`]'s floor of
-/// 64 only up to it, see [`free_permits`]).
+/// Most messages asked for per pull.
 const MAX_BATCH: usize = 256;
 
-/// How long a pull waits on the server for the messages it asked for.
-const FETCH_EXPIRES: Duration = Duration::from_secs(1);
-
-/// Waits for a free permit, then takes every other free one too, up to
-/// [`MAX_BATCH`] in all and never more than the connection's subscriptions
-/// buffer ([`WorkerConfig::subscription_capacity`] is at least the bound):
-/// one permit per message the next pull asks for. `None` on shutdown.
+/// Messages asked for per pull at `concurrency`: half the in-flight bound.
+/// The client pulls again when half a batch is left, so at most 1.5
+/// batches (3/4 of the bound) wait in the client: less than the
+/// subscription's capacity ([`WorkerConfig::subscription_capacity`]), so
+/// none is dropped there to be redelivered only after its ack wait.
 ///
 /// [`WorkerConfig::subscription_capacity`]: crate::config::WorkerConfig::subscription_capacity
-async fn free_permits(
-    permits: &Arc<Semaphore>,
-    shutdown: &CancellationToken,
-) -> Option<OwnedSemaphorePermit> {
-    let mut held = tokio::select! {
-        biased;
-        () = shutdown.cancelled() => return None,
-        first = Arc::clone(permits).acquire_owned() => first.ok()?,
-    };
-    let more = permits.available_permits().min(MAX_BATCH - 1);
-    if let Some(more) = u32::try_from(more)
-        .ok()
-        .filter(|n| *n > 0)
-        .and_then(|n| Arc::clone(permits).try_acquire_many_owned(n).ok())
-    {
-        held.merge(more);
-    }
-    Some(held)
+fn pull_batch(concurrency: usize) -> usize {
+    (concurrency / 2).clamp(1, MAX_BATCH)
 }
 
 /// The stream and durable consumer one worker takes intents from.
@@ -187,74 +171,63 @@ impl Consumer {
         })
     }
 
-    /// Pulls and settles intents until shutdown.
-    ///
-    /// Each pull asks for exactly as many messages as there are free
-    /// permits (at least one, at most [`MAX_BATCH`]), holding those permits
-    /// while it waits: every message delivered has its permit and starts
-    /// at once, so none ages against its ack wait in a local queue. A pull
-    /// ends when it is filled or after [`FETCH_EXPIRES`]; its unused
-    /// permits are then free again for the next one. A pull the server
-    /// lost ends by the client's own timeout, and the next one is made at
-    /// once.
+    /// Pulls and settles intents until shutdown. A message stream that ends
+    /// (consumer deleted, connection gone for good) is re-created after a
+    /// pause; transient stream errors (missed heartbeats while the server
+    /// restarts) are logged and the stream resumes by itself.
     pub(crate) async fn take(self, pipeline: &Arc<Pipeline>, intake: &Intake) {
         let this = Arc::new(self);
         intake.tracker.spawn(
             Arc::clone(&this).dead_letter_advisories(Arc::clone(pipeline), intake.shutdown.clone()),
         );
-        while let Some(mut permits) = free_permits(&intake.permits, &intake.shutdown).await {
-            let wanted = permits.num_permits();
-            let batch = this
+        let batch = pull_batch(pipeline.config.concurrency);
+        while !intake.shutdown.is_cancelled() {
+            let messages = this
                 .consumer
-                .fetch()
-                .max_messages(wanted)
-                .expires(FETCH_EXPIRES)
+                .stream()
+                .max_messages_per_batch(batch)
+                .expires(PULL_EXPIRES)
+                .heartbeat(PULL_HEARTBEAT)
                 .messages()
                 .await;
-            let mut batch = match batch {
-                Ok(batch) => batch,
-                Err(error) => {
-                    tracing::warn!(%error, "cannot pull from the consumer; retrying");
-                    drop(permits);
-                    tokio::select! {
-                        () = intake.shutdown.cancelled() => {}
-                        () = tokio::time::sleep(RESUBSCRIBE_DELAY) => {}
+            match messages {
+                Ok(mut messages) => {
+                    while let Some((permit, next)) =
+                        next_with_permit(&mut messages, &intake.permits, &intake.shutdown).await
+                    {
+                        let message = match next {
+                            Ok(message) => message,
+                            // The client thinks a pull is still waiting on
+                            // the server, but the server lost it (restarted,
+                            // or answered before its JetStream was back):
+                            // nothing would come until the pull expires.
+                            // A fresh stream pulls at once.
+                            Err(error) if pull_lost(&error) => {
+                                tracing::warn!(%error, "pull request lost; pulling anew");
+                                break;
+                            }
+                            Err(error) => {
+                                tracing::warn!(%error, "pull consumer hiccup");
+                                continue;
+                            }
+                        };
+                        let (pipeline, this) = (Arc::clone(pipeline), Arc::clone(&this));
+                        let abandon = intake.abandon.clone();
+                        intake.tracker.spawn(async move {
+                            let _permit = permit;
+                            this.settle(&pipeline, message, &abandon).await;
+                        });
                     }
-                    continue;
                 }
-            };
-            loop {
-                let next = tokio::select! {
-                    biased;
-                    // Messages pulled but not taken are redelivered after
-                    // their ack wait.
-                    () = intake.shutdown.cancelled() => return,
-                    next = batch.next() => next,
-                };
-                let message = match next {
-                    None => break,
-                    Some(Ok(message)) => message,
-                    // No responders (the server restarted, or its
-                    // JetStream is not back yet), a missed heartbeat: the
-                    // server holds no pull of ours. Pull anew.
-                    Some(Err(error)) => {
-                        tracing::warn!(%error, "pull ended early; pulling anew");
-                        break;
-                    }
-                };
-                // A pull delivers at most `wanted` messages, one permit each.
-                let Some(permit) = permits.split(1) else {
-                    tracing::warn!("a pull delivered more than it asked for; redelivered later");
-                    continue;
-                };
-                let (pipeline, this) = (Arc::clone(pipeline), Arc::clone(&this));
-                let abandon = intake.abandon.clone();
-                intake.tracker.spawn(async move {
-                    let _permit = permit;
-                    this.settle(&pipeline, message, &abandon).await;
-                });
+                Err(error) => tracing::warn!(%error, "cannot pull from the consumer; retrying"),
+            }
+            tokio::select! {
+                () = intake.shutdown.cancelled() => {}
+                () = tokio::time::sleep(RESUBSCRIBE_DELAY) => {}
             }
         }
+        // Stopping here stops pulling; messages already pulled but not
+        // taken are redelivered after their ack wait.
     }
 
     /// Runs one delivery through the pipeline with progress acks, then acks,
@@ -559,6 +532,15 @@ fn dead_letter_headers(original: Option<&HeaderMap>, reason: &str) -> HeaderMap 
     headers
 }
 
+/// Whether a pull stream error means the server holds no pull request of
+/// ours any more, so the stream must be made again to take work.
+fn pull_lost(error: &pull::MessagesError) -> bool {
+    matches!(
+        error.kind(),
+        pull::MessagesErrorKind::MissingHeartbeat | pull::MessagesErrorKind::NoResponders
+    )
+}
+
 /// The nak delay: the verdict's suggestion, doubled per delivery, capped.
 fn nak_delay(after: Duration, delivered: i64) -> Duration {
     let doublings = u32::try_from(delivered.saturating_sub(1))
@@ -594,6 +576,22 @@ mod tests {
         assert_eq!(get("Idem-Original-Nats-Msg-Id").as_deref(), Some("m-1"));
         assert_eq!(get("Idempotency-Key").as_deref(), Some("k"));
         assert_eq!(get(DEAD_REASON_HEADER).as_deref(), Some("INVALID_INTENT"));
+    }
+
+    #[test]
+    fn pulled_messages_fit_the_subscription_buffer() {
+        for concurrency in [1, 2, 3, 64, 256, 1024, 100_000] {
+            let config = crate::config::WorkerConfig {
+                concurrency,
+                ..Default::default()
+            };
+            let batch = pull_batch(concurrency);
+            assert!(batch >= 1);
+            assert!(
+                batch + batch / 2 <= config.subscription_capacity(),
+                "{concurrency}"
+            );
+        }
     }
 
     #[test]
