@@ -387,10 +387,15 @@ enum KeyInputs<'a> {
 
 /// SHA-256 (hex) of the canonical JSON.
 fn fingerprint(canonical: &Canonical<'_>) -> String {
-    // Strings, numbers and `Value`s only: serialising cannot fail. The
-    // JSON goes straight into the hash, never into a buffer.
+    sha256_hex_of_json(canonical)
+}
+
+/// SHA-256 (hex) of `value`'s JSON, which goes straight into the hash,
+/// never into a buffer. For values that cannot fail to serialise
+/// (strings, numbers, `Value`s): a failure would hash what was written.
+pub(crate) fn sha256_hex_of_json<T: Serialize + ?Sized>(value: &T) -> String {
     let mut hasher = Sha256::new();
-    serde_json::to_writer(&mut hasher, canonical).unwrap_or_default();
+    serde_json::to_writer(&mut hasher, value).unwrap_or_default();
     let digest = hasher.finalize();
     let mut hex = String::with_capacity(2 * digest.len());
     for byte in digest {

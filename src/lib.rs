@@ -28,6 +28,9 @@
 //! * [`stats`]: what the worker did: Prometheus metrics, also shown by the service.
 //! * [`service`]: the `idemq` NATS micro service (discovery, stats).
 //! * [`cache`]: stored outcomes kept in memory for replays; purge notices.
+//! * [`run_once`]: [`Idempotent::run`], the claim protocol as one call:
+//!   claim, run a closure under a renewed lease, store, replay.
+//! * [`seed`]: the seed's helpers on [`Idempotent`] (the migration path).
 //! * [`pipeline`]: one delivery's path, decode to verdict ([`Verdict`]).
 //! * [`jetstream`]: JetStream delivery: pull consumer, acks, dead letters.
 //! * [`worker`]: intake, the in-flight bound and shutdown ([`Worker`]).
@@ -36,6 +39,43 @@
 //! * [`cli`]: the `idemq` command line (`serve`, `send`, `key`, `get`,
 //!   `bench`, `stats`, `purge`, `healthcheck`).
 //! * [`admin`]: `idemq stats` and `idemq purge` against a running deployment.
+//!
+//! # Run once, without a worker
+//!
+//! Any Rust service with a key (an HTTP handler, its own consumer, a batch
+//! job) runs a closure once per key with [`Idempotent::run`], on the same
+//! claim protocol and store as the worker (whose pipeline calls it):
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use idemq::run_once::{fingerprint_of, Idempotent, RunError, RunOptions};
+//! use idemq::store::kv::{BucketConfig, KvStore};
+//! use idemq::{HandlerError, IdempotencyKey, Outcome};
+//!
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! let client = async_nats::connect("nats://127.0.0.1:4222").await?;
+//! let store = KvStore::open(async_nats::jetstream::new(client), &BucketConfig::default()).await?;
+//! let once = Idempotent::new(Arc::new(store), RunOptions::default());
+//! let request = serde_json::json!({"account": "acme", "amount": 42});
+//! let key = IdempotencyKey::generate("order-7", "checkout", 0);
+//! match once
+//!     .run(&key, &fingerprint_of(&request)?, |_attempt| async {
+//!         // Stored and replayed to every later caller of the key; a
+//!         // `HandlerError::Transient` is not stored, and the next call runs again.
+//!         Ok::<_, HandlerError>(Outcome::Success(serde_json::json!({"charged": 42})))
+//!     })
+//!     .await
+//! {
+//!     Ok(done) => println!("{:?}, replayed: {}", done.outcome(), done.replayed),
+//!     Err(RunError::KeyReused) => println!("this key was used for another request"),
+//!     Err(RunError::InProgress { retry_after }) => println!("running elsewhere; retry in {retry_after:?}"),
+//!     Err(other) => println!("not done: {other}"),
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! `examples/run_once.rs` is an HTTP service built on it.
 //!
 //! # Embedding
 //!
@@ -113,6 +153,8 @@ pub mod config_file;
 pub mod stats;
 pub mod service;
 pub mod cache;
+pub mod run_once;
+pub mod seed;
 pub mod pipeline;
 pub mod jetstream;
 pub mod worker;
@@ -127,5 +169,6 @@ pub use intent::Intent;
 pub use key::IdempotencyKey;
 pub use outcome::{Outcome, Record, Reply};
 pub use pipeline::{Rejection, Verdict};
+pub use run_once::Idempotent;
 pub use store::IdempotencyStore;
 pub use worker::Worker;

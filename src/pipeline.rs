@@ -6,16 +6,12 @@
 //! in what they do with a verdict: core mode answers every one, JetStream
 //! mode answers settled ones and naks the rest (`jetstream.rs`).
 
-use std::fmt::Write as _;
-use std::future::Future;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
 use bytes::Bytes;
-use futures::future::BoxFuture;
 use futures::{Stream, StreamExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -23,19 +19,17 @@ use tracing::{field, Instrument};
 
 use crate::cache::{InFlightKeys, Lookup, OutcomeCache, Turn};
 use crate::config::WorkerConfig;
-use crate::handler::{Call, Handler, HandlerError};
+use crate::handler::{Call, Handler};
 use crate::intent::{Intent, IntentError, Limits};
 use crate::outcome::{Answer, EncodedReply, Outcome, Record, Reply};
 use crate::reply_policy::ReplyPolicy;
+use crate::run_once::{
+    Attempt, Claimed, Done, Idempotent, RunError, RunOptions, RunRequest, MIN_RETRY_AFTER,
+};
 use crate::stats::{self, Stats};
-use crate::store::{Acquire, ClaimRequest, IdempotencyStore, Lease, StoreError};
+use crate::store::{IdempotencyStore, StoreError};
 use prometheus_client::metrics::counter::Counter;
 
-/// A handler's result, or `Err` when it ran out of `--handler-timeout`.
-type Ran = Result<Result<Outcome, HandlerError>, tokio::time::error::Elapsed>;
-
-/// Shortest `retry_after_ms` suggested with `IN_PROGRESS`.
-const MIN_RETRY_AFTER: Duration = Duration::from_millis(100);
 /// Suggested retry delay after a transient failure.
 const TRANSIENT_RETRY_AFTER: Duration = Duration::from_secs(1);
 
@@ -143,27 +137,62 @@ pub struct Handled {
 /// Everything the per-intent path needs, shared by all in-flight intents.
 pub struct Pipeline {
     /// The connection replies go out on.
-    pub client: async_nats::Client,
-    /// Claims and outcomes.
-    pub store: Arc<dyn IdempotencyStore>,
+    pub(crate) client: async_nats::Client,
+    /// Claims, runs and stores: the same path as [`Idempotent::run`].
+    once: Idempotent,
     /// What executes intents.
-    pub handler: Arc<dyn Handler>,
+    handler: Arc<dyn Handler>,
     /// The worker's settings.
-    pub config: WorkerConfig,
+    pub(crate) config: WorkerConfig,
     /// Counters.
-    pub stats: Arc<Stats>,
+    pub(crate) stats: Arc<Stats>,
     /// Unique per worker process; prefixes claim owner tokens.
-    pub instance: String,
-    /// Claims made so far: numbers each claim's owner token.
-    pub claims: AtomicU64,
+    pub(crate) instance: String,
     /// Outcomes this worker has seen, to answer replays without the store.
-    pub cache: OutcomeCache,
+    pub(crate) cache: OutcomeCache,
     /// Keys being worked on here, so local copies wait instead of racing.
-    pub in_flight: InFlightKeys,
+    in_flight: InFlightKeys,
     /// Whether to read before claiming, from how claims have gone lately.
-    pub odds: ReplayOdds,
+    odds: ReplayOdds,
     /// Where replies may go.
-    pub replies: ReplyPolicy,
+    replies: ReplyPolicy,
+}
+
+impl Pipeline {
+    /// The path of every intent of a worker over `store`, executing with
+    /// `handler`, publishing on `client`.
+    pub fn new(
+        client: async_nats::Client,
+        store: Arc<dyn IdempotencyStore>,
+        handler: Arc<dyn Handler>,
+        config: WorkerConfig,
+    ) -> Pipeline {
+        let stats = Arc::<Stats>::default();
+        let instance = nuid::next().to_string();
+        let options = RunOptions {
+            lease: config.lease,
+            wait: config.wait,
+            timeout: config.handler_timeout,
+            ttl: config.ttl,
+        };
+        Pipeline {
+            client,
+            once: Idempotent::with_stats(store, options, Arc::clone(&stats), instance.clone()),
+            handler,
+            stats,
+            instance,
+            cache: OutcomeCache::new(config.cache_bytes),
+            in_flight: InFlightKeys::default(),
+            odds: ReplayOdds::default(),
+            replies: ReplyPolicy::new(&config.subjects, &config.reply_allow),
+            config,
+        }
+    }
+
+    /// The worker's counters (live).
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.stats
+    }
 }
 
 /// How often claims lately found their key already stored or claimed: a
@@ -352,53 +381,91 @@ impl Pipeline {
         // one round trip, a running claim followed from the revision seen).
         // A failed read leaves it all to the claim.
         let seen = if self.odds.read_first() {
-            self.store.read(&intent.key).await.ok().flatten()
+            self.once.store().read(&intent.key).await.ok().flatten()
         } else {
             None
         };
-        let request = ClaimRequest {
-            key: intent.key.clone(),
-            intent_id: intent.intent_id.clone(),
-            fingerprint: intent.fingerprint.clone(),
-            owner: self.owner_token(),
-            lease: self.config.lease,
+        let request = RunRequest {
+            key: &intent.key,
+            fingerprint: &intent.fingerprint,
+            intent_id: &intent.intent_id,
+            ttl: Some(self.config.outcome_ttl(intent.ttl_secs)),
         };
-        let acquired = (self.store)
-            .acquire_from(&request, self.config.wait, seen)
-            .await;
-        if let Ok(acquired) = &acquired {
-            self.odds.record(!matches!(acquired, Acquire::Owner(_)));
-        }
-        match acquired {
-            Ok(Acquire::Owner(lease)) => {
-                Box::pin(self.run_owned(intent, payload, lease, abandon)).await
+        let claimed = self.once.claim(&request, seen).await;
+        match &claimed {
+            Ok(Claimed::Owner(_)) => self.odds.record(false),
+            Ok(Claimed::Stored(_)) | Err(RunError::KeyReused | RunError::InProgress { .. }) => {
+                self.odds.record(true);
             }
-            Ok(Acquire::Stored { record, waited }) => {
-                if waited {
+            Err(_) => {}
+        }
+        let done = match claimed {
+            Ok(Claimed::Owner(lease)) => {
+                let run = |attempt: Attempt| {
+                    self.handler.handle(Call {
+                        intent,
+                        payload,
+                        attempt: attempt.number,
+                    })
+                };
+                Box::pin(self.once.execute(&request, lease, abandon, run)).await
+            }
+            Ok(Claimed::Stored(done)) => Ok(done),
+            Err(error) => Err(error),
+        };
+        self.verdict(intent, done)
+    }
+
+    /// The verdict on how the claim and the run ended.
+    fn verdict(&self, intent: &Intent, done: Result<Done, RunError>) -> Verdict {
+        let rejection = match done {
+            Ok(done) if done.execution.is_some() => {
+                // The cache encodes the replay once; this delivery answers
+                // with the same bytes, marked as its own execution.
+                let record = done.into_record();
+                return match self.cache.insert(&record) {
+                    Some(replay) => {
+                        Verdict::Settled(Answer::Encoded(Arc::new(replay.as_executed())))
+                    }
+                    None => self.replay(intent, &record),
+                };
+            }
+            Ok(done) => {
+                if done.waited {
                     self.stats.waited.inc();
                 }
-                self.replay(intent, &record)
+                return self.replay(intent, &done.into_record());
             }
-            Ok(Acquire::Reused(_)) => self.refuse(intent, Rejection::KeyReused),
-            Ok(Acquire::Busy(record)) => {
+            Err(RunError::Transient { code, message, .. }) => {
+                let reply = self.unstored(intent, Outcome::error(code, message));
+                return Verdict::Retry {
+                    reply: reply.into(),
+                    after: TRANSIENT_RETRY_AFTER,
+                };
+            }
+            // The handler ran: its outcome is the answer, but nothing is
+            // settled. JetStream mode naks, so the intent stays in its
+            // stream; its redelivery finds the key free and executes again
+            // (the documented window of a lost lease), or finds an outcome
+            // after all.
+            Err(RunError::Unstored { outcome, .. }) => {
+                return Verdict::Retry {
+                    reply: self.unstored(intent, outcome).into(),
+                    after: TRANSIENT_RETRY_AFTER,
+                };
+            }
+            Err(RunError::KeyReused) => Rejection::KeyReused,
+            Err(RunError::InProgress { retry_after }) => {
                 if !self.config.wait.is_zero() {
                     self.stats.waited.inc();
                 }
-                self.refuse(intent, self.in_progress(&record))
+                Rejection::InProgress { retry_after }
             }
-            Err(error) => self.refuse(intent, Rejection::StoreUnavailable(error)),
-        }
-    }
-
-    /// A token unique to one claim attempt: the instance (unique to this
-    /// worker process), a dot, and the number of claims it made before.
-    fn owner_token(&self) -> String {
-        let n = self.claims.fetch_add(1, Ordering::Relaxed);
-        let mut owner = String::with_capacity(self.instance.len() + 21);
-        owner.push_str(&self.instance);
-        // Writing to a `String` cannot fail.
-        let _ = write!(owner, ".{n}");
-        owner
+            Err(RunError::NoHandler(reason)) => Rejection::NoHandler(reason),
+            Err(RunError::Cancelled) => Rejection::ShuttingDown,
+            Err(RunError::Store(error)) => Rejection::StoreUnavailable(error),
+        };
+        self.refuse(intent, rejection)
     }
 
     /// The verdict the cache already knows, if any.
@@ -407,177 +474,6 @@ impl Pipeline {
             Lookup::Stored(replay) => Some(self.replayed(replay)),
             Lookup::Reused => Some(self.refuse(intent, Rejection::KeyReused)),
             Lookup::Miss => None,
-        }
-    }
-
-    /// Runs the handler under the lease, renewing it, then stores the outcome.
-    ///
-    /// An `async move` block rather than an `async fn`, which would keep the
-    /// lease twice in its future and push it past the size glibc serves
-    /// from its per-thread cache.
-    #[allow(
-        clippy::manual_async_fn,
-        reason = "an async fn would hold the lease twice"
-    )]
-    fn run_owned<'a>(
-        &'a self,
-        intent: &'a Intent,
-        payload: &'a Bytes,
-        mut lease: Lease,
-        abandon: &'a CancellationToken,
-    ) -> impl Future<Output = Verdict> + Send + 'a {
-        async move {
-            if lease.takeover {
-                self.stats.takeovers.inc();
-                tracing::warn!(attempt = lease.record.attempt, "took over an expired claim");
-            }
-            let call = Call {
-                intent,
-                payload,
-                attempt: lease.record.attempt,
-            };
-            let started = std::time::Instant::now();
-            let mut handler = self.handler.handle(call);
-            // A handler done at its first poll (echo, an answer held in memory)
-            // needs neither the timeout nor the renewal timer.
-            let result = match futures::poll!(handler.as_mut()) {
-                Poll::Ready(result) => Ok(result),
-                // Boxed, so the timers and renewals take room only while a
-                // handler waits, not in every intent's task.
-                Poll::Pending => {
-                    let supervised = Box::pin(self.supervise(intent, handler, &mut lease, abandon));
-                    match supervised.await {
-                        Ok(ran) => ran,
-                        Err(verdict) => return verdict,
-                    }
-                }
-            };
-            let took = started.elapsed();
-            Stats::observe(&self.stats.handler_seconds, took);
-            let attempt = lease.record.attempt;
-            let outcome = match result {
-                Err(_elapsed) => Outcome::Timeout,
-                Ok(Ok(outcome)) => outcome,
-                Ok(Err(HandlerError::Transient { code, message })) => {
-                    executed(attempt, took, "Error", Some(&code), true);
-                    self.release(&mut lease).await;
-                    self.stats.transient.inc();
-                    let reply = self.unstored(intent, Outcome::error(code, message));
-                    return Verdict::Retry {
-                        reply: reply.into(),
-                        after: TRANSIENT_RETRY_AFTER,
-                    };
-                }
-                Ok(Err(HandlerError::NoHandler(reason))) => {
-                    self.release(&mut lease).await;
-                    return self.refuse(intent, Rejection::NoHandler(reason));
-                }
-            };
-            executed(attempt, took, outcome.status(), outcome.error_code(), false);
-            let ttl = self.config.outcome_ttl(intent.ttl_secs);
-            match self.store.complete(&mut lease, outcome.clone(), ttl).await {
-                Ok(record) => {
-                    self.stats.executed.inc();
-                    // The cache encodes the replay once; this delivery answers
-                    // with the same bytes, marked as its own execution.
-                    match self.cache.insert(&record) {
-                        Some(replay) => {
-                            Verdict::Settled(Answer::Encoded(Arc::new(replay.as_executed())))
-                        }
-                        // A done record always has a result; were it
-                        // missing, this is what a replay would say.
-                        None => self.replay(intent, &record),
-                    }
-                }
-                Err(StoreError::LeaseLost) => {
-                    tracing::warn!("lease lost before the outcome was stored; it is dropped");
-                    self.after_lost_lease(intent).await
-                }
-                Err(error) => {
-                    // The store did not take the outcome for as long as the
-                    // lease held. The handler ran: its outcome is the answer,
-                    // but nothing is settled. JetStream mode naks, so the
-                    // intent stays in its stream; its redelivery finds the
-                    // key free and executes again (the documented window of
-                    // a lost lease), or finds an outcome after all.
-                    self.stats.store_errors.inc();
-                    tracing::error!(%error, "outcome executed but not stored");
-                    Verdict::Retry {
-                        reply: self.unstored(intent, outcome).into(),
-                        after: TRANSIENT_RETRY_AFTER,
-                    }
-                }
-            }
-        }
-    }
-
-    /// Waits for a handler that did not finish at once, within
-    /// `--handler-timeout`, renewing the lease every third of its length.
-    /// `Err` is the verdict when the lease is lost or shutdown gives up.
-    async fn supervise(
-        &self,
-        intent: &Intent,
-        handler: BoxFuture<'_, Result<Outcome, HandlerError>>,
-        lease: &mut Lease,
-        abandon: &CancellationToken,
-    ) -> Result<Ran, Verdict> {
-        let handled = tokio::time::timeout(self.config.handler_timeout, handler);
-        tokio::pin!(handled);
-        let every = lease.ttl / 3;
-        let mut renewals = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-        loop {
-            tokio::select! {
-                ran = &mut handled => return Ok(ran),
-                _ = renewals.tick() => match self.store.renew(lease).await {
-                    Ok(()) => {}
-                    Err(StoreError::LeaseLost) => {
-                        tracing::warn!("lease lost while the handler ran; its outcome is dropped");
-                        return Err(self.after_lost_lease(intent).await);
-                    }
-                    // The lease may still be alive; try again at the next tick.
-                    Err(error) => tracing::warn!(%error, "lease renewal failed"),
-                },
-                () = abandon.cancelled() => {
-                    self.release(lease).await;
-                    return Err(self.refuse(intent, Rejection::ShuttingDown));
-                }
-            }
-        }
-    }
-
-    /// After losing the lease, answer with what the new owner stored, if
-    /// anything. The new owner counts the takeover; this side logs it.
-    async fn after_lost_lease(&self, intent: &Intent) -> Verdict {
-        match self.store.get(&intent.key).await {
-            Ok(Some(record))
-                if record.result.is_some() && record.fingerprint == intent.fingerprint =>
-            {
-                self.replay(intent, &record)
-            }
-            Ok(_) => self.refuse(
-                intent,
-                Rejection::InProgress {
-                    retry_after: self.config.wait.max(MIN_RETRY_AFTER),
-                },
-            ),
-            Err(error) => self.refuse(intent, Rejection::StoreUnavailable(error)),
-        }
-    }
-
-    async fn release(&self, lease: &mut Lease) {
-        if let Err(error) = self.store.release(lease).await {
-            // The lease's TTL frees the key anyway.
-            tracing::warn!(%error, "claim not released; it frees itself when the lease expires");
-        }
-    }
-
-    /// `IN_PROGRESS`, suggesting a retry when the holder's lease ends (at most `--wait`).
-    fn in_progress(&self, record: &Record) -> Rejection {
-        let until_expiry = (record.expires_at - chrono::Utc::now())
-            .to_std()
-            .unwrap_or_default();
-        Rejection::InProgress {
-            retry_after: until_expiry.min(self.config.wait).max(MIN_RETRY_AFTER),
         }
     }
 
@@ -633,20 +529,6 @@ impl Pipeline {
                 retry(&self.stats.transient, TRANSIENT_RETRY_AFTER)
             }
         }
-    }
-}
-
-/// The execution log line (PROTOCOL.md v1.1 §7): one `info` event per
-/// handler run, never per replay, inside the intent's span (which carries
-/// `idem_key`, `intent_id` and `capability`). It names the outcome, not
-/// its content: params, results and payloads never reach a log.
-fn executed(attempt: u32, took: Duration, status: &str, code: Option<&str>, transient: bool) {
-    let handler_ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
-    match code {
-        Some(code) => {
-            tracing::info!(status, code, attempt, handler_ms, transient, "executed");
-        }
-        None => tracing::info!(status, attempt, handler_ms, "executed"),
     }
 }
 

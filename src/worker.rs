@@ -9,7 +9,6 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,13 +18,12 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::cache::{purge_subject, InFlightKeys, OutcomeCache};
+use crate::cache::purge_subject;
 use crate::config::{Delivery, WorkerConfig};
 use crate::handler::Handler;
 use crate::jetstream;
 use crate::key::IdempotencyKey;
-use crate::pipeline::{next_with_permit, Pipeline, ReplayOdds};
-use crate::reply_policy::ReplyPolicy;
+use crate::pipeline::{next_with_permit, Pipeline};
 use crate::service;
 use crate::stats::Stats;
 use crate::store::IdempotencyStore;
@@ -69,19 +67,7 @@ impl Worker {
         config: WorkerConfig,
     ) -> Worker {
         Worker {
-            pipeline: Pipeline {
-                client,
-                store,
-                handler,
-                stats: Arc::default(),
-                instance: nuid::next().to_string(),
-                claims: AtomicU64::new(0),
-                cache: OutcomeCache::new(config.cache_bytes),
-                in_flight: InFlightKeys::default(),
-                odds: ReplayOdds::default(),
-                replies: ReplyPolicy::new(&config.subjects, &config.reply_allow),
-                config,
-            },
+            pipeline: Pipeline::new(client, store, handler, config),
         }
     }
 

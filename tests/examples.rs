@@ -1,5 +1,6 @@
-//! The examples run: `examples/embed.rs` as a built binary, and
-//! `examples/python/agent.py` against an in-process worker.
+//! The examples run: `examples/embed.rs` and `examples/run_once.rs` as
+//! built binaries, and `examples/python/agent.py` against an in-process
+//! worker.
 //!
 //! `cargo test` builds the examples before it runs the tests, so the embed
 //! binary sits in `target/<profile>/examples/`, beside the `deps/` directory
@@ -39,17 +40,7 @@ struct EmbedExample {
 impl EmbedExample {
     /// Starts the example against `url` and waits for its `ready` line.
     async fn start(url: &str) -> EmbedExample {
-        let bin = example_bin("embed");
-        let level = std::env::var("IDEMQ_TEST_LOG").unwrap_or_else(|_| "error".to_owned());
-        let mut child = Command::new(&bin)
-            .args(["--nats-url", url])
-            .env("RUST_LOG", level)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
+        let mut child = spawn_example("embed", &["--nats-url", url]);
         let stdout = child.stdout.take().expect("stdout is piped");
         let mut example = EmbedExample {
             child,
@@ -92,6 +83,21 @@ impl EmbedExample {
             })
             .expect("wait for the embed example")
     }
+}
+
+/// Starts the built example `name` with `args`, stdout piped; killed on drop.
+fn spawn_example(name: &str, args: &[&str]) -> Child {
+    let bin = example_bin(name);
+    let level = std::env::var("IDEMQ_TEST_LOG").unwrap_or_else(|_| "error".to_owned());
+    Command::new(&bin)
+        .args(args)
+        .env("RUST_LOG", level)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()))
 }
 
 /// `target/<profile>/examples/<name>`, found from this test binary's path
@@ -268,6 +274,108 @@ async fn embed_example_runs_each_key_once_and_stops_on_sigterm() {
     assert_eq!(stats["executed"], KEYS + 2, "{stopped}");
     // The 503 and the NO_HANDLER: both released, neither stored.
     assert_eq!(stats["transient"], 2, "{stopped}");
+}
+
+/// One `POST /charge` to the run-once example: status, `Idempotent-Replayed`, body.
+fn post_charge(addr: &str, key: &str, body: &Value) -> (u16, Option<String>, String) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(30)))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut response = agent
+        .post(format!("http://{addr}/charge"))
+        .header("Idempotency-Key", key)
+        .send(body.to_string())
+        .expect("POST /charge");
+    let replayed = response
+        .headers()
+        .get("idempotent-replayed")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let text = response.body_mut().read_to_string().expect("body");
+    (response.status().as_u16(), replayed, text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_once_example_charges_once_per_http_idempotency_key() {
+    const COPIES: usize = 8;
+    let server = NatsServer::start();
+    let url = server.url();
+    let mut child = spawn_example("run_once", &["--nats-url", &url, "--listen", "127.0.0.1:0"]);
+    let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+    let ready = tokio::time::timeout(READY_TIMEOUT, lines.next_line())
+        .await
+        .expect("a ready line in time")
+        .expect("read stdout")
+        .expect("a line");
+    let ready: Value = serde_json::from_str(&ready).expect("JSON");
+    assert_eq!(ready["event"], "ready", "{ready}");
+    let addr = ready["addr"].as_str().expect("addr").to_owned();
+
+    // COPIES concurrent duplicates of one request, from blocking clients.
+    let body = json!({"account": "acme", "amount": 42});
+    let copies: Vec<_> = (0..COPIES)
+        .map(|_| {
+            let (addr, body) = (addr.clone(), body.clone());
+            tokio::task::spawn_blocking(move || post_charge(&addr, "order-7", &body))
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for copy in copies {
+        answers.push(copy.await.expect("client thread"));
+    }
+    for (status, _, text) in &answers {
+        assert_eq!(*status, 200, "{text}");
+        assert_eq!(text, &answers[0].2, "every copy gets the same bytes");
+    }
+    let fresh = answers
+        .iter()
+        .filter(|(_, replayed, _)| replayed.as_deref() == Some("false"))
+        .count();
+    assert_eq!(
+        fresh, 1,
+        "one copy executed, the rest replayed: {answers:?}"
+    );
+    let charged: Value = serde_json::from_str(&answers[0].2).expect("JSON");
+    assert_eq!(charged["result"]["data"]["charge_no"], 1, "{charged}");
+
+    // The same key with another body: refused, not charged.
+    let (addr2, other) = (addr.clone(), json!({"account": "acme", "amount": 43}));
+    let (status, _, text) =
+        tokio::task::spawn_blocking(move || post_charge(&addr2, "order-7", &other))
+            .await
+            .expect("client thread");
+    assert_eq!(status, 422, "{text}");
+    let stats = tokio::task::spawn_blocking(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(10)))
+            .build()
+            .into();
+        agent
+            .get(format!("http://{addr}/stats"))
+            .call()
+            .expect("GET /stats")
+            .body_mut()
+            .read_to_string()
+            .expect("body")
+    })
+    .await
+    .expect("client thread");
+    let stats: Value = serde_json::from_str(&stats).expect("JSON");
+    assert_eq!(stats["charges"], 1, "executions: {stats}");
+
+    let pid = child.id().expect("running");
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(killed.success());
+    let status = tokio::time::timeout(EXIT_TIMEOUT, child.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .expect("wait");
+    assert!(status.success(), "clean exit: {status}");
 }
 
 /// Fails with an install hint unless `python3` can import nats-py.

@@ -14,7 +14,7 @@ use idemq::store::{Acquire, Claim, ClaimRequest, IdempotencyStore, StoreError, V
 use idemq::IdempotencyKey;
 use serde_json::json;
 
-type Store = Arc<dyn IdempotencyStore>;
+use common::stores::Store;
 
 const LONG: Duration = Duration::from_secs(30);
 const SHORT_LEASE: Duration = Duration::from_secs(1);
@@ -511,38 +511,7 @@ async fn purge_never_removes_a_claim_it_did_not_see(store: Store) {
     );
 }
 
-async fn kv_store(server: &common::NatsServer) -> Store {
-    let client = server.connect().await;
-    let js = async_nats::jetstream::new(client);
-    let store = KvStore::open(js, &BucketConfig::default())
-        .await
-        .expect("open bucket");
-    Arc::new(store)
-}
-
-macro_rules! suite {
-    ($($name:ident),* $(,)?) => {
-        mod memory {
-            $(
-                #[tokio::test]
-                async fn $name() {
-                    super::$name(std::sync::Arc::new(idemq::store::memory::MemoryStore::new())).await;
-                }
-            )*
-        }
-        mod jetstream_kv {
-            $(
-                #[tokio::test]
-                async fn $name() {
-                    let server = crate::common::NatsServer::start();
-                    super::$name(super::kv_store(&server).await).await;
-                }
-            )*
-        }
-    };
-}
-
-suite!(
+both_stores!(
     first_claim_acquires_and_second_sees_it_taken,
     complete_then_acquire_replays_the_stored_outcome,
     different_fingerprint_is_reused,

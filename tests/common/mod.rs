@@ -13,6 +13,7 @@
 
 pub mod cluster;
 pub mod proxy;
+pub mod stores;
 pub mod upstream;
 pub mod workers;
 
