@@ -17,21 +17,26 @@ WORKDIR /build
 # Keep symbol names for panic backtraces, drop the debug info.
 ENV CARGO_PROFILE_RELEASE_STRIP=debuginfo
 
-# Dependencies first, in their own layer: it is rebuilt only when Cargo.toml
+# Dependencies first, in their own layer: it is rebuilt only when a manifest
 # or Cargo.lock change, not on every source edit. The stub lib and main only
-# exist so cargo has targets to build the dependency graph for.
+# exist so cargo has targets to build the dependency graph for. The
+# workspace's other member (bench/, the benchmark) is only declared: its
+# manifest and a stub, never built into the image.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir src \
+COPY bench/Cargo.toml bench/Cargo.toml
+RUN mkdir src bench/src \
     && echo 'fn main() {}' > src/main.rs \
     && echo '//! stub' > src/lib.rs \
-    && cargo build --release --locked --bin idemq \
+    && echo '//! stub' > bench/src/lib.rs \
+    && echo 'fn main() {}' > bench/src/main.rs \
+    && cargo build --release --locked -p idemq --bin idemq \
     && rm -rf src
 
 # The real sources. COPY keeps their old timestamps, which are older than the
 # stub build, so touch them or cargo would keep the stub binary.
 COPY src ./src
 RUN touch src/main.rs src/lib.rs \
-    && cargo build --release --locked --bin idemq \
+    && cargo build --release --locked -p idemq --bin idemq \
     && ./target/release/idemq --version
 
 FROM gcr.io/distroless/cc-debian12:nonroot AS runtime

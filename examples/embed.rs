@@ -32,15 +32,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use clap::Parser;
-use futures::StreamExt;
-use idemq::store::kv::{check_server_version, BucketConfig, KvStore};
-use idemq::{Call, Handler, HandlerError, IdempotencyKey, Outcome, Worker, WorkerConfig};
+use idemq::server::{cancel_on_signal, Server, ServerConfig};
+use idemq::store::kv::BucketConfig;
+use idemq::{Call, Handler, HandlerError, IdempotencyKey, Outcome, WorkerConfig};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
-
-/// How long the example waits for its own worker to answer a discovery ping.
-const READY_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Command line of the example.
 #[derive(Debug, Parser)]
@@ -49,7 +46,7 @@ struct Args {
     /// Where NATS is and how to authenticate: idemq's own `--nats-url`,
     /// `--creds`, `--tls-*`... flags, reused.
     #[command(flatten)]
-    nats: idemq::config::NatsArgs,
+    nats: idemq::nats::NatsArgs,
     /// Subject to take intents from; the last token is the capability.
     #[arg(long, default_value = "intents.>")]
     subject: String,
@@ -161,121 +158,35 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    let client = idemq::config::connect(&args.nats, "idemq-embed").await?;
-    check_server_version(&client)?;
-    let bucket = BucketConfig {
-        bucket: args.bucket.clone(),
-        ..BucketConfig::default()
+    let client = idemq::nats::connect(&args.nats, "idemq-embed").await?;
+    let config = ServerConfig {
+        worker: WorkerConfig {
+            subjects: vec![args.subject.clone()],
+            handler_timeout: Duration::from_secs(10),
+            grace: Duration::from_secs(5),
+            ..WorkerConfig::default()
+        },
+        bucket: BucketConfig {
+            bucket: args.bucket.clone(),
+            ..BucketConfig::default()
+        },
+        metrics_addr: None,
     };
-    let store = KvStore::open(async_nats::jetstream::new(client.clone()), &bucket).await?;
-    let config = WorkerConfig {
-        subjects: vec![args.subject.clone()],
-        bucket: args.bucket.clone(),
-        handler_timeout: Duration::from_secs(10),
-        grace: Duration::from_secs(5),
-        ..WorkerConfig::default()
-    };
-
     let ledger = Arc::new(Ledger::default());
-    let worker = Worker::new(client.clone(), Arc::new(store), ledger, config);
-    let stats = worker.stats();
     let shutdown = CancellationToken::new();
-    let signals = tokio::spawn(cancel_on_signal(shutdown.clone()));
-
-    let before = responders(&client).await;
-    let running = tokio::spawn(worker.run(shutdown.clone()));
-    let ready = wait_until_registered(&client, before, &running).await;
-    // Not ready and no signal yet: the worker failed, or never registered.
-    let gave_up = !ready && !shutdown.is_cancelled();
-    if ready {
-        // The line a supervisor (or a test) waits for.
-        println!(
-            "{}",
-            json!({"event": "ready", "subject": args.subject, "bucket": args.bucket})
-        );
-    } else {
-        shutdown.cancel();
-    }
-    let result = running.await;
+    // The start-up `idemq serve` uses: checks the server, opens the bucket,
+    // and returns once the worker takes intents.
+    let server = Server::start(client, ledger, config, shutdown.clone()).await?;
+    let signals = tokio::spawn(cancel_on_signal(shutdown));
+    let stats = server.stats();
+    // The line a supervisor (or a test) waits for.
+    println!(
+        "{}",
+        json!({"event": "ready", "subject": args.subject, "bucket": args.bucket})
+    );
+    let result = server.wait().await;
     signals.abort();
-    result??;
-    if gave_up {
-        return Err(format!("the worker did not register within {READY_TIMEOUT:?}").into());
-    }
+    result?;
     println!("{}", json!({"event": "stopped", "stats": stats.snapshot()}));
     Ok(())
-}
-
-/// Waits (at most [`READY_TIMEOUT`]) until one more idemq worker than
-/// `before` answers a discovery ping: the worker registers its micro service
-/// once it is subscribed, so that answer means it takes intents. False if
-/// the worker stopped or the wait ran out.
-async fn wait_until_registered(
-    client: &async_nats::Client,
-    before: usize,
-    running: &tokio::task::JoinHandle<Result<(), idemq::worker::WorkerError>>,
-) -> bool {
-    let registered = async {
-        while !running.is_finished() {
-            if responders(client).await > before {
-                return true;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        false
-    };
-    tokio::time::timeout(READY_TIMEOUT, registered)
-        .await
-        .unwrap_or(false)
-}
-
-/// How many idemq workers answer a discovery ping within 200ms.
-async fn responders(client: &async_nats::Client) -> usize {
-    let inbox = client.new_inbox();
-    let Ok(mut replies) = client.subscribe(inbox.clone()).await else {
-        return 0;
-    };
-    if client
-        .publish_with_reply("$SRV.PING.idemq", inbox, "".into())
-        .await
-        .is_err()
-    {
-        return 0;
-    }
-    let mut count = 0;
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(200);
-    while let Ok(Some(reply)) = tokio::time::timeout_at(deadline, replies.next()).await {
-        if reply.payload.is_empty() {
-            // A no-responders status: nobody is registered.
-            break;
-        }
-        count += 1;
-    }
-    count
-}
-
-/// Cancels `shutdown` on Ctrl-C (SIGINT) or SIGTERM.
-async fn cancel_on_signal(shutdown: CancellationToken) {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut terminate) = signal(SignalKind::terminate()) else {
-            tracing::warn!("cannot listen for SIGTERM; only Ctrl-C stops the worker");
-            // Without a SIGINT handler either, nothing could stop us but a kill.
-            if tokio::signal::ctrl_c().await.is_ok() {
-                shutdown.cancel();
-            }
-            return;
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = terminate.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    if tokio::signal::ctrl_c().await.is_err() {
-        return;
-    }
-    tracing::info!("signal received; stopping intake");
-    shutdown.cancel();
 }

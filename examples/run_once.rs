@@ -41,6 +41,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use clap::Parser;
 use idemq::run_once::{fingerprint_of, Idempotent, RunError, RunOptions, RunRequest};
+use idemq::server::cancel_on_signal;
 use idemq::store::kv::{check_server_version, BucketConfig, KvStore};
 use idemq::{IdempotencyKey, Outcome};
 use serde_json::{json, Value};
@@ -56,7 +57,7 @@ const CHARGE_TAKES: Duration = Duration::from_millis(300);
 struct Args {
     /// Where NATS is and how to authenticate: idemq's own flags, reused.
     #[command(flatten)]
-    nats: idemq::config::NatsArgs,
+    nats: idemq::nats::NatsArgs,
     /// Address to serve HTTP on (port 0: any free port).
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
@@ -90,7 +91,7 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    let client = idemq::config::connect(&args.nats, "idemq-run-once").await?;
+    let client = idemq::nats::connect(&args.nats, "idemq-run-once").await?;
     check_server_version(&client)?;
     let bucket = BucketConfig {
         bucket: args.bucket.clone(),
@@ -202,23 +203,4 @@ async fn stats(State(app): State<Arc<App>>) -> String {
 
 fn problem(status: StatusCode, message: &str) -> Response {
     (status, json!({"error": message}).to_string()).into_response()
-}
-
-/// Cancels `shutdown` on SIGINT or SIGTERM.
-async fn cancel_on_signal(shutdown: CancellationToken) {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        if let Ok(mut terminate) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = terminate.recv() => {}
-            }
-            shutdown.cancel();
-            return;
-        }
-    }
-    if tokio::signal::ctrl_c().await.is_ok() {
-        shutdown.cancel();
-    }
 }

@@ -28,7 +28,7 @@ command -v valgrind >/dev/null || { echo "callgrind.sh: valgrind is not installe
 instructions() {
   local count=$1 id="cg$RANDOM$RANDOM"
   local log="$out/serve.$count.log" profile="$out/callgrind.out.$count"
-  # Warn level, as `idemq bench` runs its worker; the worker's own info
+  # Warn level, as `idemq-bench` runs its worker; the worker's own info
   # line says when it takes intents.
   RUST_LOG=warn,idemq::worker=info valgrind --tool=callgrind --callgrind-out-file="$profile" \
     "$binary" serve --nats-url "$url" --bucket "$id" --subject "$id.>" >"$log" 2>&1 &

@@ -1,5 +1,5 @@
-//! `idemq stats` and `idemq purge`: looking at and mending a running
-//! deployment from the command line.
+//! Looking at and mending a running deployment: the data behind `idemq
+//! stats` and what `idemq purge` does. The CLI (`cli/admin.rs`) renders.
 //!
 //! `stats` asks two places: the bucket (its stream's state and settings)
 //! and every running worker, through the NATS micro service's
@@ -8,7 +8,6 @@
 //! so the table is as complete as the slowest worker is quick.
 
 use std::collections::BTreeMap;
-use std::process::ExitCode;
 use std::time::Duration;
 
 use async_nats::jetstream::context::GetStreamErrorKind;
@@ -17,11 +16,54 @@ use async_nats::Client;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
-use crate::cli::{connect, CliError, PurgeArgs, StatsArgs};
+use crate::key::IdempotencyKey;
 use crate::outcome::RecordState;
 use crate::service::SERVICE_NAME;
 use crate::stats::Snapshot;
+use crate::store::kv::KvStore;
 use crate::store::{IdempotencyStore, Slot, StoreError, Versioned};
+
+/// Why an admin command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// The bucket's stream could not be read.
+    #[error("bucket {bucket}: {reason}")]
+    Bucket {
+        /// The bucket.
+        bucket: String,
+        /// The server's or the client's reason.
+        reason: String,
+    },
+    /// The workers could not be asked.
+    #[error("cannot ask the workers: {0}")]
+    Workers(String),
+    /// A record could not be read or purged.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// `purge` of a claim whose execution still runs, without `force`.
+    #[error("{key} is being executed (lease until {until}); --force purges it anyway")]
+    Running {
+        /// The key.
+        key: String,
+        /// When its lease ends (RFC 3339).
+        until: String,
+    },
+    /// The record changed between `purge`'s read and its purge.
+    #[error("{key} changed since it was read; nothing purged (run purge again to see it)")]
+    Changed {
+        /// The key.
+        key: String,
+    },
+}
+
+impl AdminError {
+    fn bucket(bucket: &str, error: impl std::fmt::Display) -> AdminError {
+        AdminError::Bucket {
+            bucket: bucket.to_owned(),
+            reason: error.to_string(),
+        }
+    }
+}
 
 /// Most worker answers collected (a bound, not an expectation).
 const MAX_WORKERS: usize = 10_000;
@@ -86,42 +128,42 @@ impl Report {
     }
 }
 
-/// `idemq stats`.
-pub async fn stats(args: &StatsArgs) -> Result<ExitCode, CliError> {
-    let client = connect(&args.at.nats).await?;
-    let bucket = bucket_stats(&client, &args.at.bucket).await?;
-    let workers = worker_stats(&client, args.timeout).await?;
-    let mut report = Report::new(bucket, workers);
-    if args.tenants {
-        report.tenants = Some(keys_per_tenant(&client, &args.at.bucket).await?);
+/// The bucket and every worker that answers within `window`; with
+/// `tenants`, the bucket's keys per tenant too.
+pub async fn stats(
+    client: &Client,
+    bucket: &str,
+    window: Duration,
+    tenants: bool,
+) -> Result<Report, AdminError> {
+    let bucket_stats = bucket_stats(client, bucket).await?;
+    let workers = worker_stats(client, window).await?;
+    let mut report = Report::new(bucket_stats, workers);
+    if tenants {
+        report.tenants = Some(keys_per_tenant(client, bucket).await?);
     }
-    if args.json {
-        let json =
-            serde_json::to_string_pretty(&report).map_err(|e| CliError::Failed(e.to_string()))?;
-        println!("{json}");
-    } else {
-        print!("{}", render(&report, &args.at.bucket));
-    }
-    Ok(ExitCode::SUCCESS)
+    Ok(report)
 }
 
 /// Keys per tenant, counted by the server (a `STREAM.INFO` with a subject
 /// filter, paged): the first token of a scoped key, `""` for bare ones.
-async fn keys_per_tenant(client: &Client, bucket: &str) -> Result<BTreeMap<String, u64>, CliError> {
+async fn keys_per_tenant(
+    client: &Client,
+    bucket: &str,
+) -> Result<BTreeMap<String, u64>, AdminError> {
     let js = async_nats::jetstream::new(client.clone());
     let prefix = format!("$KV.{bucket}.");
     let stream = js
         .get_stream(format!("KV_{bucket}"))
         .await
-        .map_err(|e| CliError::Failed(format!("bucket {bucket}: {e}")))?;
+        .map_err(|e| AdminError::bucket(bucket, e))?;
     let mut subjects = stream
         .info_with_subjects(format!("{prefix}>"))
         .await
-        .map_err(|e| CliError::Failed(format!("bucket {bucket}: {e}")))?;
+        .map_err(|e| AdminError::bucket(bucket, e))?;
     let mut tenants = BTreeMap::new();
     while let Some(entry) = subjects.next().await {
-        let (subject, count) =
-            entry.map_err(|e| CliError::Failed(format!("bucket {bucket}: {e}")))?;
+        let (subject, count) = entry.map_err(|e| AdminError::bucket(bucket, e))?;
         let key = subject.strip_prefix(&prefix).unwrap_or(&subject);
         let tenant = key.rsplit_once('.').map_or("", |(tenant, _)| tenant);
         *tenants.entry(tenant.to_owned()).or_insert(0) += count as u64;
@@ -129,7 +171,7 @@ async fn keys_per_tenant(client: &Client, bucket: &str) -> Result<BTreeMap<Strin
     Ok(tenants)
 }
 
-async fn bucket_stats(client: &Client, bucket: &str) -> Result<Option<BucketStats>, CliError> {
+async fn bucket_stats(client: &Client, bucket: &str) -> Result<Option<BucketStats>, AdminError> {
     let js = async_nats::jetstream::new(client.clone());
     let stream = format!("KV_{bucket}");
     match js.get_stream(&stream).await {
@@ -153,21 +195,21 @@ async fn bucket_stats(client: &Client, bucket: &str) -> Result<Option<BucketStat
         {
             Ok(None)
         }
-        Err(error) => Err(CliError::Failed(format!("bucket {bucket}: {error}"))),
+        Err(error) => Err(AdminError::bucket(bucket, error)),
     }
 }
 
 /// Asks `$SRV.STATS.idemq` and collects the answers for `window`.
-async fn worker_stats(client: &Client, window: Duration) -> Result<Vec<WorkerStats>, CliError> {
+async fn worker_stats(client: &Client, window: Duration) -> Result<Vec<WorkerStats>, AdminError> {
     let inbox = client.new_inbox();
     let mut answers = client
         .subscribe(inbox.clone())
         .await
-        .map_err(|e| CliError::Failed(format!("subscribe: {e}")))?;
+        .map_err(|e| AdminError::Workers(e.to_string()))?;
     client
         .publish_with_reply(format!("$SRV.STATS.{SERVICE_NAME}"), inbox, "".into())
         .await
-        .map_err(|e| CliError::Failed(format!("publish: {e}")))?;
+        .map_err(|e| AdminError::Workers(e.to_string()))?;
     let deadline = tokio::time::Instant::now() + window;
     let mut workers = Vec::new();
     while workers.len() < MAX_WORKERS {
@@ -211,138 +253,53 @@ fn parse_worker(payload: &[u8]) -> Option<WorkerStats> {
     })
 }
 
-/// The report as a bucket summary and a table of workers.
-pub fn render(report: &Report, bucket: &str) -> String {
-    let mut out = String::new();
-    match &report.bucket {
-        Some(b) => out.push_str(&format!(
-            "Bucket {}: {} keys, {} bytes, max age {}, {} replica(s), {} storage\n\n",
-            b.bucket,
-            b.keys,
-            b.bytes,
-            humantime::format_duration(Duration::from_secs(b.max_age_secs)),
-            b.replicas,
-            b.storage
-        )),
-        None => out.push_str(&format!("Bucket {bucket}: does not exist yet\n\n")),
-    }
-    if let Some(tenants) = &report.tenants {
-        out.push_str("Keys per tenant:\n");
-        for (tenant, keys) in tenants {
-            let name = if tenant.is_empty() { "(none)" } else { tenant };
-            out.push_str(&format!("  {name}: {keys}\n"));
-        }
-        out.push('\n');
-    }
-    if report.workers.is_empty() {
-        out.push_str("No idemq worker answered.\n");
-        return out;
-    }
-    let mut table = comfy_table::Table::new();
-    let names = Snapshot::default().counters().map(|(name, _)| name);
-    table
-        .load_style(comfy_table::presets::NOTHING)
-        .set_header(std::iter::once("WORKER").chain(names));
-    let row = |name: &str, s: &Snapshot| {
-        let values = s.counters().map(|(_, value)| value.to_string());
-        std::iter::once(name.to_owned()).chain(values)
-    };
-    for worker in &report.workers {
-        table.add_row(row(&worker.id, &worker.stats));
-    }
-    if report.workers.len() > 1 {
-        table.add_row(row("total", &report.total));
-    }
-    for column in table.column_iter_mut().skip(1) {
-        column.set_cell_alignment(comfy_table::CellAlignment::Right);
-    }
-    out.push_str(&table.to_string());
-    out.push('\n');
-    out
+/// What [`purge`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Purged {
+    /// The record is gone; workers were told on this subject.
+    Purged {
+        /// The purge subject the notice went to.
+        notified_on: String,
+    },
+    /// Nothing was stored under the key.
+    Absent,
 }
 
-/// `idemq purge KEY`: removes the record and tells every worker to drop
-/// it from its cache, so the next copy executes again. A claim whose
-/// execution still runs is left alone unless `--force`: purging it would
-/// let a copy execute beside the running one.
-pub async fn purge(args: &PurgeArgs) -> Result<ExitCode, CliError> {
-    let key = crate::cli::key_in(&args.key, args.tenant.as_deref())?;
-    let (client, store) = args.at.open().await?;
-    let seen = store
-        .read(&key)
-        .await
-        .map_err(|e| CliError::Failed(e.to_string()))?;
-    let revision = match seen {
+/// Removes the record under `key` and tells every worker to drop it from
+/// its cache, so the next copy executes again (`idemq purge`). A claim
+/// whose execution still runs is left alone unless `force`: purging it
+/// would let a copy execute beside the running one.
+pub async fn purge(
+    client: &Client,
+    store: &KvStore,
+    bucket: &str,
+    key: &IdempotencyKey,
+    force: bool,
+) -> Result<Purged, AdminError> {
+    let revision = match store.read(key).await? {
         Some(Versioned {
             revision,
             slot: Slot::Record(record),
         }) => {
-            if record.state == RecordState::InProgress && !args.force {
-                return Err(CliError::Failed(format!(
-                    "{key} is being executed (lease until {}); --force purges it anyway",
-                    record.expires_at.to_rfc3339()
-                )));
+            if record.state == RecordState::InProgress && !force {
+                return Err(AdminError::Running {
+                    key: key.to_string(),
+                    until: record.expires_at.to_rfc3339(),
+                });
             }
             revision
         }
-        _ => {
-            eprintln!("no record under {key}");
-            return Ok(ExitCode::from(1));
-        }
+        _ => return Ok(Purged::Absent),
     };
     // Only what was just read and judged is purged: a claim made since
     // (the record expired, a copy executes) makes this a conflict.
-    match crate::cache::purge(&client, &store, &args.at.bucket, &key, revision).await {
-        Ok(()) => {}
-        Err(StoreError::Conflict) => {
-            return Err(CliError::Failed(format!(
-                "{key} changed since it was read; nothing purged (run purge again to see it)"
-            )))
-        }
-        Err(error) => return Err(CliError::Failed(error.to_string())),
-    }
-    println!(
-        "purged {key}; workers notified on {}",
-        crate::cache::purge_subject(&args.at.bucket)
-    );
-    Ok(ExitCode::SUCCESS)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_table_shows_every_counter_and_a_saturating_total() {
-        let worker = |id: &str, received| WorkerStats {
-            id: id.to_owned(),
-            version: String::new(),
-            started: String::new(),
-            stats: Snapshot {
-                received,
-                executed: 2,
-                in_flight: 1,
-                ..Snapshot::default()
-            },
-        };
-        let report = Report::new(None, vec![worker("b", 5), worker("a", u64::MAX)]);
-        let total = report.total;
-        assert_eq!(total.received, u64::MAX, "a worker's huge count saturates");
-        assert_eq!((total.executed, total.in_flight), (4, 2));
-        let text = render(&report, "B");
-        let lines: Vec<&str> = text.lines().collect();
-        let header: Vec<&str> = lines[2].split_whitespace().collect();
-        assert_eq!(header.len(), 13, "{text}");
-        assert_eq!(header[0], "WORKER");
-        assert_eq!(header[9], "STORE_ERR");
-        assert!(
-            lines[3].trim_start().starts_with("a "),
-            "sorted by id: {text}"
-        );
-        let total_row: Vec<&str> = lines[5].split_whitespace().collect();
-        assert_eq!(total_row[0], "total", "{text}");
-        assert_eq!(total_row[1], u64::MAX.to_string());
-        assert_eq!(total_row[2], "4");
-        assert_eq!(total_row[12], "2");
+    match crate::cache::purge(client, store, bucket, key, revision).await {
+        Ok(()) => Ok(Purged::Purged {
+            notified_on: crate::cache::purge_subject(bucket),
+        }),
+        Err(StoreError::Conflict) => Err(AdminError::Changed {
+            key: key.to_string(),
+        }),
+        Err(error) => Err(AdminError::Store(error)),
     }
 }

@@ -233,6 +233,7 @@ impl OutcomeCache {
     }
 
     /// Entries held and the bytes they are counted at.
+    #[cfg(test)]
     pub fn usage(&self) -> (usize, usize) {
         let inner = self.lock();
         (inner.entries.len(), inner.bytes)

@@ -1,145 +1,15 @@
 //! The worker's configuration: plain structs with the contract's defaults.
 //!
-//! The command line (`cli.rs`) fills these from flags and `IDEMQ_*`
+//! The command line (`cli/`) fills these from flags and `IDEMQ_*`
 //! variables; embedders fill them directly. [`WorkerConfig::validate`] is the
 //! one place where a bad combination is refused.
 
 use std::time::Duration;
 
-use clap::Args;
-
-use crate::auth::{AuthArgs, AuthError};
 use crate::intent::is_publish_subject;
 
-/// The default server, when neither `--nats-url`, `IDEMQ_NATS_URL` nor `NATS_URL` is set.
-pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
-/// Bound on establishing a connection.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Where the NATS servers are and how to authenticate: the flags shared by
-/// every subcommand that connects.
-#[derive(Debug, Clone, Args)]
-pub struct NatsArgs {
-    /// NATS server URL(s), comma-separated for a cluster [env: IDEMQ_NATS_URL, NATS_URL]
-    /// [default: nats://127.0.0.1:4222]
-    #[arg(long, env = "IDEMQ_NATS_URL", hide_env = true)]
-    pub nats_url: Option<String>,
-    /// Prefix of this connection's request inboxes (default `_INBOX`), so a
-    /// user can be allowed `_INBOX_<user>.>` instead of every client's
-    /// `_INBOX.>`.
-    #[arg(long, env = "IDEMQ_INBOX_PREFIX")]
-    pub inbox_prefix: Option<String>,
-    #[command(flatten)]
-    #[allow(missing_docs)]
-    pub auth: AuthArgs,
-}
-
-impl NatsArgs {
-    /// The URL list: the flag, `IDEMQ_NATS_URL`, `NATS_URL`, or the default.
-    pub fn url(&self) -> String {
-        self.url_with_source().0
-    }
-
-    /// The URL list and where it came from, when not from clap itself
-    /// (`NATS_URL` or the default); `--print-config` shows it.
-    pub fn url_with_source(&self) -> (String, &'static str) {
-        if let Some(url) = &self.nats_url {
-            return (url.clone(), "flag");
-        }
-        match std::env::var("NATS_URL").ok().filter(|url| !url.is_empty()) {
-            Some(url) => (url, "env NATS_URL"),
-            None => (DEFAULT_NATS_URL.to_owned(), "default"),
-        }
-    }
-
-    /// These servers, without authentication (as embedders and tests start).
-    pub fn new(url: impl Into<String>) -> NatsArgs {
-        NatsArgs {
-            nats_url: Some(url.into()),
-            inbox_prefix: None,
-            auth: AuthArgs::default(),
-        }
-    }
-}
-
-/// Why [`connect`] failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
-    /// The authentication flags are unusable (a usage error: nothing connected).
-    #[error(transparent)]
-    Auth(#[from] AuthError),
-    /// No server could be reached, or the server refused the connection
-    /// (`kind` tells which, e.g. `AuthorizationViolation`).
-    #[error("cannot connect to NATS at {url}: {reason}")]
-    Nats {
-        /// The server list tried.
-        url: String,
-        /// What went wrong, as async-nats classifies it.
-        kind: async_nats::ConnectErrorKind,
-        /// The client's or the server's reason.
-        reason: String,
-    },
-}
-
-/// Connects to the servers of `nats` with its authentication, a bounded
-/// timeout and a connection name the server shows. Errors the server
-/// reports later (a permission violation, say) are logged.
-pub async fn connect(nats: &NatsArgs, name: &str) -> Result<async_nats::Client, ConnectError> {
-    connect_reporting(nats, name, None, None).await
-}
-
-/// Like [`connect`], and also hands every error the server reports on the
-/// connection to `server_errors` (dropped when the channel is full): `serve`
-/// refuses to run with permissions it lacks instead of idling. With
-/// `subscription_capacity` every subscription buffers at most that many
-/// messages (see [`WorkerConfig::subscription_capacity`]).
-pub async fn connect_reporting(
-    nats: &NatsArgs,
-    name: &str,
-    server_errors: Option<tokio::sync::mpsc::Sender<async_nats::ServerError>>,
-    subscription_capacity: Option<usize>,
-) -> Result<async_nats::Client, ConnectError> {
-    // Credentials in the URLs become connect options; the client, its
-    // logs and our errors see only the servers, and a masked list.
-    let given = nats.url();
-    let (servers, from_url) = crate::auth::split_url_credentials(&given)?;
-    let url = crate::auth::mask_url(&given);
-    let options = async_nats::ConnectOptions::new()
-        .name(name)
-        .connection_timeout(CONNECT_TIMEOUT)
-        .event_callback(move |event| {
-            let server_errors = server_errors.clone();
-            async move {
-                if let async_nats::Event::ServerError(error) = event {
-                    tracing::error!(%error, "the NATS server reports an error");
-                    if let Some(errors) = server_errors {
-                        // Full or closed: the first errors are what matters.
-                        let _ = errors.try_send(error);
-                    }
-                }
-            }
-        });
-    let options = match &nats.inbox_prefix {
-        Some(prefix) => options.custom_inbox_prefix(prefix.clone()),
-        None => options,
-    };
-    let options = match subscription_capacity {
-        Some(capacity) => options.subscription_capacity(capacity),
-        None => options,
-    };
-    let options = nats.auth.apply_with(options, from_url.as_ref())?;
-    options
-        .connect(servers.as_slice())
-        .await
-        .map_err(|e| ConnectError::Nats {
-            url: url.clone(),
-            kind: e.kind(),
-            reason: e.to_string(),
-        })
-}
-
 /// How the worker takes and executes intents.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct WorkerConfig {
     /// Subjects to take intents from (wildcards allowed).
     pub subjects: Vec<String>,
@@ -167,8 +37,6 @@ pub struct WorkerConfig {
     pub grace: Duration,
     /// Where intents come from.
     pub delivery: Delivery,
-    /// The bucket's name: purges of it are announced on `idemq.purge.<bucket>`.
-    pub bucket: String,
     /// Memory, in bytes, for stored outcomes kept to answer replays without
     /// a KV read (0 turns the cache off). The default, 14 MiB, holds about
     /// 20 000 outcomes of a few hundred bytes and keeps a worker with 1024
@@ -177,7 +45,7 @@ pub struct WorkerConfig {
 }
 
 /// Where the worker takes intents from.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub enum Delivery {
     /// Queue-group subscriptions; clients use request/reply and retry.
     #[default]
@@ -187,7 +55,7 @@ pub enum Delivery {
 }
 
 /// JetStream delivery settings (`--stream`, `--durable` and the consumer flags).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct JetStreamConfig {
     /// The stream to consume; created over the subjects when missing.
     pub stream: String,
@@ -259,6 +127,16 @@ impl WorkerConfig {
         self.concurrency.max(MIN_SUBSCRIPTION_CAPACITY)
     }
 
+    /// The claim's settings, as the run-once API takes them.
+    pub fn run_options(&self) -> crate::run_once::RunOptions {
+        crate::run_once::RunOptions {
+            lease: self.lease,
+            wait: self.wait,
+            timeout: self.handler_timeout,
+            ttl: self.ttl,
+        }
+    }
+
     /// How long an outcome is kept: the intent's `ttl_secs`, capped by
     /// `--ttl`. In JetStream mode it is at least the redelivery horizon
     /// (PROTOCOL.md v1.1 §6): a copy held for the outcome, or a late
@@ -277,20 +155,21 @@ pub const NAK_DELAY_CAP: Duration = Duration::from_secs(30);
 
 impl Default for WorkerConfig {
     fn default() -> Self {
+        // The claim's settings are the run-once API's: one declaration.
+        let run = crate::run_once::RunOptions::default();
         Self {
             subjects: vec!["intents.>".to_owned()],
             reply_allow: Vec::new(),
             tenant_token: None,
             queue_group: "idemq".to_owned(),
-            ttl: Duration::from_secs(24 * 3600),
-            handler_timeout: Duration::from_secs(30),
-            wait: Duration::from_secs(5),
-            lease: Duration::from_secs(30),
+            ttl: run.ttl,
+            handler_timeout: run.timeout,
+            wait: run.wait,
+            lease: run.lease,
             concurrency: 256,
             max_payload: 1024 * 1024,
             grace: Duration::from_secs(10),
             delivery: Delivery::Core,
-            bucket: "IDEMPOTENCY".to_owned(),
             cache_bytes: 14 << 20,
         }
     }
@@ -300,6 +179,12 @@ impl Default for WorkerConfig {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct ConfigError(pub String);
+
+/// Every problem's text, `separator` apart.
+pub(crate) fn join_problems(problems: &[ConfigError], separator: &str) -> String {
+    let text: Vec<String> = problems.iter().map(ToString::to_string).collect();
+    text.join(separator)
+}
 
 impl WorkerConfig {
     /// Checks every setting; returns every problem at once.

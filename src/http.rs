@@ -22,7 +22,6 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::key::IdempotencyKey;
 use crate::stats::Stats;
 use crate::store::IdempotencyStore;
 
@@ -85,23 +84,20 @@ impl Readiness {
             }
         }
         let at = Instant::now();
-        let found = match tokio::time::timeout(READY_BOUND, self.store.read(&probe_key())).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(error)) => Err(format!("bucket unreachable: {error}")),
-            Err(_) => Err(format!(
-                "bucket did not answer within {}",
-                humantime::format_duration(READY_BOUND)
-            )),
-        };
+        let found =
+            match tokio::time::timeout(READY_BOUND, self.store.read(&crate::store::probe_key()))
+                .await
+            {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(error)) => Err(format!("bucket unreachable: {error}")),
+                Err(_) => Err(format!(
+                    "bucket did not answer within {}",
+                    humantime::format_duration(READY_BOUND)
+                )),
+            };
         *probed = Some((at, found.clone()));
         found
     }
-}
-
-/// The key `/readyz` reads: any key would do, since a read changes
-/// nothing; this one names its purpose.
-fn probe_key() -> IdempotencyKey {
-    IdempotencyKey::generate("idemq", "readiness-probe", 0)
 }
 
 struct Endpoints {

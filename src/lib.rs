@@ -9,36 +9,48 @@
 //! # Layout
 //!
 //! The modules in the order an intent meets them; each uses only those
-//! above it.
+//! above it. Public ones are the API; the rest are internals whose types
+//! the API needs are re-exported here.
 //!
+//! * [`codes`]: every wire error code idemq puts on the wire, one table.
 //! * [`key`]: the seed-compatible [`IdempotencyKey`]: derive, parse, display.
 //! * [`intent`]: the envelope: decode, validate, fingerprint ([`Intent`]).
-//! * [`reply_policy`]: where a reply may go: never where the caller could
+//! * `reply_policy`: where a reply may go: never where the caller could
 //!   turn the worker's credentials against the bucket or the JetStream API.
 //! * [`outcome`]: [`Outcome`], the stored [`Record`], the [`Reply`].
 //! * [`store`]: the [`IdempotencyStore`] trait and the claim protocol;
 //!   [`store::kv`] on JetStream KV, [`store::memory`] in process.
 //! * [`handler`]: the [`Handler`] trait; [`handler::Echo`] and
 //!   [`handler::Forward`].
-//! * [`auth`]: NATS authentication flags (token, user/password, nkey,
-//!   credentials, TLS) applied to every connection.
-//! * [`config`]: [`WorkerConfig`] with the contract's defaults; the shared
-//!   NATS flags and `connect`.
-//! * [`config_file`]: the optional TOML file under the flags; `--print-config`.
 //! * [`stats`]: what the worker did: Prometheus metrics, also shown by the service.
-//! * [`service`]: the `idemq` NATS micro service (discovery, stats).
-//! * [`cache`]: stored outcomes kept in memory for replays; purge notices.
 //! * [`run_once`]: [`Idempotent::run`], the claim protocol as one call:
 //!   claim, run a closure under a renewed lease, store, replay.
 //! * [`seed`]: the seed's helpers on [`Idempotent`] (the migration path).
-//! * [`pipeline`]: one delivery's path, decode to verdict ([`Verdict`]).
-//! * [`jetstream`]: JetStream delivery: pull consumer, acks, dead letters.
-//! * [`worker`]: intake, the in-flight bound and shutdown ([`Worker`]).
+//! * [`auth`]: NATS authentication flags (token, user/password, nkey,
+//!   credentials, TLS) applied to every connection.
+//! * [`nats`]: [`nats::NatsArgs`], `connect`, and telling a refused
+//!   permission from other server errors.
+//! * [`config`]: [`WorkerConfig`] with the contract's defaults and its validation.
+//! * `config_file`: the optional TOML file under the flags; `--print-config`.
+//! * `service`: the `idemq` NATS micro service (discovery, stats).
+//! * `cache`: stored outcomes kept in memory for replays; purge notices.
+//! * `verdict`: what became of a delivery ([`Verdict`]) and the
+//!   [`Rejection`]s, each mapped to its wire code in one place.
+//! * `pipeline`: one delivery's path, decode to verdict, the execution
+//!   step through [`run_once`].
+//! * [`intake`]: the permit-bounded intake both delivery modes (and the
+//!   benchmark's baselines) share.
+//! * `delivery`: core request/reply, and the JetStream pull consumer
+//!   (acks, naks, dead letters).
+//! * [`worker`]: a [`Worker`]: the pipeline, a delivery, registration and shutdown.
 //! * [`http`]: `/metrics`, `/healthz`, `/readyz` on `--metrics-addr`.
-//! * [`bench`]: `idemq bench`, idemq measured beside baselines in one run.
-//! * [`cli`]: the `idemq` command line (`serve`, `send`, `key`, `get`,
-//!   `bench`, `stats`, `purge`, `healthcheck`).
-//! * [`admin`]: `idemq stats` and `idemq purge` against a running deployment.
+//! * [`server`]: the one start-up path ([`server::Server::start`]): what
+//!   `idemq serve`, the tests, the benchmark and `examples/embed.rs` call.
+//! * [`admin`]: the data behind `idemq stats` and what `idemq purge` does.
+//! * [`cli`]: the `idemq` command line, one file per command; it renders
+//!   what the library returns.
+//!
+//! The benchmark is the workspace's other crate, `bench/` (`idemq-bench`).
 //!
 //! # Run once, without a worker
 //!
@@ -141,34 +153,39 @@
 //! # }
 //! ```
 
+pub mod codes;
 pub mod key;
 pub mod intent;
-pub mod reply_policy;
+mod reply_policy;
 pub mod outcome;
 pub mod store;
 pub mod handler;
-pub mod auth;
-pub mod config;
-pub mod config_file;
 pub mod stats;
-pub mod service;
-pub mod cache;
 pub mod run_once;
 pub mod seed;
-pub mod pipeline;
-pub mod jetstream;
+pub mod auth;
+pub mod nats;
+pub mod config;
+mod config_file;
+mod service;
+mod cache;
+mod verdict;
+mod pipeline;
+pub mod intake;
+mod delivery;
 pub mod worker;
 pub mod http;
-pub mod bench;
-pub mod cli;
+pub mod server;
 pub mod admin;
+pub mod cli;
 
 pub use config::WorkerConfig;
+pub use delivery::DeliveryError;
 pub use handler::{Call, Handler, HandlerError};
 pub use intent::Intent;
 pub use key::IdempotencyKey;
 pub use outcome::{Outcome, Record, Reply};
-pub use pipeline::{Rejection, Verdict};
 pub use run_once::Idempotent;
 pub use store::IdempotencyStore;
+pub use verdict::{Rejection, Verdict};
 pub use worker::Worker;

@@ -12,127 +12,24 @@ use std::time::Duration;
 
 use async_nats::HeaderMap;
 use bytes::Bytes;
-use futures::{Stream, StreamExt};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{field, Instrument};
 
 use crate::cache::{InFlightKeys, Lookup, OutcomeCache, Turn};
 use crate::config::WorkerConfig;
 use crate::handler::{Call, Handler};
-use crate::intent::{Intent, IntentError, Limits};
+use crate::intent::{Intent, Limits};
+use crate::key::IdempotencyKey;
 use crate::outcome::{Answer, EncodedReply, Outcome, Record, Reply};
 use crate::reply_policy::ReplyPolicy;
-use crate::run_once::{
-    Attempt, Claimed, Done, Idempotent, RunError, RunOptions, RunRequest, MIN_RETRY_AFTER,
-};
-use crate::stats::{self, Stats};
+use crate::run_once::{Attempt, Claimed, Done, Idempotent, RunError, RunRequest, MIN_RETRY_AFTER};
+use crate::stats::Stats;
 use crate::store::{IdempotencyStore, StoreError};
+use crate::verdict::{Handled, Rejection, Verdict};
 use prometheus_client::metrics::counter::Counter;
 
 /// Suggested retry delay after a transient failure.
 const TRANSIENT_RETRY_AFTER: Duration = Duration::from_secs(1);
-
-/// Why the worker refused to execute an intent. Each variant is one wire
-/// error code; [`Rejection::code`] is the only place that mapping lives.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum Rejection {
-    /// The intent failed validation.
-    #[error(transparent)]
-    Invalid(#[from] IntentError),
-    /// The key is taken by an intent with another fingerprint.
-    #[error("idempotency key already used by a different intent")]
-    KeyReused,
-    /// Another execution holds the key.
-    #[error("another execution holds this key")]
-    InProgress {
-        /// When to retry.
-        retry_after: Duration,
-    },
-    /// No handler can run the intent now.
-    #[error("{0}")]
-    NoHandler(String),
-    /// The worker is stopping and gave the intent's claim back.
-    #[error("the worker is shutting down; retry")]
-    ShuttingDown,
-    /// The bucket could not be read or written.
-    #[error(transparent)]
-    StoreUnavailable(#[from] StoreError),
-}
-
-impl Rejection {
-    /// The wire error code.
-    pub fn code(&self) -> &'static str {
-        match self {
-            Rejection::Invalid(IntentError::PayloadTooLarge { .. }) => stats::PAYLOAD_TOO_LARGE,
-            Rejection::Invalid(IntentError::InvalidKey(_)) => stats::INVALID_KEY,
-            Rejection::Invalid(_) => stats::INVALID_INTENT,
-            Rejection::KeyReused => "KEY_REUSED",
-            Rejection::InProgress { .. } => "IN_PROGRESS",
-            Rejection::NoHandler(_) | Rejection::ShuttingDown => "NO_HANDLER",
-            Rejection::StoreUnavailable(_) => "STORE_UNAVAILABLE",
-        }
-    }
-
-    /// The `Error` outcome that carries this rejection.
-    pub fn outcome(&self) -> Outcome {
-        let retry_after_ms = match self {
-            Rejection::InProgress { retry_after } => {
-                Some(u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX))
-            }
-            _ => None,
-        };
-        Outcome::Error {
-            code: self.code().to_owned(),
-            message: self.to_string(),
-            retry_after_ms,
-        }
-    }
-}
-
-/// What became of one delivery.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Verdict {
-    /// Settled: an outcome (fresh or replayed) or a final refusal. Answer it.
-    Settled(Answer),
-    /// The message itself is bad. Answer it; JetStream mode also dead-letters it.
-    Invalid(Answer),
-    /// Worth another try later: core mode answers it; JetStream mode naks
-    /// the delivery (after `after`) and answers only the last one.
-    Retry {
-        /// The reply, should this be the last word.
-        reply: Answer,
-        /// How long to wait before the next try.
-        after: Duration,
-    },
-}
-
-impl Verdict {
-    /// The answer this verdict carries.
-    pub fn answer(&self) -> &Answer {
-        match self {
-            Verdict::Settled(reply) | Verdict::Invalid(reply) | Verdict::Retry { reply, .. } => {
-                reply
-            }
-        }
-    }
-}
-
-/// A handled delivery: the verdict and where the intent may be answered.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Handled {
-    /// What became of it.
-    pub verdict: Verdict,
-    /// Whether the message's own reply subject may be answered (core
-    /// mode): false when it was refused, and then nothing is answered.
-    pub answer_own: bool,
-    /// `Idem-Reply-To` or `reply_to`, for messages without a reply
-    /// subject; `None` when absent or refused.
-    pub reply_to: Option<String>,
-    /// The intent's fingerprint; `None` for a message that is not a valid
-    /// intent. With the key it names one intent's answer across copies.
-    pub fingerprint: Option<String>,
-}
 
 /// Everything the per-intent path needs, shared by all in-flight intents.
 pub struct Pipeline {
@@ -169,12 +66,7 @@ impl Pipeline {
     ) -> Pipeline {
         let stats = Arc::<Stats>::default();
         let instance = nuid::next().to_string();
-        let options = RunOptions {
-            lease: config.lease,
-            wait: config.wait,
-            timeout: config.handler_timeout,
-            ttl: config.ttl,
-        };
+        let options = config.run_options();
         Pipeline {
             client,
             once: Idempotent::with_stats(store, options, Arc::clone(&stats), instance.clone()),
@@ -189,9 +81,9 @@ impl Pipeline {
         }
     }
 
-    /// The worker's counters (live).
-    pub fn stats(&self) -> &Arc<Stats> {
-        &self.stats
+    /// The store claims and outcomes go to.
+    pub fn store(&self) -> &Arc<dyn IdempotencyStore> {
+        self.once.store()
     }
 }
 
@@ -296,12 +188,9 @@ impl Pipeline {
         let intent = match checked {
             Ok(intent) => intent,
             Err((idem_key, intent_id, reply_to, error)) => {
-                let rejection = Rejection::Invalid(error);
-                self.stats.count_invalid(rejection.code());
-                tracing::info!(error = %rejection, %subject, "invalid intent");
-                let reply = Reply::unstored(idem_key, intent_id, rejection.outcome());
+                tracing::debug!(%subject, "invalid intent");
                 return Handled {
-                    verdict: Verdict::Invalid(reply.into()),
+                    verdict: self.refusal(idem_key, intent_id, Rejection::Invalid(error)),
                     answer_own,
                     reply_to: reply_to.filter(|_| named_ok),
                     fingerprint: None,
@@ -504,10 +393,26 @@ impl Pipeline {
         )
     }
 
-    /// The verdict for a refusal: final ones settle, the rest are retried.
+    /// The verdict for refusing a valid intent.
     fn refuse(&self, intent: &Intent, rejection: Rejection) -> Verdict {
+        self.refusal(
+            Some(intent.key.clone()),
+            Some(intent.intent_id.clone()),
+            rejection,
+        )
+    }
+
+    /// The verdict for a refusal, answered under what could be read of the
+    /// message: invalid ones are dead-lettered, final ones settle, the rest
+    /// are retried.
+    fn refusal(
+        &self,
+        idem_key: Option<IdempotencyKey>,
+        intent_id: Option<String>,
+        rejection: Rejection,
+    ) -> Verdict {
         tracing::info!(code = rejection.code(), reason = %rejection, "intent refused");
-        let reply: Answer = self.unstored(intent, rejection.outcome()).into();
+        let reply: Answer = Reply::unstored(idem_key, intent_id, rejection.outcome()).into();
         let retry = |counter: &Counter, after| {
             counter.inc();
             Verdict::Retry {
@@ -516,7 +421,10 @@ impl Pipeline {
             }
         };
         match &rejection {
-            Rejection::Invalid(_) => Verdict::Invalid(reply),
+            Rejection::Invalid(_) => {
+                self.stats.count_invalid(rejection.code());
+                Verdict::Invalid(reply)
+            }
             Rejection::KeyReused => {
                 self.stats.key_reused.inc();
                 Verdict::Settled(reply)
@@ -530,27 +438,6 @@ impl Pipeline {
             }
         }
     }
-}
-
-/// Takes the next message only once a permit is free, so at the in-flight
-/// bound intake simply stops reading: nothing queues inside idemq. Returns
-/// `None` on shutdown or when the source ends.
-pub async fn next_with_permit<S: Stream + Unpin>(
-    source: &mut S,
-    permits: &Arc<Semaphore>,
-    shutdown: &CancellationToken,
-) -> Option<(OwnedSemaphorePermit, S::Item)> {
-    let permit = tokio::select! {
-        biased;
-        () = shutdown.cancelled() => return None,
-        permit = Arc::clone(permits).acquire_owned() => permit.ok()?,
-    };
-    let item = tokio::select! {
-        biased;
-        () = shutdown.cancelled() => return None,
-        item = source.next() => item?,
-    };
-    Some((permit, item))
 }
 
 #[cfg(test)]

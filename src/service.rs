@@ -60,14 +60,7 @@ pub async fn register(
 impl Registration {
     /// Answers status requests until `shutdown`, then deregisters.
     pub async fn serve(mut self, shutdown: CancellationToken) {
-        loop {
-            let request = tokio::select! {
-                () = shutdown.cancelled() => break,
-                request = self.endpoint.next() => match request {
-                    Some(request) => request,
-                    None => break,
-                },
-            };
+        while let Some(Some(request)) = shutdown.run_until_cancelled(self.endpoint.next()).await {
             let body = serde_json::to_vec(&self.stats.snapshot()).unwrap_or_default();
             if let Err(error) = request.respond(Ok(body.into())).await {
                 tracing::debug!(%error, "status reply failed");

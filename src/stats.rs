@@ -16,16 +16,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 
-/// Wire code: the message is not a valid intent.
-pub const INVALID_INTENT: &str = "INVALID_INTENT";
-/// Wire code: the `Idempotency-Key` header is not a key.
-pub const INVALID_KEY: &str = "INVALID_KEY";
-/// Wire code: the message is over `--max-payload`.
-pub const PAYLOAD_TOO_LARGE: &str = "PAYLOAD_TOO_LARGE";
-
-/// The wire codes an invalid message is refused with, one counter each
-/// (`pipeline::Rejection::code` maps errors to them).
-pub const INVALID_CODES: [&str; 3] = [INVALID_INTENT, INVALID_KEY, PAYLOAD_TOO_LARGE];
+use crate::codes::INVALID_CODES;
 
 /// The label of `idemq_intents_invalid_total`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -913,22 +913,6 @@ async fn credentials_in_urls_work_for_every_command_and_never_print() {
     for (what, args) in [
         ("get", vec!["get", key, "--nats-url", &good]),
         ("stats", vec!["stats", "--nats-url", &listed]),
-        (
-            "bench",
-            vec![
-                "bench",
-                "--nats-url",
-                &good,
-                "--count",
-                "4",
-                "--concurrency",
-                "2",
-                "--rss-concurrency",
-                "2",
-                "--copies",
-                "2",
-            ],
-        ),
         ("purge", vec!["purge", key, "--nats-url", &good]),
     ] {
         let (ok, text) = traced(&args, &[]).await;
@@ -1101,22 +1085,6 @@ async fn secrets_from_flags_env_and_config_files_never_print_at_trace() {
         ),
         ("get", vec!["get", &key, "--nats-url", &url]),
         ("stats", vec!["stats", "--nats-url", &url]),
-        (
-            "bench",
-            vec![
-                "bench",
-                "--nats-url",
-                &url,
-                "--count",
-                "4",
-                "--concurrency",
-                "2",
-                "--rss-concurrency",
-                "2",
-                "--copies",
-                "2",
-            ],
-        ),
         ("purge", vec!["purge", &key, "--nats-url", &url, "--force"]),
     ];
     for (what, args) in &commands {

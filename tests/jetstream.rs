@@ -10,6 +10,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer::PullConsumer};
 use async_nats::{Client, HeaderMap, Subscriber};
 use common::proxy::{Direction, FaultProxy, Mode};
+use common::rig::Rig;
 use common::upstream::{Upstream, FORWARD};
 use common::workers::{start_worker, test_config, wait_for_workers, RunningWorker, WorkerProcess};
 use common::NatsServer;
@@ -90,7 +91,8 @@ async fn until_drained(js: &jetstream::Context) {
 
 /// A server, an upstream, one in-process worker in JetStream mode, and a
 /// subscription to the replies: what most tests here start from.
-struct Rig {
+/// The shared [`Rig`], with a JetStream-mode worker and its replies.
+struct JsRig {
     server: NatsServer,
     client: Client,
     upstream: Upstream,
@@ -99,14 +101,16 @@ struct Rig {
     replies: Subscriber,
 }
 
-async fn rig(config: WorkerConfig, forward: Option<&str>) -> Rig {
-    let server = NatsServer::start();
-    let client = server.connect().await;
-    let upstream = Upstream::start(&client).await;
+async fn rig(config: WorkerConfig, forward: Option<&str>) -> JsRig {
+    let Rig {
+        server,
+        client,
+        upstream,
+    } = Rig::start().await;
     let worker = start_worker(&server, config, forward).await;
     let js = jetstream::new(client.clone());
     let replies = results(&client).await;
-    Rig {
+    JsRig {
         server,
         client,
         upstream,
@@ -118,7 +122,7 @@ async fn rig(config: WorkerConfig, forward: Option<&str>) -> Rig {
 
 #[tokio::test]
 async fn two_hundred_intents_two_hundred_replies_two_hundred_executions() {
-    let Rig {
+    let JsRig {
         server: _server,
         client: _client,
         upstream,
@@ -147,7 +151,7 @@ async fn two_hundred_intents_two_hundred_replies_two_hundred_executions() {
 
 #[tokio::test]
 async fn intents_published_three_times_execute_once_and_answer_each_copy() {
-    let Rig {
+    let JsRig {
         server: _server,
         client: _client,
         upstream,
@@ -185,7 +189,7 @@ async fn intents_published_three_times_execute_once_and_answer_each_copy() {
 
 #[tokio::test]
 async fn a_results_stream_keeps_one_reply_per_intent_under_a_key() {
-    let Rig {
+    let JsRig {
         server: _server,
         client: _client,
         upstream,
@@ -226,7 +230,7 @@ async fn a_results_stream_keeps_one_reply_per_intent_under_a_key() {
 
 #[tokio::test]
 async fn an_invalid_intent_is_answered_dead_lettered_and_not_redelivered() {
-    let Rig {
+    let JsRig {
         server: _server,
         client,
         worker,
@@ -276,7 +280,7 @@ async fn an_invalid_intent_is_answered_dead_lettered_and_not_redelivered() {
 #[tokio::test]
 async fn an_intent_out_of_deliveries_is_answered_once_and_dead_lettered() {
     let config = js_config(|js| js.max_deliver = 2);
-    let Rig {
+    let JsRig {
         server: _server,
         client,
         worker,
@@ -444,7 +448,7 @@ async fn until_stream_holds(js: &jetstream::Context, stream: &str, count: u64) {
 
 #[tokio::test]
 async fn a_dead_letter_with_the_intents_stream_headers_is_kept_in_the_dead_letter_stream() {
-    let Rig {
+    let JsRig {
         server: _server,
         worker,
         js,
@@ -504,7 +508,7 @@ async fn a_dead_letter_with_the_intents_stream_headers_is_kept_in_the_dead_lette
 
 #[tokio::test]
 async fn a_ttl_shorter_than_a_held_copy_still_answers_it_with_the_one_outcome() {
-    let Rig {
+    let JsRig {
         server: _server,
         upstream,
         worker,
@@ -620,7 +624,7 @@ async fn a_worker_pulls_no_more_intents_than_it_has_free_permits() {
         concurrency: 2,
         ..js_config(|js| js.ack_wait = Duration::from_secs(2))
     };
-    let Rig {
+    let JsRig {
         server: _server,
         client: _client,
         upstream,

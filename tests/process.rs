@@ -275,14 +275,7 @@ async fn get_prints_the_record_or_exits_one() {
 #[tokio::test]
 async fn a_bucket_without_per_message_ttl_is_a_startup_error() {
     let server = NatsServer::start();
-    let js = async_nats::jetstream::new(server.connect().await);
-    js.create_key_value(async_nats::jetstream::kv::Config {
-        bucket: "OLD".to_owned(),
-        history: 1,
-        ..Default::default()
-    })
-    .await
-    .expect("bucket");
+    common::stores::bucket_without_ttl(&server, "OLD").await;
     let out = idemq(&["serve", "--bucket", "OLD", "--nats-url", &server.url()]).await;
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("per-message TTL"));

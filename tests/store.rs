@@ -534,14 +534,8 @@ both_stores!(
 #[tokio::test]
 async fn bucket_without_per_message_ttl_is_refused() {
     let server = common::NatsServer::start();
+    common::stores::bucket_without_ttl(&server, "PLAIN").await;
     let js = async_nats::jetstream::new(server.connect().await);
-    js.create_key_value(async_nats::jetstream::kv::Config {
-        bucket: "PLAIN".to_owned(),
-        history: 1,
-        ..Default::default()
-    })
-    .await
-    .expect("plain bucket");
     let config = BucketConfig {
         bucket: "PLAIN".to_owned(),
         replicas: 1,

@@ -6,11 +6,11 @@ mod common;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use common::upstream::{Upstream, FORWARD};
+use common::rig::Rig;
+use common::upstream::FORWARD;
 use common::workers::{code, request, send, start_worker, test_config, REPLY_TIMEOUT};
 use common::NatsServer;
 use futures::StreamExt;
-use idemq::store::IdempotencyStore;
 use idemq::IdempotencyKey;
 use serde_json::{json, Value};
 
@@ -24,9 +24,11 @@ fn key_of(id: &str) -> String {
 
 #[tokio::test]
 async fn every_invalid_input_gets_its_code_and_nothing_executes() {
-    let server = NatsServer::start();
-    let client = server.connect().await;
-    let upstream = Upstream::start(&client).await;
+    let Rig {
+        server,
+        client,
+        upstream,
+    } = Rig::start().await;
     let config = idemq::WorkerConfig {
         max_payload: 2048,
         ..test_config()
@@ -175,9 +177,11 @@ async fn every_invalid_input_gets_its_code_and_nothing_executes() {
 /// `INVALID_INTENT` and nothing reaches any `exec.` subject.
 #[tokio::test]
 async fn a_capability_can_never_inject_subject_tokens_or_wildcards() {
-    let server = NatsServer::start();
-    let client = server.connect().await;
-    let upstream = Upstream::start(&client).await;
+    let Rig {
+        server,
+        client,
+        upstream,
+    } = Rig::start().await;
     // Sees everything under the template's prefix, also what `exec.*` misses.
     let mut spy = client.subscribe("exec.>").await.expect("subscribe");
     client.flush().await.expect("flush");
@@ -217,9 +221,11 @@ async fn a_capability_can_never_inject_subject_tokens_or_wildcards() {
 /// sent at once run at most two at a time, and all are answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrency_bounds_the_intents_in_flight() {
-    let server = NatsServer::start();
-    let client = server.connect().await;
-    let _upstream = Upstream::start(&client).await;
+    let Rig {
+        server,
+        client,
+        upstream: _upstream,
+    } = Rig::start().await;
     let config = idemq::WorkerConfig {
         concurrency: 2,
         ..test_config()
@@ -256,9 +262,11 @@ async fn concurrency_bounds_the_intents_in_flight() {
 async fn retry_storm_over_three_workers_executes_each_key_once() {
     const KEYS: usize = 20;
     const COPIES: usize = 8;
-    let server = NatsServer::start();
-    let client = server.connect().await;
-    let upstream = Upstream::start(&client).await;
+    let Rig {
+        server,
+        client,
+        upstream,
+    } = Rig::start().await;
     let mut workers = Vec::new();
     for _ in 0..3 {
         workers.push(start_worker(&server, test_config(), Some(FORWARD)).await);
@@ -305,9 +313,11 @@ async fn retry_storm_over_three_workers_executes_each_key_once() {
 
 #[tokio::test]
 async fn key_reuse_is_refused_including_the_seed_separator_collision() {
-    let server = NatsServer::start();
-    let client = server.connect().await;
-    let upstream = Upstream::start(&client).await;
+    let Rig {
+        server,
+        client,
+        upstream,
+    } = Rig::start().await;
     let worker = start_worker(&server, test_config(), Some(FORWARD)).await;
 
     let first = json!({"intent_id": "i1", "actor": "a", "run_id": "a::b", "episode": "c"});
@@ -335,9 +345,11 @@ async fn key_reuse_is_refused_including_the_seed_separator_collision() {
 
 #[tokio::test]
 async fn a_copy_waits_for_the_running_execution_or_gets_in_progress() {
-    let server = NatsServer::start();
-    let client = server.connect().await;
-    let upstream = Upstream::start(&client).await;
+    let Rig {
+        server,
+        client,
+        upstream,
+    } = Rig::start().await;
     let config = idemq::WorkerConfig {
         wait: Duration::from_millis(800),
         ..test_config()
@@ -379,9 +391,11 @@ async fn a_copy_waits_for_the_running_execution_or_gets_in_progress() {
 
 #[tokio::test]
 async fn outcome_ttl_expiry_frees_the_key() {
-    let server = NatsServer::start();
-    let client = server.connect().await;
-    let upstream = Upstream::start(&client).await;
+    let Rig {
+        server,
+        client,
+        upstream,
+    } = Rig::start().await;
     let worker = start_worker(&server, test_config(), Some(FORWARD)).await;
 
     let mut body = intent("short-lived", json!(1));
@@ -415,9 +429,11 @@ async fn outcome_ttl_expiry_frees_the_key() {
 
 #[tokio::test]
 async fn client_errors_are_stored_and_server_errors_released() {
-    let server = NatsServer::start();
-    let client = server.connect().await;
-    let upstream = Upstream::start(&client).await;
+    let Rig {
+        server,
+        client,
+        upstream,
+    } = Rig::start().await;
     let worker = start_worker(&server, test_config(), Some(FORWARD)).await;
 
     let body = intent("e422", json!(null));
@@ -455,9 +471,11 @@ async fn client_errors_are_stored_and_server_errors_released() {
 
 #[tokio::test]
 async fn handler_timeout_is_stored_as_timeout() {
-    let server = NatsServer::start();
-    let client = server.connect().await;
-    let upstream = Upstream::start(&client).await;
+    let Rig {
+        server,
+        client,
+        upstream,
+    } = Rig::start().await;
     let config = idemq::WorkerConfig {
         handler_timeout: Duration::from_millis(500),
         ..test_config()
@@ -499,9 +517,11 @@ async fn no_responders_is_no_handler_and_nothing_is_stored() {
 
 #[tokio::test]
 async fn upstream_replies_map_to_outcomes() {
-    let server = NatsServer::start();
-    let client = server.connect().await;
-    let upstream = Upstream::start(&client).await;
+    let Rig {
+        server,
+        client,
+        upstream,
+    } = Rig::start().await;
     let worker = start_worker(&server, test_config(), Some(FORWARD)).await;
 
     let bad = send(&client, "intents.badjson", &intent("bad", json!(null))).await;
@@ -603,9 +623,11 @@ async fn the_worker_is_a_micro_service_with_its_counters() {
 
 #[tokio::test]
 async fn a_purge_reaches_the_cache_of_every_worker_at_once() {
-    let server = NatsServer::start();
-    let client = server.connect().await;
-    let upstream = Upstream::start(&client).await;
+    let Rig {
+        server,
+        client,
+        upstream,
+    } = Rig::start().await;
     let workers = [
         start_worker(&server, test_config(), Some(FORWARD)).await,
         start_worker(&server, test_config(), Some(FORWARD)).await,
@@ -626,10 +648,13 @@ async fn a_purge_reaches_the_cache_of_every_worker_at_once() {
     .await
     .expect("bucket");
     let key = IdempotencyKey::parse(&key_of("purged")).expect("key");
-    let seen = store.read(&key).await.expect("read").expect("entry");
-    idemq::cache::purge(&client, &store, "IDEMPOTENCY", &key, seen.revision)
+    let purged = idemq::admin::purge(&client, &store, "IDEMPOTENCY", &key, false)
         .await
         .expect("purge");
+    assert!(
+        matches!(purged, idemq::admin::Purged::Purged { .. }),
+        "{purged:?}"
+    );
     // The notice reaches the workers within a second (here: at once).
     let mut fresh = false;
     for _ in 0..10 {
@@ -655,9 +680,11 @@ async fn a_purge_reaches_the_cache_of_every_worker_at_once() {
 
 #[tokio::test]
 async fn an_outcome_too_large_to_store_is_stored_as_result_too_large_and_never_rerun() {
-    let server = NatsServer::start();
-    let client = server.connect().await;
-    let upstream = Upstream::start(&client).await;
+    let Rig {
+        server,
+        client,
+        upstream,
+    } = Rig::start().await;
     let worker = start_worker(&server, test_config(), Some(FORWARD)).await;
     // An answer the upstream can send (it fits the max payload), whose
     // record, with the claim's fields around it, cannot be stored.
@@ -687,9 +714,11 @@ const WAITING_COPIES: usize = 3;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousands_of_keys_waited_for_at_once_cost_no_server_consumer_each() {
-    let server = NatsServer::start();
-    let client = server.connect().await;
-    let upstream = Upstream::start(&client).await;
+    let Rig {
+        server,
+        client,
+        upstream,
+    } = Rig::start().await;
     let config = || idemq::WorkerConfig {
         concurrency: 4096,
         wait: Duration::from_secs(12),

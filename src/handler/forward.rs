@@ -100,7 +100,7 @@ impl Handler for Forward {
                 // A payload over the server's limit is a property of the
                 // intent: retrying cannot help, so it is stored.
                 RequestErrorKind::MaxPayloadExceeded => Ok(Outcome::error(
-                    crate::stats::PAYLOAD_TOO_LARGE,
+                    crate::codes::PAYLOAD_TOO_LARGE,
                     format!("the intent is too large to forward to {subject}"),
                 )),
                 _ => Err(HandlerError::NoHandler(format!(
@@ -140,7 +140,7 @@ pub fn map_reply(reply: &Message) -> Result<Outcome, HandlerError> {
     match serde_json::from_slice(&reply.payload) {
         Ok(value) => Ok(Outcome::Success(value)),
         Err(_) => Ok(Outcome::error(
-            "UPSTREAM_BAD_REPLY",
+            crate::codes::UPSTREAM_BAD_REPLY,
             "the upstream reply is not JSON",
         )),
     }

@@ -41,8 +41,11 @@ const EXPIRY_MARGIN: Duration = Duration::from_millis(100);
 /// The oldest nats-server that can hold per-message TTLs.
 pub const MIN_SERVER_VERSION: (u64, u64) = (2, 11);
 
+/// The bucket's name unless `--bucket` says otherwise.
+pub const DEFAULT_BUCKET: &str = "IDEMPOTENCY";
+
 /// How to open (or create) the bucket.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BucketConfig {
     /// Bucket name (`--bucket`).
     pub bucket: String,
@@ -53,7 +56,7 @@ pub struct BucketConfig {
 impl Default for BucketConfig {
     fn default() -> Self {
         Self {
-            bucket: "IDEMPOTENCY".to_owned(),
+            bucket: DEFAULT_BUCKET.to_owned(),
             replicas: 1,
         }
     }
@@ -150,7 +153,7 @@ impl KvStore {
     }
 
     /// The underlying bucket handle.
-    pub fn bucket(&self) -> &kv::Store {
+    pub fn kv(&self) -> &kv::Store {
         &self.kv
     }
 
@@ -247,6 +250,10 @@ fn decode(
 
 #[async_trait]
 impl IdempotencyStore for KvStore {
+    fn bucket(&self) -> Option<&str> {
+        Some(&self.kv.name)
+    }
+
     async fn read(&self, key: &IdempotencyKey) -> Result<Option<Versioned>, StoreError> {
         // Boxed: inline, the client's read makes this future 2 KiB.
         let entry = Box::pin(self.kv.entry(key.as_str()))

@@ -42,7 +42,13 @@ const READ_PAST_TRIES: u32 = 4;
 /// First pause between those reads; it doubles.
 const READ_PAST_PAUSE: Duration = Duration::from_millis(5);
 /// The outcome stored in place of one whose record the store cannot hold.
-pub const RESULT_TOO_LARGE: &str = "RESULT_TOO_LARGE";
+pub use crate::codes::RESULT_TOO_LARGE;
+
+/// The key readiness checks read (`/readyz`, a starting worker): any key
+/// would do, since a read changes nothing; this one names its purpose.
+pub fn probe_key() -> IdempotencyKey {
+    IdempotencyKey::generate("idemq", "readiness-probe", 0)
+}
 
 /// What the latest revision of a key holds.
 #[derive(Debug, Clone, PartialEq)]
@@ -211,6 +217,13 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     /// Watches `key`, yielding every revision at or after `from_revision`
     /// (including the latest one, if it is that new).
     async fn watch(&self, key: &IdempotencyKey, from_revision: u64) -> Result<Watch, StoreError>;
+
+    /// The JetStream KV bucket this store lives in, if it is one: `idemq
+    /// purge` announces purges on the bucket's purge subject, and the
+    /// worker listens there.
+    fn bucket(&self) -> Option<&str> {
+        None
+    }
 
     /// Reads the record stored under `key`, if any.
     async fn get(&self, key: &IdempotencyKey) -> Result<Option<Record>, StoreError> {

@@ -27,7 +27,7 @@ use std::process::Child;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use super::{
+use super::server::{
     check_alive, find_nats_server, log_tail, port_from_url, respawn, spawn, wait_for_ports_file,
     wait_for_tcp, CONNECT_TIMEOUT, POLL_STEP, RESTART_ATTEMPTS,
 };

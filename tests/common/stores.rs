@@ -21,6 +21,19 @@ pub async fn kv_store(server: &NatsServer) -> Store {
     Arc::new(store)
 }
 
+/// Creates the bucket `name` as a pre-idemq tool would: history 1, no
+/// per-message TTLs (which idemq refuses).
+pub async fn bucket_without_ttl(server: &NatsServer, name: &str) {
+    async_nats::jetstream::new(server.connect().await)
+        .create_key_value(async_nats::jetstream::kv::Config {
+            bucket: name.to_owned(),
+            history: 1,
+            ..Default::default()
+        })
+        .await
+        .expect("plain bucket");
+}
+
 /// `both_stores!(a, b)`: for each `async fn a(store: Store)` of the test
 /// file, `memory::a` on a fresh in-memory store and `jetstream_kv::a` on
 /// a fresh nats-server's bucket.

@@ -8,12 +8,10 @@ use std::time::Duration;
 use async_nats::{Client, HeaderMap};
 use futures::StreamExt;
 use idemq::handler::{Echo, Forward, Handler};
+use idemq::server::{Server, ServerConfig};
 use idemq::stats::Stats;
-use idemq::store::kv::{BucketConfig, KvStore};
-use idemq::worker::WorkerError;
-use idemq::{Worker, WorkerConfig};
+use idemq::WorkerConfig;
 use serde_json::Value;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::NatsServer;
@@ -34,7 +32,7 @@ pub fn test_config() -> WorkerConfig {
 /// A worker running in this process; stopped on drop.
 pub struct RunningWorker {
     shutdown: CancellationToken,
-    task: Option<JoinHandle<Result<(), WorkerError>>>,
+    server: Option<Server>,
     /// Its counters.
     pub stats: Arc<Stats>,
 }
@@ -43,11 +41,10 @@ impl RunningWorker {
     /// Stops the worker and waits (bounded) for a clean exit.
     pub async fn stop(mut self) {
         self.shutdown.cancel();
-        if let Some(task) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(20), task)
+        if let Some(server) = self.server.take() {
+            tokio::time::timeout(Duration::from_secs(20), server.wait())
                 .await
                 .expect("worker stops within 20s")
-                .expect("worker task")
                 .expect("worker exits cleanly");
         }
     }
@@ -76,26 +73,29 @@ pub async fn start_worker_on(
     config: WorkerConfig,
     forward: Option<&str>,
 ) -> RunningWorker {
-    let js = async_nats::jetstream::new(client.clone());
-    let store = KvStore::open(js, &BucketConfig::default())
-        .await
-        .expect("open bucket");
     let handler: Arc<dyn Handler> = match forward {
         Some(template) => Arc::new(
             Forward::new(client.clone(), template, config.handler_timeout).expect("template"),
         ),
         None => Arc::new(Echo),
     };
-    let before = ping(&client).await.len();
-    let worker = Worker::new(client.clone(), Arc::new(store), handler, config);
-    let stats = worker.stats();
+    let config = ServerConfig {
+        worker: config,
+        ..ServerConfig::default()
+    };
     let shutdown = CancellationToken::new();
-    let task = tokio::spawn(worker.run(shutdown.clone()));
-    wait_for_workers(&client, before + 1).await;
+    // The start-up `idemq serve` uses; it returns once the worker takes intents.
+    let server = tokio::time::timeout(
+        Duration::from_secs(20),
+        Server::start(client, handler, config, shutdown.clone()),
+    )
+    .await
+    .expect("the worker starts within 20s")
+    .expect("the worker starts");
     RunningWorker {
         shutdown,
-        task: Some(task),
-        stats,
+        stats: server.stats(),
+        server: Some(server),
     }
 }
 

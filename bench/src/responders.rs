@@ -1,7 +1,7 @@
 //! What answers the load: the baseline responders, and idemq itself.
 //!
 //! Every responder takes requests the way the worker does: a subscription
-//! read through [`next_with_permit`], one task per message holding a
+//! read through the worker's [`Intake`], one task per message holding a
 //! permit of the same in-flight bound. So a baseline differs from idemq
 //! only in the work done per message, which is what the ratios compare.
 
@@ -15,20 +15,18 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::json;
-use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use super::BenchError;
-use crate::config::WorkerConfig;
-use crate::handler::{Call, Echo, Handler, HandlerError};
-use crate::key::IdempotencyKey;
-use crate::outcome::{Outcome, Reply, ERROR_CODE_HEADER, STATUS_HEADER};
-use crate::pipeline::next_with_permit;
-use crate::store::kv::{BucketConfig, KvStore};
-use crate::worker::Worker;
+use idemq::config::WorkerConfig;
+use idemq::handler::{Call, Echo, Handler, HandlerError};
+use idemq::intake::Intake;
+use idemq::key::IdempotencyKey;
+use idemq::outcome::{Outcome, Reply, ERROR_CODE_HEADER, STATUS_HEADER};
+use idemq::server::{Server, ServerConfig};
+use idemq::store::kv::BucketConfig;
 
 /// How long a stopping responder waits for its in-flight messages, and a
 /// stopping worker for its shutdown (its grace, releases and flush).
@@ -280,31 +278,32 @@ impl Responder {
         prefix: &str,
         concurrency: usize,
     ) -> Result<Responder, BenchError> {
-        let config = BucketConfig {
-            bucket: bucket.to_owned(),
-            replicas: 1,
-        };
-        let store = KvStore::open(async_nats::jetstream::new(client.clone()), &config)
-            .await
-            .map_err(|e| BenchError::Setup {
-                what: format!("bucket {bucket}"),
-                reason: e.to_string(),
-            })?;
         let executions = Arc::new(Executions::default());
         let handler = CountingEcho {
             executions: Arc::clone(&executions),
         };
-        let config = WorkerConfig {
-            subjects: vec![format!("{prefix}.>")],
-            concurrency,
-            grace: WORKER_GRACE,
-            bucket: bucket.to_owned(),
-            ..WorkerConfig::default()
+        let config = ServerConfig {
+            worker: WorkerConfig {
+                subjects: vec![format!("{prefix}.>")],
+                concurrency,
+                grace: WORKER_GRACE,
+                ..WorkerConfig::default()
+            },
+            bucket: BucketConfig {
+                bucket: bucket.to_owned(),
+                replicas: 1,
+            },
+            metrics_addr: None,
         };
-        let worker = Worker::new(client.clone(), Arc::new(store), Arc::new(handler), config);
+        // The worker as `idemq serve` starts it.
         let shutdown = CancellationToken::new();
-        let stop = shutdown.clone();
-        let task = tokio::spawn(async move { worker.run(stop).await.map_err(|e| e.to_string()) });
+        let server = Server::start(client.clone(), Arc::new(handler), config, shutdown.clone())
+            .await
+            .map_err(|e| BenchError::Setup {
+                what: format!("idemq worker on bucket {bucket}"),
+                reason: e.to_string(),
+            })?;
+        let task = tokio::spawn(async move { server.wait().await.map_err(|e| e.to_string()) });
         Ok(Responder {
             subject: Subject::from(format!("{prefix}.echo")),
             executions: Some(executions),
@@ -391,18 +390,16 @@ async fn take(
     concurrency: usize,
     shutdown: CancellationToken,
 ) {
-    let permits = Arc::new(Semaphore::new(concurrency));
-    let tracker = TaskTracker::new();
-    while let Some((permit, message)) = next_with_permit(&mut subscriber, &permits, &shutdown).await
-    {
+    let intake = Intake::new(concurrency, shutdown);
+    while let Some((permit, message)) = intake.next(&mut subscriber).await {
         let work = Arc::clone(&work);
-        tracker.spawn(async move {
+        intake.tracker.spawn(async move {
             let _permit = permit;
             work.answer(message).await;
         });
     }
-    tracker.close();
-    if tokio::time::timeout(STOP_BOUND, tracker.wait())
+    intake.tracker.close();
+    if tokio::time::timeout(STOP_BOUND, intake.tracker.wait())
         .await
         .is_err()
     {

@@ -259,7 +259,7 @@ impl Report {
         // Writing to a String cannot fail.
         let _ = writeln!(
             out,
-            "idemq bench: {} requests per pass, concurrency {}, payload {} B, storm copies {}, \
+            "idemq-bench: {} requests per pass, concurrency {}, payload {} B, storm copies {}, \
              {worker}; nats-server {}, {} cores, {} build",
             s.count, s.concurrency, s.payload_bytes, s.copies, s.server_version, s.cores, s.build
         );

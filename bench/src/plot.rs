@@ -62,7 +62,7 @@ pub(super) fn write_svg(report: &Report, path: &Path) -> Result<(), BenchError> 
     let root = SVGBackend::new(path, SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(|e| failed(&e))?;
     let title = format!(
-        "idemq bench: latency by percentile ({} requests per pass, concurrency {}, {} B; \
+        "idemq-bench: latency by percentile ({} requests per pass, concurrency {}, {} B; \
          baselines dashed)",
         report.settings.count, report.settings.concurrency, report.settings.payload_bytes
     );

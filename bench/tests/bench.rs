@@ -1,10 +1,13 @@
-//! `idemq bench` end to end with tiny counts against a real nats-server:
+//! `idemq-bench` end to end with tiny counts against a real nats-server:
 //! every pass runs and the counts add up. No timing is asserted: the
 //! figures themselves depend on the machine.
 
+// The workspace's nats-server fixture (one server per test), alone: the
+// rest of tests/common/ drives the idemq binary.
+#[path = "../../tests/common/server.rs"]
 mod common;
 
-use idemq::bench::{names, BenchError, BenchOptions, Report, Scenario};
+use idemq_bench::{names, BenchError, BenchOptions, Report, Scenario};
 
 const COUNT: usize = 200;
 const COPIES: usize = 4;
@@ -28,11 +31,9 @@ async fn every_pass_runs_and_the_counts_add_up() {
         ..BenchOptions::default()
     };
     let mut progress_lines = 0;
-    let report = idemq::bench::run(
-        &idemq::config::NatsArgs::new(server.url()),
-        &options,
-        |_| progress_lines += 1,
-    )
+    let report = idemq_bench::run(&idemq::nats::NatsArgs::new(server.url()), &options, |_| {
+        progress_lines += 1
+    })
     .await
     .expect("the bench runs");
 
@@ -144,8 +145,8 @@ async fn options_no_run_can_honour_are_refused() {
         ..base.clone()
     }));
     // Refused before anything connects.
-    let result = idemq::bench::run(
-        &idemq::config::NatsArgs::new("nats://127.0.0.1:1"),
+    let result = idemq_bench::run(
+        &idemq::nats::NatsArgs::new("nats://127.0.0.1:1"),
         &BenchOptions { count: 0, ..base },
         |_| {},
     )

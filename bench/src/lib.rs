@@ -1,4 +1,4 @@
-//! `idemq bench`: idemq measured beside baselines, in one run, on one server.
+//! `idemq-bench`: idemq measured beside baselines, in one run, on one server.
 //!
 //! A throughput figure alone says little: 4000 intents a second is fast on
 //! one machine and slow on another. So every idemq figure comes with
@@ -44,7 +44,7 @@ use clap::Args;
 use hdrhistogram::Histogram;
 use tokio::time::Instant;
 
-use crate::config::{ConnectError, NatsArgs};
+use idemq::nats::{ConnectError, NatsArgs};
 
 pub use report::{Latency, Ratio, Report, Scenario, Settings, Target};
 
@@ -136,7 +136,7 @@ pub enum BenchError {
     Output(String),
 }
 
-/// `idemq bench`.
+/// `idemq-bench`.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     #[command(flatten)]
@@ -253,7 +253,7 @@ impl BenchOptions {
         } else if self.timeout.is_zero() {
             Some("--timeout must be more than zero".to_owned())
         } else if let Some(target) = self.target.as_deref() {
-            (!crate::intent::is_publish_subject(target))
+            (!idemq::intent::is_publish_subject(target))
                 .then(|| format!("--target {target:?} is not a subject one can publish to"))
         } else {
             None
@@ -268,7 +268,7 @@ impl BenchOptions {
     }
 }
 
-/// Runs `idemq bench` from its parsed flags: the passes, then the table (or
+/// Runs `idemq-bench` from its parsed flags: the passes, then the table (or
 /// JSON) on stdout and the chart, if asked for.
 pub async fn command(args: &BenchArgs) -> Result<ExitCode, BenchError> {
     let options = args.options();
@@ -322,7 +322,7 @@ pub async fn run(
 ) -> Result<Report, BenchError> {
     options.validate()?;
     let client = connect(nats, "idemq-bench").await?;
-    crate::store::kv::check_server_version(&client).map_err(|e| BenchError::Setup {
+    idemq::store::kv::check_server_version(&client).map_err(|e| BenchError::Setup {
         what: "the benchmark".to_owned(),
         reason: e.to_string(),
     })?;
@@ -373,17 +373,15 @@ pub async fn run(
     Ok(bench.report)
 }
 
-/// Connects (see [`crate::config::connect`]).
+/// Connects (see [`idemq::nats::connect`]).
 async fn connect(nats: &NatsArgs, name: &str) -> Result<Client, BenchError> {
-    crate::config::connect(nats, name)
-        .await
-        .map_err(|e| match e {
-            ConnectError::Auth(auth) => BenchError::Usage(auth.to_string()),
-            other => BenchError::Connect {
-                url: crate::auth::mask_url(&nats.url()),
-                reason: other.to_string(),
-            },
-        })
+    idemq::nats::connect(nats, name).await.map_err(|e| match e {
+        ConnectError::Auth(auth) => BenchError::Usage(auth.to_string()),
+        other => BenchError::Connect {
+            url: idemq::auth::mask_url(&nats.url()),
+            reason: other.to_string(),
+        },
+    })
 }
 
 /// The intents of one pass, made as they are sent: a pass held in memory

@@ -19,8 +19,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use super::{connect, usage, BenchError, Intents};
-use crate::config::NatsArgs;
-use crate::outcome::{ERROR_CODE_HEADER, REPLAYED_HEADER, STATUS_HEADER};
+use idemq::nats::NatsArgs;
+use idemq::outcome::{ERROR_CODE_HEADER, REPLAYED_HEADER, STATUS_HEADER};
 
 /// Highest latency the histogram holds, in microseconds; slower replies
 /// are counted at this value (they are timeouts well before it).

@@ -33,11 +33,14 @@ use bytes::Bytes;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
+use super::DeliveryError;
+use crate::codes;
 use crate::config::{JetStreamConfig, NAK_DELAY_CAP};
+use crate::intake::Intake;
 use crate::outcome::Answer;
-use crate::pipeline::{next_with_permit, Pipeline, Verdict};
-use crate::stats::{self, Stats};
-use crate::worker::{Intake, WorkerError};
+use crate::pipeline::Pipeline;
+use crate::stats::Stats;
+use crate::verdict::Verdict;
 
 /// Header on dead letters: the error code, or `max_deliver`.
 pub const DEAD_REASON_HEADER: &str = "Idem-Dead-Reason";
@@ -127,7 +130,7 @@ impl Consumer {
     pub(crate) async fn open(
         pipeline: &Pipeline,
         config: &JetStreamConfig,
-    ) -> Result<Consumer, WorkerError> {
+    ) -> Result<Consumer, DeliveryError> {
         let js = async_nats::jetstream::new(pipeline.client.clone());
         let subjects = pipeline.config.subjects.clone();
         let stream = js
@@ -140,7 +143,10 @@ impl Consumer {
                 ..Default::default()
             })
             .await
-            .map_err(|e| WorkerError::Nats(format!("stream {}: {e}", config.stream)))?;
+            .map_err(|e| DeliveryError::Stream {
+                stream: config.stream.clone(),
+                reason: e.to_string(),
+            })?;
         let (filter_subject, filter_subjects) = match subjects.as_slice() {
             [one] => (one.clone(), Vec::new()),
             many => (String::new(), many.to_vec()),
@@ -159,7 +165,10 @@ impl Consumer {
                 ..Default::default()
             })
             .await
-            .map_err(|e| WorkerError::Nats(format!("consumer {}: {e}", config.durable)))?;
+            .map_err(|e| DeliveryError::Consumer {
+                durable: config.durable.clone(),
+                reason: e.to_string(),
+            })?;
         Ok(Consumer {
             stream,
             consumer,
@@ -192,9 +201,7 @@ impl Consumer {
                 .await;
             match messages {
                 Ok(mut messages) => {
-                    while let Some((permit, next)) =
-                        next_with_permit(&mut messages, &intake.permits, &intake.shutdown).await
-                    {
+                    while let Some((permit, next)) = intake.next(&mut messages).await {
                         let message = match next {
                             Ok(message) => message,
                             // The client thinks a pull is still waiting on
@@ -270,7 +277,7 @@ impl Consumer {
             Verdict::Invalid(reply) => {
                 let reason = reply
                     .error_code()
-                    .unwrap_or(stats::INVALID_INTENT)
+                    .unwrap_or(codes::INVALID_INTENT)
                     .to_owned();
                 self.give_up(pipeline, &message, reply_to, fingerprint, &reply, &reason)
                     .await
@@ -464,14 +471,7 @@ impl Consumer {
                 return;
             }
         };
-        loop {
-            let advisory = tokio::select! {
-                () = shutdown.cancelled() => return,
-                advisory = advisories.next() => match advisory {
-                    Some(advisory) => advisory,
-                    None => return,
-                },
-            };
+        while let Some(Some(advisory)) = shutdown.run_until_cancelled(advisories.next()).await {
             let Some(sequence) = serde_json::from_slice::<serde_json::Value>(&advisory.payload)
                 .ok()
                 .and_then(|event| event["stream_seq"].as_u64())

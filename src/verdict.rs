@@ -1,0 +1,111 @@
+//! What became of one delivery: a [`Verdict`], and the [`Rejection`]s
+//! that refuse an intent, each mapped to its wire code in one place
+//! ([`Rejection::code`], over the table in [`crate::codes`]).
+
+use std::time::Duration;
+
+use crate::codes;
+use crate::intent::IntentError;
+use crate::outcome::{Answer, Outcome};
+use crate::store::StoreError;
+
+/// Why the worker refused to execute an intent. Each variant is one wire
+/// error code; [`Rejection::code`] is the only place that mapping lives.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Rejection {
+    /// The intent failed validation.
+    #[error(transparent)]
+    Invalid(#[from] IntentError),
+    /// The key is taken by an intent with another fingerprint.
+    #[error("idempotency key already used by a different intent")]
+    KeyReused,
+    /// Another execution holds the key.
+    #[error("another execution holds this key")]
+    InProgress {
+        /// When to retry.
+        retry_after: Duration,
+    },
+    /// No handler can run the intent now.
+    #[error("{0}")]
+    NoHandler(String),
+    /// The worker is stopping and gave the intent's claim back.
+    #[error("the worker is shutting down; retry")]
+    ShuttingDown,
+    /// The bucket could not be read or written.
+    #[error(transparent)]
+    StoreUnavailable(#[from] StoreError),
+}
+
+impl Rejection {
+    /// The wire error code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Rejection::Invalid(IntentError::PayloadTooLarge { .. }) => codes::PAYLOAD_TOO_LARGE,
+            Rejection::Invalid(IntentError::InvalidKey(_)) => codes::INVALID_KEY,
+            Rejection::Invalid(_) => codes::INVALID_INTENT,
+            Rejection::KeyReused => codes::KEY_REUSED,
+            Rejection::InProgress { .. } => codes::IN_PROGRESS,
+            Rejection::NoHandler(_) | Rejection::ShuttingDown => codes::NO_HANDLER,
+            Rejection::StoreUnavailable(_) => codes::STORE_UNAVAILABLE,
+        }
+    }
+
+    /// The `Error` outcome that carries this rejection.
+    pub fn outcome(&self) -> Outcome {
+        let retry_after_ms = match self {
+            Rejection::InProgress { retry_after } => {
+                Some(u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX))
+            }
+            _ => None,
+        };
+        Outcome::Error {
+            code: self.code().to_owned(),
+            message: self.to_string(),
+            retry_after_ms,
+        }
+    }
+}
+
+/// What became of one delivery.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    /// Settled: an outcome (fresh or replayed) or a final refusal. Answer it.
+    Settled(Answer),
+    /// The message itself is bad. Answer it; JetStream mode also dead-letters it.
+    Invalid(Answer),
+    /// Worth another try later: core mode answers it; JetStream mode naks
+    /// the delivery (after `after`) and answers only the last one.
+    Retry {
+        /// The reply, should this be the last word.
+        reply: Answer,
+        /// How long to wait before the next try.
+        after: Duration,
+    },
+}
+
+impl Verdict {
+    /// The answer this verdict carries.
+    pub fn answer(&self) -> &Answer {
+        match self {
+            Verdict::Settled(reply) | Verdict::Invalid(reply) | Verdict::Retry { reply, .. } => {
+                reply
+            }
+        }
+    }
+}
+
+/// A handled delivery: the verdict and where the intent may be answered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Handled {
+    /// What became of it.
+    pub verdict: Verdict,
+    /// Whether the message's own reply subject may be answered (core
+    /// mode): false when it was refused, and then nothing is answered.
+    pub answer_own: bool,
+    /// `Idem-Reply-To` or `reply_to`, for messages without a reply
+    /// subject; `None` when absent or refused.
+    pub reply_to: Option<String>,
+    /// The intent's fingerprint; `None` for a message that is not a valid
+    /// intent. With the key it names one intent's answer across copies.
+    pub fingerprint: Option<String>,
+}
