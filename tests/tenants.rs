@@ -165,6 +165,8 @@ async fn under_the_shipped_tenant_permissions_a_tenant_cannot_publish_another_te
             own = Some(reply);
             break;
         }
+        // No responders yet: the worker process is still starting.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     let own: Value = serde_json::from_slice(&own.expect("acme's own intent is answered").payload)
         .expect("reply");
