@@ -1,0 +1,513 @@
+//! Chaos soak: a steady mixed load over three `idemq serve` processes in
+//! JetStream mode while a driver SIGKILLs and restarts workers, restarts the
+//! nats-server, and injects network faults through a TCP fault proxy in
+//! front of each worker (hold, delay, sever). Then it checks what the
+//! contract promises (PROTOCOL.md §4):
+//!
+//! * every intent is answered (replies land in a stream, one per intent);
+//! * every answer is exactly the key's stored outcome;
+//! * an intent runs more than once only around a fault that can cost its
+//!   worker the lease: every execution whose outcome was not the one
+//!   stored is the first try of a `flaky` intent (a transient failure,
+//!   released by design) or falls in the window of a fault of its worker
+//!   (a kill, a fault on its proxy, a server restart). Worker 0 is spared
+//!   every fault but the one server restart, so its executions are held to
+//!   that alone: a claim race between healthy workers would show there;
+//! * the RSS of worker 0 stays flat (the last third of its samples within
+//!   10 % of the middle third's peak);
+//! * no server consumer leaks (the durable is the intent stream's only
+//!   consumer; the bucket has none).
+//!
+//! Bounded and loopback only: the chaos lasts `IDEMQ_CHAOS_SECS` seconds
+//! (default 30, so CI spends about a minute here); `IDEMQ_CHAOS_SEED` replays
+//! a run's choices (the seed is printed). A long soak:
+//! `IDEMQ_CHAOS_SECS=1800 cargo test --release --test chaos -- --nocapture`.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use async_nats::{Client, HeaderMap};
+use common::proxy::{Direction, FaultProxy, Mode};
+use common::workers::{wait_for_workers, WorkerProcess};
+use common::NatsServer;
+use futures::StreamExt;
+use serde_json::{json, Value};
+use tokio::time::Instant;
+
+const STREAM: &str = "INTENTS";
+const DURABLE: &str = "workers";
+/// How far an execution may be from a fault and still be explained by it:
+/// the workers' handler timeout (5 s) and lease (2 s), with a margin.
+const FAULT_WINDOW: Duration = Duration::from_secs(8);
+/// Bound on answering every intent once the chaos stops.
+const SETTLE_BOUND: Duration = Duration::from_secs(120);
+
+/// A small xorshift generator: the run's choices, replayable by seed.
+struct Dice(u64);
+
+impl Dice {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+
+    fn millis(&mut self, from: u64, to: u64) -> Duration {
+        Duration::from_millis(from + self.below(to - from))
+    }
+}
+
+/// One execution the upstream saw.
+#[derive(Debug, Clone)]
+struct Execution {
+    id: u64,
+    key: String,
+    worker: Option<usize>,
+    at: Instant,
+}
+
+/// The upstream: numbers every execution, and behaves by capability.
+#[derive(Default)]
+struct Upstream {
+    executions: Mutex<Vec<Execution>>,
+}
+
+impl Upstream {
+    async fn serve(self: Arc<Self>, client: Client) {
+        let mut requests = client.subscribe("exec.*").await.expect("subscribe exec.*");
+        client.flush().await.expect("flush");
+        tokio::spawn(async move {
+            while let Some(request) = requests.next().await {
+                let this = Arc::clone(&self);
+                let client = client.clone();
+                tokio::spawn(async move { this.answer(&client, request).await });
+            }
+        });
+    }
+
+    async fn answer(&self, client: &Client, request: async_nats::Message) {
+        let Some(reply) = request.reply.clone() else {
+            return;
+        };
+        let key = request
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Idem-Key"))
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_default();
+        // Each worker runs with `--inbox-prefix _INBOX_w<i>`.
+        let worker = reply
+            .strip_prefix("_INBOX_w")
+            .and_then(|rest| rest.split('.').next())
+            .and_then(|i| i.parse().ok());
+        let (id, first) = {
+            let mut executions = self.executions.lock().expect("lock");
+            let first = !executions.iter().any(|e| e.key == key);
+            let id = executions.len() as u64 + 1;
+            executions.push(Execution {
+                id,
+                key,
+                worker,
+                at: Instant::now(),
+            });
+            (id, first)
+        };
+        let capability = request.subject.rsplit('.').next().unwrap_or_default();
+        let mut headers = HeaderMap::new();
+        let body = json!({ "exec": id });
+        match capability {
+            "slow" => tokio::time::sleep(Duration::from_millis(600)).await,
+            "fail" => {
+                headers.insert("Nats-Service-Error-Code", "422");
+                headers.insert("Nats-Service-Error", format!("exec {id}").as_str());
+            }
+            "flaky" if first => {
+                headers.insert("Nats-Service-Error-Code", "503");
+                headers.insert("Nats-Service-Error", format!("exec {id}").as_str());
+            }
+            _ => {}
+        }
+        // A reply lost to a fault is the worker's problem, as in life.
+        let _ = client
+            .publish_with_headers(reply, headers, body.to_string().into())
+            .await;
+    }
+
+    fn executions(&self) -> Vec<Execution> {
+        self.executions.lock().expect("lock").clone()
+    }
+}
+
+/// A fault the driver injected: when, and which worker (`None`: all of
+/// them, a server restart).
+#[derive(Debug, Clone)]
+struct Fault {
+    at: Instant,
+    worker: Option<usize>,
+    what: String,
+}
+
+fn worker_args(i: usize) -> Vec<String> {
+    let args = [
+        "--forward",
+        "exec.{capability}",
+        "--stream",
+        STREAM,
+        "--durable",
+        DURABLE,
+        "--ack-wait",
+        "2s",
+        "--max-deliver",
+        "100",
+        "--lease",
+        "2s",
+        "--handler-timeout",
+        "5s",
+        "--wait",
+        "1s",
+        "--concurrency",
+        "16",
+        "--grace",
+        "2s",
+        // Full early, so the steady worker's memory is flat after a while.
+        "--cache",
+        "1MiB",
+    ];
+    let mut args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    args.extend(["--inbox-prefix".to_owned(), format!("_INBOX_w{i}")]);
+    args
+}
+
+fn start_worker(proxy: &FaultProxy, i: usize) -> WorkerProcess {
+    let args = worker_args(i);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    WorkerProcess::serve(&proxy.url(), &args)
+}
+
+/// The resident set of a process now, in KiB (0 once it is gone).
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kib| kib.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Publishes into the stream until the server takes it (bounded).
+async fn publish(js: &jetstream::Context, body: &Value) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let acked = match js.publish("intents.work", body.to_string().into()).await {
+            Ok(ack) => ack.await.is_ok(),
+            Err(_) => false,
+        };
+        if acked {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stream took no intent for 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Every reply the results stream holds, by key.
+async fn replies(js: &jetstream::Context) -> HashMap<String, Value> {
+    let mut stream = js.get_stream("RESULTS").await.expect("results stream");
+    let last = stream.info().await.expect("info").state.last_sequence;
+    let mut by_key = HashMap::new();
+    for sequence in 1..=last {
+        let Ok(message) = stream.get_raw_message(sequence).await else {
+            continue;
+        };
+        let reply: Value = serde_json::from_slice(&message.payload).expect("reply JSON");
+        let key = reply["idem_key"].as_str().expect("idem_key").to_owned();
+        by_key.insert(key, reply);
+    }
+    by_key
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_workers_under_kills_restarts_and_network_faults_keep_the_contract() {
+    let secs: u64 = std::env::var("IDEMQ_CHAOS_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
+    let seed: u64 = std::env::var("IDEMQ_CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| u64::from(std::process::id()) * 2_654_435_761 + 1);
+    println!("chaos: {secs} s, IDEMQ_CHAOS_SEED={seed}");
+    let mut dice = Dice(seed.max(1));
+
+    let mut server = NatsServer::start();
+    let client = server.connect().await;
+    let js = jetstream::new(client.clone());
+    js.create_stream(jetstream::stream::Config {
+        name: "RESULTS".to_owned(),
+        subjects: vec!["results.>".to_owned()],
+        duplicate_window: Duration::from_secs(600),
+        ..Default::default()
+    })
+    .await
+    .expect("results stream");
+    let upstream = Arc::new(Upstream::default());
+    Arc::clone(&upstream).serve(client.clone()).await;
+
+    let mut proxies = Vec::new();
+    let mut workers = Vec::new();
+    for i in 0..3 {
+        let proxy = FaultProxy::before(&server).await;
+        workers.push(start_worker(&proxy, i));
+        proxies.push(proxy);
+    }
+    wait_for_workers(&client, 3).await;
+    let steady = workers[0].id();
+
+    // The load: fresh keys, some sent again later, a mix of capabilities.
+    let sent: Arc<Mutex<BTreeMap<String, Value>>> = Arc::default();
+    let stop_load = tokio_util::sync::CancellationToken::new();
+    let load = {
+        let (js, sent, stop) = (js.clone(), Arc::clone(&sent), stop_load.clone());
+        let mut dice = Dice(seed.wrapping_mul(31).max(1));
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            let mut again: Vec<Value> = Vec::new();
+            while !stop.is_cancelled() {
+                n += 1;
+                let capability = match dice.below(10) {
+                    0 => "slow",
+                    1 => "fail",
+                    2 => "flaky",
+                    _ => "ok",
+                };
+                let body = json!({
+                    "intent_id": format!("chaos-{n}"), "actor": "chaos", "episode": "soak",
+                    "capability": capability, "params": {"n": n}, "reply_to": "results.chaos",
+                });
+                let key = idemq::IdempotencyKey::from_intent_metadata(
+                    &format!("chaos-{n}"),
+                    "chaos",
+                    "soak",
+                    None,
+                );
+                sent.lock()
+                    .expect("lock")
+                    .insert(key.to_string(), body.clone());
+                publish(&js, &body).await;
+                if dice.below(3) == 0 {
+                    again.push(body);
+                }
+                if dice.below(4) == 0 {
+                    if let Some(copy) = again.pop() {
+                        publish(&js, &copy).await;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(40)).await;
+            }
+        })
+    };
+
+    // The chaos, while the load runs, on workers 1 and 2 (and one server
+    // restart, a quarter of the way in).
+    let mut faults = Vec::new();
+    let mut rss = Vec::new();
+    let mut restarted = false;
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        let pause = dice.millis(500, 2500);
+        let until = Instant::now() + pause;
+        while Instant::now() < until {
+            rss.push(rss_kib(steady));
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let worker = 1 + dice.below(2) as usize;
+        let fault = |what: String, worker| Fault {
+            at: Instant::now(),
+            worker,
+            what,
+        };
+        // One server restart, a quarter of the way in: worker 0's later
+        // executions are then held to no repeat at all.
+        let quarter = Instant::now() + Duration::from_secs(secs * 3 / 4) >= deadline;
+        if quarter && !restarted {
+            restarted = true;
+            faults.push(fault("server restart".into(), None));
+            server.restart();
+            faults.push(fault("server back".into(), None));
+            continue;
+        }
+        match dice.below(8) {
+            0..=2 => {
+                workers[worker].signal("-KILL");
+                faults.push(fault("kill".into(), Some(worker)));
+                tokio::time::sleep(dice.millis(200, 1500)).await;
+                workers[worker] = start_worker(&proxies[worker], worker);
+            }
+            3 | 4 => {
+                let direction = if dice.below(2) == 0 {
+                    Direction::Up
+                } else {
+                    Direction::Down
+                };
+                let held = dice.millis(300, 4000);
+                faults.push(fault(
+                    format!("hold {direction:?} {held:?}"),
+                    Some(worker),
+                ));
+                proxies[worker].set(direction, Mode::Hold);
+                tokio::time::sleep(held).await;
+                proxies[worker].set(direction, Mode::Pass);
+                faults.push(fault("released".into(), Some(worker)));
+            }
+            5 => {
+                faults.push(fault("delay".into(), Some(worker)));
+                proxies[worker].delay(dice.millis(20, 200));
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                proxies[worker].delay(Duration::ZERO);
+            }
+            6 | 7 => {
+                faults.push(fault("sever".into(), Some(worker)));
+                proxies[worker].sever();
+            }
+            _ => {}
+        }
+    }
+    stop_load.cancel();
+    tokio::time::timeout(Duration::from_secs(90), load)
+        .await
+        .expect("the load stops")
+        .expect("load task");
+    println!(
+        "chaos: {} faults: {:?}",
+        faults.len(),
+        faults.iter().map(|f| &f.what).collect::<Vec<_>>()
+    );
+
+    // Every intent answered, within a bound.
+    let sent = sent.lock().expect("lock").clone();
+    let settle = Instant::now() + SETTLE_BOUND;
+    let answered = loop {
+        let answered = replies(&js).await;
+        if sent.keys().all(|key| answered.contains_key(key)) {
+            break answered;
+        }
+        let missing = sent.keys().filter(|k| !answered.contains_key(*k)).count();
+        assert!(
+            Instant::now() < settle,
+            "{missing} of {} intents unanswered {SETTLE_BOUND:?} after the chaos (seed {seed})",
+            sent.len()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+
+    // Every answer is the stored outcome.
+    let store = idemq::store::kv::KvStore::existing(js.clone(), "IDEMPOTENCY")
+        .await
+        .expect("bucket");
+    let mut stored_exec = HashMap::new();
+    for (key, reply) in &answered {
+        let parsed = idemq::IdempotencyKey::parse(key).expect("key");
+        let record = idemq::store::IdempotencyStore::get(&store, &parsed)
+            .await
+            .expect("get")
+            .unwrap_or_else(|| panic!("{key} answered but nothing stored: {reply}"));
+        let outcome = serde_json::to_value(record.result.as_ref().expect("done")).expect("json");
+        assert_eq!(reply["result"], outcome, "{key}: the answer is not the stored outcome");
+        let stored_at = reply["stored_at"]
+            .as_str()
+            .and_then(|at| chrono::DateTime::parse_from_rfc3339(at).ok());
+        assert_eq!(stored_at, Some(record.stored_at.into()), "{key}: {reply}");
+        let exec = outcome["data"]["exec"].as_u64().or_else(|| {
+            outcome["data"]["message"]
+                .as_str()
+                .and_then(|m| m.strip_prefix("exec "))
+                .and_then(|n| n.parse().ok())
+        });
+        stored_exec.insert(key.clone(), exec);
+    }
+
+    // Executions beyond the stored one: a flaky first try, or near a fault.
+    let executions = upstream.executions();
+    let mut unexplained = Vec::new();
+    let mut repeated = 0;
+    for execution in &executions {
+        let Some(&stored) = stored_exec.get(&execution.key) else {
+            continue;
+        };
+        if stored == Some(execution.id) {
+            continue;
+        }
+        repeated += 1;
+        let flaky = sent[&execution.key]["capability"] == "flaky"
+            && executions
+                .iter()
+                .find(|e| e.key == execution.key)
+                .is_some_and(|first| first.id == execution.id);
+        // Worker 0 sees only the server restart; workers 1 and 2 see
+        // faults every few seconds, so for them this is a loose bound.
+        let near_fault = faults.iter().any(|fault| {
+            (fault.worker.is_none() || fault.worker == execution.worker)
+                && fault.at <= execution.at + FAULT_WINDOW
+                && execution.at <= fault.at + FAULT_WINDOW
+        });
+        if !flaky && !near_fault {
+            unexplained.push(execution.clone());
+        }
+    }
+    let on_steady = executions.iter().filter(|e| e.worker == Some(0)).count();
+    println!(
+        "chaos: {} intents, {} executions ({on_steady} on worker 0), {repeated} not the stored one",
+        sent.len(),
+        executions.len()
+    );
+    assert!(on_steady > 0, "worker 0 took part");
+    assert!(
+        unexplained.is_empty(),
+        "executions repeated with no fault near them (seed {seed}): {unexplained:?}\nfaults: {faults:?}"
+    );
+    assert!(
+        executions.len() >= sent.len(),
+        "every intent ran at least once"
+    );
+
+    // The steady worker's memory is flat.
+    let third = rss.len() / 3;
+    assert!(third > 0, "RSS sampled");
+    let middle = rss[third..2 * third].iter().max().copied().unwrap_or(0);
+    let last = rss[2 * third..].iter().max().copied().unwrap_or(0);
+    assert!(
+        last * 10 <= middle * 11,
+        "the steady worker's RSS grew: middle third peak {middle} KiB, last third peak {last} KiB"
+    );
+
+    // No consumer leaked.
+    let intents = js
+        .get_stream(STREAM)
+        .await
+        .expect("stream")
+        .info()
+        .await
+        .expect("info")
+        .state
+        .consumer_count;
+    assert_eq!(intents, 1, "the durable is the intent stream's only consumer");
+    let bucket = js
+        .get_stream("KV_IDEMPOTENCY")
+        .await
+        .expect("bucket stream")
+        .info()
+        .await
+        .expect("info")
+        .state
+        .consumer_count;
+    assert_eq!(bucket, 0, "no watch consumer left on the bucket");
+}
