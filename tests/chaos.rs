@@ -359,10 +359,7 @@ async fn jetstream_workers_under_kills_restarts_and_network_faults_keep_the_cont
                     Direction::Down
                 };
                 let held = dice.millis(300, 4000);
-                faults.push(fault(
-                    format!("hold {direction:?} {held:?}"),
-                    Some(worker),
-                ));
+                faults.push(fault(format!("hold {direction:?} {held:?}"), Some(worker)));
                 proxies[worker].set(direction, Mode::Hold);
                 tokio::time::sleep(held).await;
                 proxies[worker].set(direction, Mode::Pass);
@@ -421,7 +418,10 @@ async fn jetstream_workers_under_kills_restarts_and_network_faults_keep_the_cont
             .expect("get")
             .unwrap_or_else(|| panic!("{key} answered but nothing stored: {reply}"));
         let outcome = serde_json::to_value(record.result.as_ref().expect("done")).expect("json");
-        assert_eq!(reply["result"], outcome, "{key}: the answer is not the stored outcome");
+        assert_eq!(
+            reply["result"], outcome,
+            "{key}: the answer is not the stored outcome"
+        );
         let stored_at = reply["stored_at"]
             .as_str()
             .and_then(|at| chrono::DateTime::parse_from_rfc3339(at).ok());
@@ -499,7 +499,10 @@ async fn jetstream_workers_under_kills_restarts_and_network_faults_keep_the_cont
         .expect("info")
         .state
         .consumer_count;
-    assert_eq!(intents, 1, "the durable is the intent stream's only consumer");
+    assert_eq!(
+        intents, 1,
+        "the durable is the intent stream's only consumer"
+    );
     let bucket = js
         .get_stream("KV_IDEMPOTENCY")
         .await
