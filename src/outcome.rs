@@ -21,6 +21,29 @@ pub const STATUS_HEADER: &str = "Idem-Status";
 /// Reply header: the error code of an `Error` outcome.
 pub const ERROR_CODE_HEADER: &str = "Idem-Error-Code";
 
+/// The deepest a `Success` value may nest and be stored. A record wraps
+/// the value two levels deeper, a reply too, and JSON readers stop at 128
+/// (serde_json's limit): a deeper value would be stored but unreadable,
+/// by other workers and by clients. It is stored as `RESULT_TOO_LARGE`.
+pub const MAX_OUTCOME_DEPTH: usize = 100;
+
+/// How deep `value` nests (a scalar: 0, `[]`: 1), counted without recursion
+/// so a handler's value of any depth cannot overflow the stack.
+pub fn nesting_depth(value: &Value) -> usize {
+    let mut deepest = 0;
+    let mut stack = vec![(value, 0)];
+    while let Some((value, depth)) = stack.pop() {
+        let children: Box<dyn Iterator<Item = &Value>> = match value {
+            Value::Array(items) => Box::new(items.iter()),
+            Value::Object(fields) => Box::new(fields.values()),
+            _ => continue,
+        };
+        deepest = deepest.max(depth + 1);
+        stack.extend(children.map(|child| (child, depth + 1)));
+    }
+    deepest
+}
+
 /// Version of the stored record layout.
 pub const RECORD_VERSION: u32 = 1;
 

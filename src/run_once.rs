@@ -68,7 +68,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::handler::HandlerError;
 use crate::key::IdempotencyKey;
-use crate::outcome::{Outcome, Record};
+use crate::outcome::{nesting_depth, Outcome, Record, MAX_OUTCOME_DEPTH};
 use crate::stats::Stats;
 use crate::store::{Acquire, ClaimRequest, IdempotencyStore, Lease, StoreError, Versioned};
 
@@ -435,6 +435,7 @@ impl Idempotent {
                     return Err(RunError::NoHandler(reason));
                 }
             };
+            let outcome = storable(outcome);
             executed(&execution, outcome.status(), outcome.error_code(), false);
             let ttl = request.ttl.unwrap_or(self.options.ttl);
             match self.store.complete(&mut lease, outcome.clone(), ttl).await {
@@ -542,6 +543,25 @@ impl Idempotent {
         // Writing to a `String` cannot fail.
         let _ = write!(owner, ".{n}");
         owner
+    }
+}
+
+/// The outcome to store: a `Success` nested deeper than
+/// [`MAX_OUTCOME_DEPTH`] becomes the definite `RESULT_TOO_LARGE`, which
+/// every worker and client can read back.
+fn storable(outcome: Outcome) -> Outcome {
+    match &outcome {
+        Outcome::Success(value) => {
+            let depth = nesting_depth(value);
+            if depth > MAX_OUTCOME_DEPTH {
+                return Outcome::error(
+                    crate::codes::RESULT_TOO_LARGE,
+                    format!("the result nests {depth} deep, over the {MAX_OUTCOME_DEPTH} a record can hold readably"),
+                );
+            }
+            outcome
+        }
+        _ => outcome,
     }
 }
 

@@ -111,6 +111,17 @@ impl Handler for Forward {
     }
 }
 
+/// Whether a service error code is transient: a number of 500 or more, of
+/// any length (`5000000000` too, which no integer type of ours need hold).
+fn is_transient_code(code: &str) -> bool {
+    let digits = code.trim();
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return false;
+    }
+    let significant = digits.trim_start_matches('0');
+    significant.len() > 3 || significant.parse::<u32>().is_ok_and(|n| n >= 500)
+}
+
 /// Maps an upstream reply: service-error headers to `Error` (transient from
 /// code 500 up), `Idem-Status: Killed` to `Killed`, JSON to `Success`, an
 /// empty payload to `Success(null)`, anything else to `UPSTREAM_BAD_REPLY`.
@@ -124,7 +135,7 @@ pub fn map_reply(reply: &Message) -> Result<Outcome, HandlerError> {
     };
     if let Some(code) = header(SERVICE_ERROR_CODE_HEADER) {
         let message = header(SERVICE_ERROR_HEADER).unwrap_or_default();
-        let transient = code.trim().parse::<u32>().is_ok_and(|n| n >= 500);
+        let transient = is_transient_code(&code);
         return if transient {
             Err(HandlerError::Transient { code, message })
         } else {
