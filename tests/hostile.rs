@@ -1014,3 +1014,88 @@ async fn a_flooded_key_runs_once_stalls_no_other_key_and_memory_stays_bounded() 
     let status = worker.wait(BOUND).await;
     assert!(status.success(), "idemq serve exits cleanly: {status}");
 }
+
+// ---------------------------------------------------------------------
+// 6. Random discovery and status requests
+// ---------------------------------------------------------------------
+
+/// `$SRV.PING|INFO|STATS` (bare, by name, by name and id) and the status
+/// endpoint, each asked with random payloads and headers: every answer is a
+/// JSON object, the worker keeps its registration, and intents are still
+/// executed afterwards.
+#[tokio::test]
+async fn random_service_requests_get_json_and_stop_nothing() {
+    let (_server, client, _hostile, worker) = rig(Duration::from_secs(2)).await;
+    let pong = request_json(&client, "$SRV.PING.idemq", Bytes::new(), HeaderMap::new()).await;
+    let id = pong["id"].as_str().expect("service id").to_owned();
+    let info = request_json(
+        &client,
+        &format!("$SRV.INFO.idemq.{id}"),
+        Bytes::new(),
+        HeaderMap::new(),
+    )
+    .await;
+    let status = format!(
+        "idemq.status.{}",
+        info["metadata"]["instance"].as_str().expect("instance")
+    );
+    let subjects = [
+        "$SRV.PING".to_owned(),
+        "$SRV.INFO".to_owned(),
+        "$SRV.STATS".to_owned(),
+        "$SRV.PING.idemq".to_owned(),
+        "$SRV.INFO.idemq".to_owned(),
+        "$SRV.STATS.idemq".to_owned(),
+        format!("$SRV.PING.idemq.{id}"),
+        format!("$SRV.INFO.idemq.{id}"),
+        format!("$SRV.STATS.idemq.{id}"),
+    ];
+    let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut next = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    for round in 0..300u64 {
+        let len = next(600) as usize;
+        let payload: Vec<u8> = (0..len).map(|_| next(256) as u8).collect();
+        let mut headers = HeaderMap::new();
+        if next(2) == 0 {
+            headers.insert("Nats-Service-Error-Code", "500");
+            headers.insert("Idempotency-Key", format!("junk-{round}").as_str());
+        }
+        let subject = if next(10) == 0 {
+            status.clone()
+        } else {
+            subjects[next(subjects.len() as u64) as usize].clone()
+        };
+        let answer = request_json(&client, &subject, payload.into(), headers).await;
+        assert!(answer.is_object(), "{subject}: {answer}");
+    }
+    let after = request_json(
+        &client,
+        &format!("$SRV.PING.idemq.{id}"),
+        Bytes::new(),
+        HeaderMap::new(),
+    )
+    .await;
+    assert_eq!(after["id"], id, "still registered");
+    let reply = send(&client, "intents.ok", &intent("after-srv", json!(1))).await;
+    assert_eq!(reply["result"]["status"], "Success", "{reply}");
+    worker.stop().await;
+}
+
+/// A request answered with JSON (bounded); panics on anything else.
+async fn request_json(client: &Client, subject: &str, payload: Bytes, headers: HeaderMap) -> Value {
+    let request = async_nats::Request::new()
+        .payload(payload)
+        .headers(headers)
+        .timeout(Some(Duration::from_secs(5)));
+    let reply = client
+        .send_request(subject.to_owned(), request)
+        .await
+        .unwrap_or_else(|e| panic!("{subject}: {e}"));
+    serde_json::from_slice(&reply.payload)
+        .unwrap_or_else(|e| panic!("{subject}: not JSON ({e}): {:?}", reply.payload))
+}
