@@ -432,6 +432,37 @@ async fn a_completion_whose_ack_was_lost_is_stored_once(store: Store) {
     assert_eq!(stored.result, Some(outcome));
 }
 
+/// Found by the model check (`tests/model.rs`): a completion lands, its ack
+/// and read-back are lost, and the owner then renews or releases the same
+/// lease. Neither may touch the outcome it stored.
+async fn after_a_completion_whose_ack_was_lost_renew_and_release_keep_the_outcome(store: Store) {
+    let lossy = LossyAcks::new(store);
+    let store: Store = lossy.clone();
+    let first = request(18, "fp", LOSSY_LEASE);
+    let mut lease = owned(&store, &first).await;
+    let outcome = Outcome::Success(json!("stored"));
+    lossy.lose_next_acks(1);
+    lossy.fail_reads(true);
+    let unsure = store.complete(&mut lease, outcome.clone(), LONG).await;
+    assert!(unsure.is_err(), "the completion could not be settled");
+    lossy.fail_reads(false);
+    store
+        .renew(&mut lease)
+        .await
+        .expect("a renewal finds its own outcome, and leaves it");
+    let stored = store.get(&first.key).await.expect("get").expect("record");
+    assert_eq!(
+        stored.state,
+        RecordState::Done,
+        "renew wrote over the outcome"
+    );
+    assert_eq!(stored.result, Some(outcome.clone()));
+    let released = store.release(&mut lease).await.expect("release");
+    assert!(!released, "nothing of the claim is left to release");
+    let stored = store.get(&first.key).await.expect("get").expect("record");
+    assert_eq!(stored.result, Some(outcome), "release removed the outcome");
+}
+
 async fn an_unsettled_owner_still_loses_to_another_owner(store: Store) {
     let lossy = LossyAcks::new(store);
     let store: Store = lossy.clone();
@@ -526,6 +557,7 @@ both_stores!(
     acquire_from_a_read_decides_from_what_it_saw,
     a_renewal_whose_ack_was_lost_keeps_the_lease,
     a_completion_whose_ack_was_lost_is_stored_once,
+    after_a_completion_whose_ack_was_lost_renew_and_release_keep_the_outcome,
     an_unsettled_owner_still_loses_to_another_owner,
     an_outcome_too_large_to_store_is_stored_as_result_too_large,
     purge_never_removes_a_claim_it_did_not_see,

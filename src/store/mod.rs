@@ -416,14 +416,21 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         record.expires_at = now() + ttl;
         // A renewal that cannot land within a third of the lease is retried
         // at the next tick instead.
-        self.write_as_owner(lease, &record, ttl, ttl / 3).await?;
-        lease.record = record;
+        match self.write_as_owner(lease, &record, ttl, ttl / 3).await? {
+            // An outcome of ours whose ack was lost is there: the lease
+            // holds it now, untouched.
+            Some(done) => lease.record = done,
+            None => lease.record = record,
+        }
         Ok(())
     }
 
     /// Stores the outcome in place of the claim, kept for `ttl`, and returns
     /// the record as stored. Fails with [`StoreError::LeaseLost`] when the
-    /// lease was taken over: the new owner's record is never overwritten.
+    /// lease was taken over: the new owner's record is never overwritten;
+    /// with the last failure ([`StoreError::Unavailable`], or
+    /// [`StoreError::Conflict`] when a write of ours may have landed but
+    /// could not be read back) when nothing settled within the lease.
     ///
     /// Until the lease ends nobody else can write the key, so the outcome
     /// is retried that long through an unavailable store. An outcome whose
@@ -462,8 +469,14 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     }
 
     /// Gives the key up (transient failure, shutdown). Returns false when
-    /// someone else already holds it, which leaves nothing to do.
+    /// someone else already holds it, or it holds our stored outcome, which
+    /// leaves nothing to do.
     async fn release(&self, lease: &mut Lease) -> Result<bool, StoreError> {
+        // The lease ended in an outcome of ours (a renewal found it): an
+        // outcome is never released.
+        if lease.record.state == RecordState::Done {
+            return Ok(false);
+        }
         let key = &lease.record.idem_key.clone();
         for _ in 0..MAX_CLAIM_ROUNDS {
             match self.remove(key, lease.revision).await {
@@ -474,6 +487,13 @@ pub trait IdempotencyStore: Send + Sync + 'static {
             }
             lease.unsettled = true;
             match self.read_past(key, lease.revision).await? {
+                // Our outcome landed (its ack lost): it stays.
+                Some(Versioned {
+                    slot: Slot::Record(found),
+                    ..
+                }) if found.owner == lease.record.owner && found.state == RecordState::Done => {
+                    return Ok(false)
+                }
                 // A write of ours landed (a renewal, or this delete's
                 // retry found its own record gone): delete over it.
                 Some(Versioned {
@@ -603,7 +623,9 @@ pub trait IdempotencyStore: Send + Sync + 'static {
                     }))) if revision > lease.revision && found.owner == lease.record.owner => {
                         lease.revision = revision;
                         lease.unsettled = false;
-                        if found.state == RecordState::Done && record.state == RecordState::Done {
+                        // Our outcome landed: the lease is over, and
+                        // nothing (a late renewal) may write over it.
+                        if found.state == RecordState::Done {
                             return Ok(Some(found));
                         }
                         // A renewal of ours landed, at a time we do not
