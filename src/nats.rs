@@ -89,7 +89,7 @@ pub async fn connect(nats: &NatsArgs, name: &str) -> Result<async_nats::Client, 
 /// connection to `server_errors` (dropped when the channel is full): `serve`
 /// refuses to run with permissions it lacks instead of idling. With
 /// `subscription_capacity` every subscription buffers at most that many
-/// messages (see [`WorkerConfig::subscription_capacity`]).
+/// messages (see [`WorkerConfig::subscription_capacity`](crate::config::WorkerConfig::subscription_capacity)).
 pub async fn connect_reporting(
     nats: &NatsArgs,
     name: &str,

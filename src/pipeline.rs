@@ -4,7 +4,7 @@
 //! ends in a [`Verdict`] that says what to answer and whether the delivery
 //! is settled or should be tried again. The two delivery modes differ only
 //! in what they do with a verdict: core mode answers every one, JetStream
-//! mode answers settled ones and naks the rest (`jetstream.rs`).
+//! mode answers settled ones and naks the rest (`delivery/jetstream.rs`).
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;

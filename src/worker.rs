@@ -1,11 +1,13 @@
-//! The worker: intake, the in-flight bound, and shutdown.
+//! The worker: a pipeline, a delivery, purge notices, registration, and
+//! shutdown.
 //!
-//! [`Worker::run`] takes messages from the configured delivery (queue-group
-//! subscriptions in core mode, a durable pull consumer in JetStream mode)
-//! and hands each to the [`Pipeline`] in a task of its own. Intake is
-//! bounded by a semaphore whose permit is taken *before* the next message
-//! is read and moves into the task. Every task belongs to one
-//! [`TaskTracker`], so shutdown knows exactly what is still running.
+//! [`Worker::run`] starts the configured delivery (queue-group
+//! subscriptions in core mode, a durable pull consumer in JetStream mode,
+//! both in `delivery/`), which takes messages through the permit-bounded
+//! [`Intake`] and hands each to the `Pipeline` in a task of its own.
+//! Every task belongs to the intake's tracker, so shutdown knows exactly
+//! what is still running: it stops intake, waits `grace`, then releases
+//! the claims of what still runs.
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -4,7 +4,7 @@
 //! Flags and their `IDEMQ_*` environment variables are declared here and
 //! in the command files, and nowhere else; their defaults are the library's
 //! (`WorkerConfig::default()`, held to them by a test). `serve --config
-//! FILE` adds a TOML layer under them ([`crate::config_file`]). `main.rs`
+//! FILE` adds a TOML layer under them (`config_file.rs`). `main.rs`
 //! only calls [`parse_from`] and [`run`]. The library returns typed errors;
 //! [`CliError`] maps them to exit statuses, and this module renders.
 
@@ -131,7 +131,7 @@ impl CliError {
 
 /// Parses a command line (the program name first). For `serve --config
 /// FILE`, the file's settings are merged under flags and variables (see
-/// [`crate::config_file`]), and `--print-config` gets its text.
+/// `config_file.rs`), and `--print-config` gets its text.
 pub fn parse_from<I, T>(args: I) -> Result<Cli, CliError>
 where
     I: IntoIterator<Item = T>,

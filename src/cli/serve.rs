@@ -108,7 +108,7 @@ pub struct ServeArgs {
     /// Print the effective configuration (TOML, secrets masked) and exit.
     #[arg(long, env = "IDEMQ_PRINT_CONFIG", value_parser = BoolishValueParser::new())]
     pub print_config: bool,
-    /// The effective configuration, rendered by [`parse_from`] for `--print-config`.
+    /// The effective configuration, rendered by [`parse_from`](super::parse_from) for `--print-config`.
     #[arg(skip)]
     pub effective_config: Option<String>,
 }

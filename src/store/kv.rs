@@ -327,7 +327,7 @@ impl IdempotencyStore for KvStore {
     /// outcome, a release, a losing claim), and a read then says what is
     /// stored. Expiries are not published, so the watch also reads when
     /// the record it last saw must have run out, and at least every
-    /// [`WATCH_POLL`]. A KV watch would be one consumer per waiting key,
+    /// `WATCH_POLL`. A KV watch would be one consumer per waiting key,
     /// and a server refuses consumers past its limit (error 10026) when
     /// thousands of keys are waited for at once.
     ///

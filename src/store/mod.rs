@@ -521,7 +521,7 @@ pub trait IdempotencyStore: Send + Sync + 'static {
 
     /// Reads `key` after a write expected `seen` to be its latest revision
     /// and failed: until the view has moved past `seen` (another revision,
-    /// or no message where `seen` had one), up to [`READ_PAST_TRIES`] times,
+    /// or no message where `seen` had one), up to `READ_PAST_TRIES` times,
     /// the later ones from the writes' authority ([`read_leader`](Self::read_leader)).
     /// A cluster answers a conflict while the winning write is still being
     /// proposed (error 10164), and a follower may answer the first read:
