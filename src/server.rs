@@ -71,7 +71,7 @@ pub struct Server {
     stats: Arc<Stats>,
     store: Arc<dyn IdempotencyStore>,
     worker: JoinHandle<Result<(), WorkerError>>,
-    endpoints: Option<(JoinHandle<std::io::Result<()>>, CancellationToken)>,
+    endpoints: Option<Endpoints>,
 }
 
 impl Server {
@@ -121,33 +121,38 @@ impl Server {
         };
         let worker = Worker::new(client.clone(), Arc::clone(&store), handler, config);
         let stats = worker.stats();
-        let (ready, started) = oneshot::channel();
-        let mut task = tokio::spawn(worker.run_ready(shutdown.clone(), ready));
-        // The worker sends once it takes intents, and drops the sender when
-        // it fails first: then its task says why.
-        if started.await.is_err() {
-            return Err(match (&mut task).await {
-                Ok(Err(error)) => ServeError::Worker(error),
-                Ok(Ok(())) => ServeError::StoppedEarly,
-                Err(panicked) => ServeError::Panicked(panicked.to_string()),
-            });
-        }
-        // The endpoints outlive intake: during the grace period /healthz
-        // still answers and /readyz says the worker is stopping.
+        // The endpoints come first and outlive intake: /healthz answers
+        // while the worker starts and during the grace period, and /readyz
+        // says whether it takes intents.
         let endpoints = listener.map(|listener| {
             if let Ok(addr) = listener.local_addr() {
                 tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
             }
             let stop = CancellationToken::new();
-            let readiness = crate::http::Readiness::new(client, Arc::clone(&store), shutdown);
+            let readiness =
+                crate::http::Readiness::new(client, Arc::clone(&store), shutdown.clone());
             let serving = tokio::spawn(crate::http::serve(
                 listener,
                 Arc::clone(&stats),
                 readiness,
                 stop.clone(),
             ));
-            (serving, stop)
+            Endpoints { serving, stop }
         });
+        let (ready, started) = oneshot::channel();
+        let mut task = tokio::spawn(worker.run_ready(shutdown, ready));
+        // The worker sends once it takes intents, and drops the sender when
+        // it fails first: then its task says why.
+        if started.await.is_err() {
+            if let Some(endpoints) = endpoints {
+                endpoints.stop().await;
+            }
+            return Err(match (&mut task).await {
+                Ok(Err(error)) => ServeError::Worker(error),
+                Ok(Ok(())) => ServeError::StoppedEarly,
+                Err(panicked) => ServeError::Panicked(panicked.to_string()),
+            });
+        }
         Ok(Server {
             stats,
             store,
@@ -174,19 +179,33 @@ impl Server {
             Ok(result) => result.map_err(ServeError::Worker),
             Err(panicked) => Err(ServeError::Panicked(panicked.to_string())),
         };
-        if let Some((mut serving, stop)) = self.endpoints {
-            stop.cancel();
-            match tokio::time::timeout(ENDPOINTS_STOP_BOUND, &mut serving).await {
-                Ok(Ok(Ok(()))) => {}
-                Ok(Ok(Err(error))) => tracing::warn!(%error, "metrics endpoint failed"),
-                Ok(Err(error)) => tracing::warn!(%error, "metrics endpoint task failed"),
-                Err(_) => {
-                    tracing::warn!("metrics endpoint still had connections open; closing them");
-                    serving.abort();
-                }
-            }
+        if let Some(endpoints) = self.endpoints {
+            endpoints.stop().await;
         }
         result
+    }
+}
+
+/// The HTTP endpoints' task and its stop signal.
+struct Endpoints {
+    serving: JoinHandle<std::io::Result<()>>,
+    stop: CancellationToken,
+}
+
+impl Endpoints {
+    /// Stops them: in-flight scrapes finish within a bound, then open
+    /// connections are closed.
+    async fn stop(mut self) {
+        self.stop.cancel();
+        match tokio::time::timeout(ENDPOINTS_STOP_BOUND, &mut self.serving).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(error))) => tracing::warn!(%error, "metrics endpoint failed"),
+            Ok(Err(error)) => tracing::warn!(%error, "metrics endpoint task failed"),
+            Err(_) => {
+                tracing::warn!("metrics endpoint still had connections open; closing them");
+                self.serving.abort();
+            }
+        }
     }
 }
 
