@@ -27,21 +27,16 @@ pub const ERROR_CODE_HEADER: &str = "Idem-Error-Code";
 /// by other workers and by clients. It is stored as `RESULT_TOO_LARGE`.
 pub const MAX_OUTCOME_DEPTH: usize = 100;
 
-/// How deep `value` nests (a scalar: 0, `[]`: 1), counted without recursion
-/// so a handler's value of any depth cannot overflow the stack.
-pub fn nesting_depth(value: &Value) -> usize {
-    let mut deepest = 0;
-    let mut stack = vec![(value, 0)];
-    while let Some((value, depth)) = stack.pop() {
-        let children: Box<dyn Iterator<Item = &Value>> = match value {
-            Value::Array(items) => Box::new(items.iter()),
-            Value::Object(fields) => Box::new(fields.values()),
-            _ => continue,
-        };
-        deepest = deepest.max(depth + 1);
-        stack.extend(children.map(|child| (child, depth + 1)));
+/// Whether `value` nests deeper than `limit` levels (a scalar: 0 levels,
+/// `[]`: 1). It allocates nothing and looks at most `limit + 1` levels
+/// down, so a handler's value of any depth cannot overflow the stack.
+pub fn nests_deeper_than(value: &Value, limit: usize) -> bool {
+    let deeper = |child: &Value| limit == 0 || nests_deeper_than(child, limit - 1);
+    match value {
+        Value::Array(items) => limit == 0 || items.iter().any(deeper),
+        Value::Object(fields) => limit == 0 || fields.values().any(deeper),
+        _ => false,
     }
-    deepest
 }
 
 /// Version of the stored record layout.
@@ -490,6 +485,38 @@ mod rfc3339 {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    fn nested(depth: usize) -> Value {
+        (0..depth).fold(json!(1), |inner, i| {
+            if i % 2 == 0 {
+                json!([inner])
+            } else {
+                json!({ "k": inner })
+            }
+        })
+    }
+
+    #[test]
+    fn nesting_is_measured_to_the_limit_and_no_further() {
+        assert!(!nests_deeper_than(&json!(1), 0));
+        assert!(nests_deeper_than(&json!([]), 0));
+        assert!(!nests_deeper_than(&json!([]), 1));
+        assert!(!nests_deeper_than(
+            &nested(MAX_OUTCOME_DEPTH),
+            MAX_OUTCOME_DEPTH
+        ));
+        assert!(nests_deeper_than(
+            &nested(MAX_OUTCOME_DEPTH + 1),
+            MAX_OUTCOME_DEPTH
+        ));
+        // Far deeper than the limit: looked at only to the limit.
+        assert!(nests_deeper_than(&nested(3 * MAX_OUTCOME_DEPTH), MAX_OUTCOME_DEPTH));
+        // The deepest branch counts, wherever it is.
+        assert!(nests_deeper_than(
+            &json!({"a": 1, "b": [nested(MAX_OUTCOME_DEPTH)]}),
+            MAX_OUTCOME_DEPTH
+        ));
+    }
 
     #[test]
     fn outcome_uses_the_seed_tagged_form() {

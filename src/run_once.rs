@@ -68,7 +68,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::handler::HandlerError;
 use crate::key::IdempotencyKey;
-use crate::outcome::{nesting_depth, Outcome, Record, MAX_OUTCOME_DEPTH};
+use crate::outcome::{nests_deeper_than, Outcome, Record, MAX_OUTCOME_DEPTH};
 use crate::stats::Stats;
 use crate::store::{Acquire, ClaimRequest, IdempotencyStore, Lease, StoreError, Versioned};
 
@@ -551,16 +551,12 @@ impl Idempotent {
 /// every worker and client can read back.
 fn storable(outcome: Outcome) -> Outcome {
     match &outcome {
-        Outcome::Success(value) => {
-            let depth = nesting_depth(value);
-            if depth > MAX_OUTCOME_DEPTH {
-                return Outcome::error(
-                    crate::codes::RESULT_TOO_LARGE,
-                    format!("the result nests {depth} deep, over the {MAX_OUTCOME_DEPTH} a record can hold readably"),
-                );
-            }
-            outcome
-        }
+        Outcome::Success(value) if nests_deeper_than(value, MAX_OUTCOME_DEPTH) => Outcome::error(
+            crate::codes::RESULT_TOO_LARGE,
+            format!(
+                "the result nests deeper than the {MAX_OUTCOME_DEPTH} levels a record can hold readably"
+            ),
+        ),
         _ => outcome,
     }
 }
