@@ -510,7 +510,10 @@ mod tests {
             MAX_OUTCOME_DEPTH
         ));
         // Far deeper than the limit: looked at only to the limit.
-        assert!(nests_deeper_than(&nested(3 * MAX_OUTCOME_DEPTH), MAX_OUTCOME_DEPTH));
+        assert!(nests_deeper_than(
+            &nested(3 * MAX_OUTCOME_DEPTH),
+            MAX_OUTCOME_DEPTH
+        ));
         // The deepest branch counts, wherever it is.
         assert!(nests_deeper_than(
             &json!({"a": 1, "b": [nested(MAX_OUTCOME_DEPTH)]}),
