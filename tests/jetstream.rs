@@ -663,3 +663,70 @@ async fn a_worker_pulls_no_more_intents_than_it_has_free_permits() {
     assert_eq!(upstream.total(), 12);
     worker.stop().await;
 }
+
+/// Stream lookups (`STREAM.NAMES`, `STREAM.LIST`) seen on `api` until `bound` passes.
+async fn stream_lookups(api: &mut Subscriber, bound: Duration) -> usize {
+    let deadline = tokio::time::Instant::now() + bound;
+    let mut seen = 0;
+    while let Ok(Some(request)) = tokio::time::timeout_at(deadline, api.next()).await {
+        if request.subject.ends_with("STREAM.NAMES") || request.subject.ends_with("STREAM.LIST") {
+            seen += 1;
+        }
+    }
+    seen
+}
+
+#[tokio::test]
+async fn replies_cost_no_stream_lookup_each_and_a_new_results_stream_is_noticed() {
+    let JsRig {
+        server: _server,
+        client,
+        upstream: _upstream,
+        worker,
+        js,
+        mut replies,
+    } = rig(js_config(|_| {}), None).await;
+    let mut api = client
+        .subscribe("$JS.API.STREAM.>")
+        .await
+        .expect("subscribe");
+    client.flush().await.expect("flush");
+    // Thirty intents, each answered on a subject of its own.
+    for i in 0..30 {
+        let mut body = intent(&format!("routed-{i}"), "echo", json!(i));
+        body["reply_to"] = json!(format!("results.own.{i}"));
+        publish(&js, &body).await;
+    }
+    let seen = collect(&mut replies, 30, Duration::from_secs(10)).await;
+    assert_eq!(seen.len(), 30);
+    let lookups = stream_lookups(&mut api, Duration::from_millis(300)).await;
+    assert!(
+        lookups <= 1,
+        "{lookups} stream lookups for 30 replies: one per reply subject"
+    );
+
+    // A stream created now that captures replies: listed again at once,
+    // and the next reply to it is kept there.
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "LATE".to_owned(),
+        subjects: vec!["results.late.>".to_owned()],
+        ..Default::default()
+    })
+    .await
+    .expect("results stream");
+    let lookups = stream_lookups(&mut api, Duration::from_secs(3)).await;
+    assert!(lookups >= 1, "the new stream was not listed");
+    let mut body = intent("routed-late", "echo", json!("late"));
+    body["reply_to"] = json!("results.late.1");
+    publish(&js, &body).await;
+    assert_eq!(
+        collect(&mut replies, 1, Duration::from_secs(10))
+            .await
+            .len(),
+        1
+    );
+    until_drained(&js).await;
+    let mut late = js.get_stream("LATE").await.expect("stream");
+    assert_eq!(late.info().await.expect("info").state.messages, 1);
+    worker.stop().await;
+}

@@ -19,18 +19,16 @@
 //! While the pipeline works, progress acks keep the message from being
 //! redelivered under a slow handler.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use async_nats::jetstream::consumer::pull;
 use async_nats::jetstream::consumer::{AckPolicy, PullConsumer};
-use async_nats::jetstream::context::GetStreamByNameErrorKind;
 use async_nats::jetstream::message::{AckKind, PublishMessage};
 use async_nats::jetstream::stream::{self, RetentionPolicy, StorageType};
 use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use tokio_util::sync::CancellationToken;
 
 use super::DeliveryError;
@@ -39,6 +37,7 @@ use crate::config::{JetStreamConfig, NAK_DELAY_CAP};
 use crate::intake::Intake;
 use crate::outcome::Answer;
 use crate::pipeline::Pipeline;
+use crate::reply_policy::subject_matches;
 use crate::stats::Stats;
 use crate::verdict::Verdict;
 
@@ -57,51 +56,99 @@ const RESUBSCRIBE_DELAY: Duration = Duration::from_secs(1);
 const REPLY_BOUND: Duration = Duration::from_secs(5);
 /// Pause between attempts to store a reply in the stream that captures it.
 const REPLY_RETRY_PAUSE: Duration = Duration::from_millis(200);
-/// How long a reply subject's capture by a stream is remembered.
-const ROUTE_TTL: Duration = Duration::from_secs(30);
-/// Most reply subjects remembered at once; the memory is cleared past it.
-const MAX_ROUTES: usize = 1024;
+/// How often the streams are listed again without an advisory.
+const ROUTE_REFRESH: Duration = Duration::from_secs(30);
 
 /// Why a delivery could not be settled (it is nak'ed and redelivered).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 struct SettleError(String);
 
-/// Which reply subjects a stream captures, looked up once in a while.
+/// Which subjects the account's streams capture: listed when the worker
+/// starts, listed again when a stream is created, updated or deleted (the
+/// server's stream advisories) and every [`ROUTE_REFRESH`] in case an
+/// advisory was missed, and matched here. A reply costs no JetStream API
+/// call of its own.
 struct ReplyRoutes {
     js: async_nats::jetstream::Context,
-    known: Mutex<HashMap<String, (bool, Instant)>>,
+    /// The streams' subject filters; `None` until a list has succeeded.
+    patterns: RwLock<Option<Arc<[String]>>>,
 }
 
 impl ReplyRoutes {
-    /// Whether a stream captures `subject`; `None` when the lookup failed.
-    async fn captured(&self, subject: &str) -> Option<bool> {
-        let now = Instant::now();
-        if let Some((captured, at)) = self.lock().get(subject) {
-            if now.duration_since(*at) < ROUTE_TTL {
-                return Some(*captured);
-            }
-        }
-        let captured = match self.js.stream_by_subject(subject).await {
-            Ok(_) => true,
-            Err(error) if error.kind() == GetStreamByNameErrorKind::NotFound => false,
-            Err(_) => return None,
-        };
-        let mut known = self.lock();
-        if known.len() >= MAX_ROUTES {
-            known.clear();
-        }
-        known.insert(subject.to_owned(), (captured, now));
-        Some(captured)
+    /// Whether a stream captures `subject`; `None` while no list of the
+    /// streams could be read (the reply is then sent as a JetStream
+    /// publish, which is safe either way).
+    fn captured(&self, subject: &str) -> Option<bool> {
+        let patterns = self.read().clone()?;
+        Some(
+            patterns
+                .iter()
+                .any(|pattern| subject_matches(pattern, subject)),
+        )
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (bool, Instant)>> {
-        // The map is only a cache; a panic while holding it leaves it usable.
-        self.known
-            .lock()
+    /// Lists the account's streams (`$JS.API.STREAM.LIST`, paged) and
+    /// keeps their subjects. A failed list keeps the last one.
+    async fn list(&self) {
+        let listed: Result<Vec<stream::Info>, _> = self.js.streams().try_collect().await;
+        match listed {
+            Ok(streams) => {
+                let patterns: Arc<[String]> = streams
+                    .into_iter()
+                    .flat_map(|info| info.config.subjects)
+                    .collect();
+                *self.write() = Some(patterns);
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot list the streams that may capture replies")
+            }
+        }
+    }
+
+    /// Keeps the list current until shutdown: the advisories are
+    /// subscribed to before listing, so no change falls between the two.
+    async fn keep_current(&self, client: async_nats::Client, shutdown: CancellationToken) {
+        let mut changes = Vec::with_capacity(STREAM_CHANGES.len());
+        for change in STREAM_CHANGES {
+            match client
+                .subscribe(format!("$JS.EVENT.ADVISORY.STREAM.{change}.*"))
+                .await
+            {
+                Ok(subscription) => changes.push(subscription),
+                Err(error) => tracing::warn!(%error, "cannot watch stream advisories"),
+            }
+        }
+        let mut changes = futures::stream::select_all(changes);
+        let mut every = tokio::time::interval(ROUTE_REFRESH);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = every.tick() => {}
+                Some(_) = changes.next() => {}
+            }
+            self.list().await;
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Option<Arc<[String]>>> {
+        // Only a cache; a panic while holding it leaves it usable.
+        self.patterns
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Option<Arc<[String]>>> {
+        self.patterns
+            .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
+
+/// The stream advisories after which the streams are listed again.
+const STREAM_CHANGES: [&str; 3] = ["CREATED", "UPDATED", "DELETED"];
+
 /// Most messages asked for per pull.
 const MAX_BATCH: usize = 256;
 
@@ -169,14 +216,16 @@ impl Consumer {
                 durable: config.durable.clone(),
                 reason: e.to_string(),
             })?;
+        let routes = ReplyRoutes {
+            js,
+            patterns: RwLock::default(),
+        };
+        routes.list().await;
         Ok(Consumer {
             stream,
             consumer,
             config: config.clone(),
-            routes: ReplyRoutes {
-                js,
-                known: Mutex::default(),
-            },
+            routes,
         })
     }
 
@@ -189,6 +238,14 @@ impl Consumer {
         intake.tracker.spawn(
             Arc::clone(&this).dead_letter_advisories(Arc::clone(pipeline), intake.shutdown.clone()),
         );
+        let (routes, client, shutdown) = (
+            Arc::clone(&this),
+            pipeline.client.clone(),
+            intake.shutdown.clone(),
+        );
+        intake
+            .tracker
+            .spawn(async move { routes.routes.keep_current(client, shutdown).await });
         let batch = pull_batch(pipeline.config.concurrency);
         while !intake.shutdown.is_cancelled() {
             let messages = this
@@ -363,7 +420,7 @@ impl Consumer {
         headers: HeaderMap,
         payload: Bytes,
     ) -> Result<(), SettleError> {
-        if self.routes.captured(subject).await == Some(false) {
+        if self.routes.captured(subject) == Some(false) {
             pipeline
                 .client
                 .publish_with_headers(Subject::from(subject), headers, payload)
