@@ -27,6 +27,9 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use async_nats::Subject;
+
+use crate::intent::CopyDigest;
 use crate::key::IdempotencyKey;
 use crate::outcome::{EncodedReply, Record};
 use crate::store::{IdempotencyStore, StoreError};
@@ -86,14 +89,40 @@ struct Entry {
     fingerprint: Fingerprint,
     replay: Arc<EncodedReply>,
     until: Instant,
+    /// What the entry costs, its alias included.
     cost: usize,
+    /// The digest of the last message answered with it, if any.
+    alias: Option<CopyDigest>,
+}
+
+/// A message's bytes answered with an entry: its [`copy_digest`], the
+/// entry's key bits and fingerprint, and where the message asked to be
+/// answered (already vetted by the reply policy).
+///
+/// [`copy_digest`]: crate::intent::copy_digest
+struct Alias {
+    bits: u64,
+    fingerprint: Fingerprint,
+    reply_to: Option<Subject>,
+    cost: usize,
+}
+
+/// A replay found by a message's digest ([`OutcomeCache::lookup_copy`]).
+#[derive(Debug, Clone)]
+pub struct CopyHit {
+    /// The encoded replay.
+    pub replay: Arc<EncodedReply>,
+    /// `Idem-Reply-To` or `reply_to` of the message, as decoding found it.
+    pub reply_to: Option<Subject>,
+    /// The first 64 bits of the intent's fingerprint.
+    pub fingerprint: u64,
 }
 
 /// A hex SHA-256 fingerprint as numbers; `None` for anything else (never
 /// cached, never matched).
 type Fingerprint = [u64; 4];
 
-fn fingerprint_bits(hex: &str) -> Option<Fingerprint> {
+pub(crate) fn fingerprint_bits(hex: &str) -> Option<Fingerprint> {
     if hex.len() != 64 {
         return None;
     }
@@ -112,9 +141,16 @@ fn entry_cost(replay: &EncodedReply) -> usize {
     replay.size() + SLOTS + 2 * ALLOCATION
 }
 
+/// What an alias costs: its slot in the aliases' map (digest, alias, at
+/// the map's load factor) and the reply subject it keeps.
+fn alias_cost(reply_to: Option<&str>) -> usize {
+    2 * (32 + std::mem::size_of::<Alias>()) + reply_to.map_or(0, |subject| 32 + subject.len())
+}
+
 #[derive(Default)]
 struct Inner {
     entries: HashMap<u64, Entry>,
+    aliases: HashMap<CopyDigest, Alias>,
     order: VecDeque<u64>,
     bytes: usize,
 }
@@ -123,6 +159,32 @@ impl Inner {
     fn evict(&mut self, bits: u64) {
         if let Some(entry) = self.entries.remove(&bits) {
             self.bytes -= entry.cost;
+            if let Some(digest) = entry.alias {
+                self.aliases.remove(&digest);
+            }
+        }
+    }
+
+    /// Forgets an alias and what it cost its entry.
+    fn unalias(&mut self, digest: &CopyDigest) {
+        let Some(alias) = self.aliases.remove(digest) else {
+            return;
+        };
+        if let Some(entry) = self.entries.get_mut(&alias.bits) {
+            if entry.alias.as_ref() == Some(digest) {
+                entry.alias = None;
+                entry.cost -= alias.cost;
+                self.bytes -= alias.cost;
+            }
+        }
+    }
+
+    fn trim(&mut self, budget: usize) {
+        while self.bytes > budget {
+            let Some(oldest) = self.order.pop_front() else {
+                break;
+            };
+            self.evict(oldest);
         }
     }
 }
@@ -147,6 +209,79 @@ impl OutcomeCache {
         self.inner
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether the cache keeps anything (`--cache` above 0).
+    pub fn is_enabled(&self) -> bool {
+        self.budget > 0
+    }
+
+    /// The replay for a message byte-identical to one already answered
+    /// from a live entry ([`alias`](Self::alias)): found by its digest,
+    /// before it is decoded. Expiry, purges and the budget apply as to
+    /// the entry itself, which the alias goes with.
+    pub fn lookup_copy(&self, digest: &CopyDigest) -> Option<CopyHit> {
+        let mut inner = self.lock();
+        let alias = inner.aliases.get(digest)?;
+        let bits = alias.bits;
+        let entry = inner.entries.get(&bits)?;
+        if entry.until <= Instant::now() {
+            inner.evict(bits);
+            return None;
+        }
+        (entry.fingerprint == alias.fingerprint).then(|| CopyHit {
+            replay: Arc::clone(&entry.replay),
+            reply_to: alias.reply_to.clone(),
+            fingerprint: alias.fingerprint[0],
+        })
+    }
+
+    /// Remembers that the message with `digest` decoded to an intent of
+    /// `key` and `fingerprint` answered from the cache, named `reply_to`,
+    /// so that its byte-identical copies are answered by
+    /// [`lookup_copy`](Self::lookup_copy). Nothing happens when no live
+    /// entry of that key and fingerprint is held. An entry keeps one
+    /// alias, the latest.
+    pub fn alias(
+        &self,
+        digest: CopyDigest,
+        key: &IdempotencyKey,
+        fingerprint: &str,
+        reply_to: Option<&str>,
+    ) {
+        let Some(fingerprint) = fingerprint_bits(fingerprint) else {
+            return;
+        };
+        let bits = key.bits();
+        let mut inner = self.lock();
+        match inner.entries.get(&bits) {
+            Some(entry) if entry.fingerprint == fingerprint => {
+                if entry.alias == Some(digest) {
+                    return;
+                }
+            }
+            _ => return,
+        }
+        if let Some(old) = inner.entries.get(&bits).and_then(|entry| entry.alias) {
+            inner.unalias(&old);
+        }
+        // The same bytes under another entry (64-bit keys that collide).
+        inner.unalias(&digest);
+        let cost = alias_cost(reply_to);
+        let alias = Alias {
+            bits,
+            fingerprint,
+            reply_to: reply_to.map(Subject::from),
+            cost,
+        };
+        let Some(entry) = inner.entries.get_mut(&bits) else {
+            return;
+        };
+        entry.alias = Some(digest);
+        entry.cost += cost;
+        inner.bytes += cost;
+        inner.aliases.insert(digest, alias);
+        inner.trim(self.budget);
     }
 
     /// Looks a key up for an intent with `fingerprint`.
@@ -203,20 +338,21 @@ impl OutcomeCache {
             replay: Arc::clone(&replay),
             until: Instant::now() + left.min(MAX_AGE),
             cost,
+            alias: None,
         };
         let bits = record.idem_key.bits();
         let mut inner = self.lock();
         inner.bytes += cost;
         match inner.entries.insert(bits, entry) {
-            Some(old) => inner.bytes -= old.cost,
+            Some(old) => {
+                inner.bytes -= old.cost;
+                if let Some(digest) = old.alias {
+                    inner.aliases.remove(&digest);
+                }
+            }
             None => inner.order.push_back(bits),
         }
-        while inner.bytes > self.budget {
-            let Some(oldest) = inner.order.pop_front() else {
-                break;
-            };
-            inner.evict(oldest);
-        }
+        inner.trim(self.budget);
         // Keys evicted by lookup or purge leave stale names in `order`;
         // drop them once they outnumber live entries.
         if inner.order.len() > 2 * inner.entries.len().max(16) {
@@ -336,6 +472,82 @@ mod tests {
         assert_eq!(cache.lookup(&stored.idem_key, OTHER), Lookup::Reused);
         cache.remove(&stored.idem_key);
         assert_eq!(cache.lookup(&stored.idem_key, FP), Lookup::Miss);
+    }
+
+    fn digest(text: &str) -> CopyDigest {
+        crate::intent::copy_digest("intents.echo", None, text.as_bytes())
+    }
+
+    #[test]
+    fn a_copy_is_found_by_its_digest_while_its_entry_lives() {
+        let cache = OutcomeCache::new(1 << 20);
+        let stored = record(11, FP, 60);
+        let replay = cache.insert(&stored).expect("an outcome");
+        let copy = digest("copy");
+        assert!(cache.lookup_copy(&copy).is_none(), "not aliased yet");
+        // Another fingerprint is not this entry's: nothing is aliased.
+        cache.alias(copy, &stored.idem_key, OTHER, None);
+        assert!(cache.lookup_copy(&copy).is_none());
+        cache.alias(copy, &stored.idem_key, FP, Some("results.a"));
+        let hit = cache.lookup_copy(&copy).expect("a hit");
+        assert_eq!(hit.replay, replay);
+        assert_eq!(hit.reply_to.as_deref(), Some("results.a"));
+        assert_eq!(hit.fingerprint, 0x0123_4567_89ab_cdef);
+        assert!(cache.lookup_copy(&digest("other bytes")).is_none());
+        // Purged: the alias goes with the entry, and so does its cost.
+        cache.remove(&stored.idem_key);
+        assert!(cache.lookup_copy(&copy).is_none());
+        assert_eq!(cache.usage(), (0, 0));
+    }
+
+    #[test]
+    fn a_new_outcome_under_the_key_drops_the_old_bytes_alias() {
+        let cache = OutcomeCache::new(1 << 20);
+        let first = record(12, FP, 60);
+        cache.insert(&first);
+        let copy = digest("first intent");
+        cache.alias(copy, &first.idem_key, FP, None);
+        // The key purged elsewhere and stored again by another intent: the
+        // first intent's bytes must not replay the second's outcome.
+        let second = record(12, OTHER, 60);
+        cache.insert(&second);
+        assert!(cache.lookup_copy(&copy).is_none());
+        let (entries, bytes) = cache.usage();
+        let alone = OutcomeCache::new(1 << 20);
+        alone.insert(&second);
+        assert_eq!((entries, bytes), alone.usage(), "the alias's cost went too");
+    }
+
+    #[test]
+    fn an_entry_keeps_one_alias_and_aliases_count_against_the_budget() {
+        let cache = OutcomeCache::new(1 << 20);
+        let stored = record(13, FP, 60);
+        cache.insert(&stored);
+        let bare = cache.usage().1;
+        cache.alias(digest("a"), &stored.idem_key, FP, None);
+        let one = cache.usage().1;
+        assert!(one > bare);
+        cache.alias(digest("b"), &stored.idem_key, FP, None);
+        assert_eq!(cache.usage().1, one, "the latest alias replaced the first");
+        assert!(cache.lookup_copy(&digest("a")).is_none());
+        assert!(cache.lookup_copy(&digest("b")).is_some());
+        // A budget with room for the entry but not its alias.
+        let tight = OutcomeCache::new(bare);
+        tight.insert(&stored);
+        tight.alias(digest("a"), &stored.idem_key, FP, None);
+        assert!(tight.usage().1 <= bare, "{:?}", tight.usage());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_copy_is_not_replayed_past_its_entrys_life() {
+        let cache = OutcomeCache::new(1 << 20);
+        let stored = record(14, FP, 10);
+        cache.insert(&stored);
+        cache.alias(digest("c"), &stored.idem_key, FP, None);
+        assert!(cache.lookup_copy(&digest("c")).is_some());
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert!(cache.lookup_copy(&digest("c")).is_none());
+        assert_eq!(cache.usage(), (0, 0));
     }
 
     #[test]

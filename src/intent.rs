@@ -385,6 +385,36 @@ enum KeyInputs<'a> {
     },
 }
 
+/// A digest of everything [`Intent::decode`] reads of a message: the
+/// subject, the headers that feed the key and the reply target, and the
+/// payload, each length-prefixed (and absent headers told apart from
+/// empty ones). Messages with equal digests decode to the same intent, so
+/// a copy of one already answered can be answered before it is decoded.
+pub fn copy_digest(subject: &str, headers: Option<&HeaderMap>, payload: &[u8]) -> CopyDigest {
+    let mut hash = Sha256::new();
+    let mut part = |bytes: Option<&[u8]>| match bytes {
+        None => hash.update([0]),
+        Some(bytes) => {
+            hash.update([1]);
+            hash.update((bytes.len() as u64).to_le_bytes());
+            hash.update(bytes);
+        }
+    };
+    part(Some(subject.as_bytes()));
+    for name in [IDEMPOTENCY_KEY_HEADER, REPLY_TO_HEADER] {
+        part(
+            headers
+                .and_then(|h| h.get(name))
+                .map(|v| v.as_str().as_bytes()),
+        );
+    }
+    part(Some(payload));
+    hash.finalize().into()
+}
+
+/// What [`copy_digest`] returns: SHA-256, whole.
+pub type CopyDigest = [u8; 32];
+
 /// SHA-256 (hex) of the canonical JSON.
 fn fingerprint(canonical: &Canonical<'_>) -> String {
     sha256_hex_of_json(canonical)

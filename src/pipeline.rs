@@ -10,15 +10,15 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::HeaderMap;
+use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 use tracing::{field, Instrument};
 
-use crate::cache::{InFlightKeys, Lookup, OutcomeCache, Turn};
+use crate::cache::{fingerprint_bits, InFlightKeys, Lookup, OutcomeCache, Turn};
 use crate::config::WorkerConfig;
 use crate::handler::{Call, Handler};
-use crate::intent::{Intent, Limits};
+use crate::intent::{copy_digest, Intent, Limits};
 use crate::key::IdempotencyKey;
 use crate::outcome::{Answer, EncodedReply, Outcome, Record, Reply};
 use crate::reply_policy::ReplyPolicy;
@@ -157,6 +157,26 @@ impl Pipeline {
         // Every reply target is vetted before anything runs: a refused one
         // makes the intent invalid and is never published to.
         let own_refused = own_reply.and_then(|own| self.replies.check(own).err());
+        // A copy byte-identical to one answered from a live cache entry is
+        // answered now, undecoded: the same bytes decode to the same
+        // intent, key, fingerprint and named reply target (vetted then).
+        // At debug level every copy is decoded, so that its span and
+        // "answered" event carry every field.
+        let digest = (self.cache.is_enabled() && !tracing::enabled!(tracing::Level::DEBUG))
+            .then(|| copy_digest(subject, headers, payload));
+        if let Some(hit) = digest
+            .as_ref()
+            .filter(|_| own_refused.is_none())
+            .and_then(|digest| self.cache.lookup_copy(digest))
+        {
+            self.stats.replayed_by_digest.inc();
+            return Handled {
+                verdict: self.replayed(hit.replay),
+                answer_own: own_reply.is_some(),
+                reply_to: hit.reply_to,
+                fingerprint: Some(hit.fingerprint),
+            };
+        }
         let decoded = Intent::decode(subject, headers, payload, limits);
         let named = match &decoded {
             Ok(intent) => intent.reply_to.as_deref(),
@@ -192,7 +212,7 @@ impl Pipeline {
                 return Handled {
                     verdict: self.refusal(idem_key, intent_id, Rejection::Invalid(error)),
                     answer_own,
-                    reply_to: reply_to.filter(|_| named_ok),
+                    reply_to: reply_to.filter(|_| named_ok).map(Subject::from),
                     fingerprint: None,
                 };
             }
@@ -224,11 +244,21 @@ impl Pipeline {
             }
             span.in_scope(|| tracing::debug!("answered"));
         }
+        // An answer from a stored record is cached: later byte-identical
+        // copies of this message find it by its digest.
+        if let (Some(digest), Verdict::Settled(Answer::Encoded(_))) = (digest, &verdict) {
+            self.cache.alias(
+                digest,
+                &intent.key,
+                &intent.fingerprint,
+                intent.reply_to.as_deref(),
+            );
+        }
         Handled {
             verdict,
             answer_own,
-            reply_to: intent.reply_to,
-            fingerprint: Some(intent.fingerprint),
+            fingerprint: fingerprint_bits(&intent.fingerprint).map(|bits| bits[0]),
+            reply_to: intent.reply_to.map(Subject::from),
         }
     }
 

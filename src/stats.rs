@@ -34,6 +34,9 @@ pub struct Stats {
     pub executed: Counter,
     /// Copies answered with a stored outcome.
     pub replayed: Counter,
+    /// Of those, copies byte-identical to one already answered from the
+    /// outcome cache, answered by a digest of their bytes without decoding.
+    pub replayed_by_digest: Counter,
     /// Copies that found the key held by a running execution and waited for it.
     pub waited: Counter,
     /// Copies answered `IN_PROGRESS`.
@@ -67,6 +70,7 @@ pub struct Snapshot {
     pub received: u64,
     pub executed: u64,
     pub replayed: u64,
+    pub replayed_by_digest: u64,
     pub waited: u64,
     pub in_progress: u64,
     pub key_reused: u64,
@@ -81,11 +85,12 @@ pub struct Snapshot {
 impl Snapshot {
     /// Every counter with its column name, in the order tables show them:
     /// the one list of the counters that tables and sums walk.
-    pub fn counters_mut(&mut self) -> [(&'static str, &mut u64); 12] {
+    pub fn counters_mut(&mut self) -> [(&'static str, &mut u64); 13] {
         [
             ("RECEIVED", &mut self.received),
             ("EXECUTED", &mut self.executed),
             ("REPLAYED", &mut self.replayed),
+            ("BY_DIGEST", &mut self.replayed_by_digest),
             ("WAITED", &mut self.waited),
             ("IN_PROGRESS", &mut self.in_progress),
             ("KEY_REUSED", &mut self.key_reused),
@@ -99,7 +104,7 @@ impl Snapshot {
     }
 
     /// The counters with their column names, by value.
-    pub fn counters(mut self) -> [(&'static str, u64); 12] {
+    pub fn counters(mut self) -> [(&'static str, u64); 13] {
         self.counters_mut().map(|(name, value)| (name, *value))
     }
 }
@@ -143,6 +148,11 @@ impl Default for Stats {
             &mut registry,
             "intents_replayed",
             "Copies answered with a stored outcome",
+        );
+        let replayed_by_digest = counter(
+            &mut registry,
+            "intents_replayed_by_digest",
+            "Copies byte-identical to one answered from the cache, replayed without decoding",
         );
         let waited = counter(
             &mut registry,
@@ -216,6 +226,7 @@ impl Default for Stats {
             received,
             executed,
             replayed,
+            replayed_by_digest,
             waited,
             in_progress,
             key_reused,
@@ -265,6 +276,7 @@ impl Stats {
             received: self.received.get(),
             executed: self.executed.get(),
             replayed: self.replayed.get(),
+            replayed_by_digest: self.replayed_by_digest.get(),
             waited: self.waited.get(),
             in_progress: self.in_progress.get(),
             key_reused: self.key_reused.get(),

@@ -104,8 +104,9 @@ pub struct Handled {
     pub answer_own: bool,
     /// `Idem-Reply-To` or `reply_to`, for messages without a reply
     /// subject; `None` when absent or refused.
-    pub reply_to: Option<String>,
-    /// The intent's fingerprint; `None` for a message that is not a valid
-    /// intent. With the key it names one intent's answer across copies.
-    pub fingerprint: Option<String>,
+    pub reply_to: Option<async_nats::Subject>,
+    /// The first 64 bits of the intent's fingerprint; `None` for a message
+    /// that is not a valid intent. With the key it names one intent's
+    /// answer across copies.
+    pub fingerprint: Option<u64>,
 }

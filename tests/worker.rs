@@ -783,3 +783,75 @@ async fn thousands_of_keys_waited_for_at_once_cost_no_server_consumer_each() {
         worker.stop().await;
     }
 }
+
+#[tokio::test]
+async fn a_byte_identical_copy_is_replayed_by_its_digest_and_other_bytes_are_decoded() {
+    let Rig {
+        server,
+        client,
+        upstream,
+    } = Rig::start().await;
+    let worker = start_worker(&server, test_config(), Some(FORWARD)).await;
+    let send_bytes = |bytes: &'static str, key: Option<&'static str>| {
+        let client = client.clone();
+        async move {
+            let mut headers = HeaderMap::new();
+            if let Some(key) = key {
+                headers.insert("Idempotency-Key", key);
+            }
+            request(&client, "intents.ok", bytes, headers).await.0
+        }
+    };
+    let by_digest = || worker.stats.replayed_by_digest.get();
+    let bytes = r#"{"intent_id":"digest-1","actor":"agent","episode":"ep","params":{"a":1,"b":2}}"#;
+    let first = send_bytes(bytes, None).await;
+    assert_eq!(first["replayed"], false, "{first}");
+    assert_eq!(by_digest(), 0);
+
+    let copy = send_bytes(bytes, None).await;
+    assert_eq!(copy["replayed"], true, "{copy}");
+    assert_eq!(copy["result"], first["result"]);
+    assert_eq!(copy["stored_at"], first["stored_at"]);
+    assert_eq!(
+        by_digest(),
+        1,
+        "the same bytes are answered by their digest"
+    );
+
+    // The same intent in other bytes (params reordered): decoded, and
+    // replayed from the cache all the same.
+    let reordered =
+        r#"{"params":{"b":2,"a":1},"episode":"ep","actor":"agent","intent_id":"digest-1"}"#;
+    let replayed = worker.stats.replayed.get();
+    let other = send_bytes(reordered, None).await;
+    assert_eq!(other["replayed"], true, "{other}");
+    assert_eq!(other["stored_at"], first["stored_at"]);
+    assert_eq!(worker.stats.replayed.get(), replayed + 1);
+    assert_eq!(by_digest(), 1, "other bytes are decoded");
+
+    // The same payload under an Idempotency-Key header is another key:
+    // it executes, and only then do its copies replay by digest.
+    let keyed = send_bytes(bytes, Some("idem_00000000000d1935")).await;
+    assert_eq!(keyed["replayed"], false, "{keyed}");
+    assert_eq!(keyed["idem_key"], "idem_00000000000d1935", "{keyed}");
+    let keyed_copy = send_bytes(bytes, Some("idem_00000000000d1935")).await;
+    assert_eq!(keyed_copy["replayed"], true);
+    assert_eq!(keyed_copy["idem_key"], "idem_00000000000d1935");
+    assert_eq!(by_digest(), 2);
+    // The bare payload still replays its own key's outcome: decoded once,
+    // since its entry's alias is now the reordered bytes' (one per entry,
+    // the latest), then by digest again.
+    assert_eq!(send_bytes(bytes, None).await["idem_key"], first["idem_key"]);
+    assert_eq!(by_digest(), 2);
+    assert_eq!(send_bytes(bytes, None).await["idem_key"], first["idem_key"]);
+    assert_eq!(by_digest(), 3);
+
+    // The same bytes on another subject (another capability's) decode anew.
+    let elsewhere = request(&client, "intents.other", bytes, HeaderMap::new())
+        .await
+        .0;
+    assert_eq!(code(&elsewhere), "KEY_REUSED", "{elsewhere}");
+    assert_eq!(by_digest(), 3);
+    assert_eq!(upstream.total(), 2);
+    worker.stop().await;
+}

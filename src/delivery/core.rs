@@ -7,7 +7,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use async_nats::{Message, Subject};
+use async_nats::Message;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
@@ -80,7 +80,7 @@ fn answer(
         // The message's own reply subject as it came (no copy), else the
         // one the intent names; neither once the policy refused one.
         let own = message.reply.filter(|_| handled.answer_own);
-        match own.or_else(|| handled.reply_to.map(Subject::from)) {
+        match own.or(handled.reply_to) {
             Some(reply_to) => {
                 let reply = handled.verdict.answer();
                 // Boxed: inline, the publish would double every task's size.

@@ -325,7 +325,7 @@ impl Consumer {
             }
         };
         let reply_to = handled.reply_to.as_deref();
-        let fingerprint = handled.fingerprint.as_deref();
+        let fingerprint = handled.fingerprint;
         let settled = match handled.verdict {
             Verdict::Settled(reply) => self
                 .answer(pipeline, &message, reply_to, fingerprint, &reply)
@@ -377,7 +377,7 @@ impl Consumer {
         pipeline: &Pipeline,
         message: &async_nats::jetstream::Message,
         reply_to: Option<&str>,
-        fingerprint: Option<&str>,
+        fingerprint: Option<u64>,
         reply: &Answer,
     ) -> Result<(), SettleError> {
         let Some(reply_to) = reply_to else {
@@ -390,10 +390,7 @@ impl Consumer {
         // another intent under the same key (KEY_REUSED) keeps its own
         // answer. A message that is not a valid intent: by its sequence.
         let msg_id = match (reply.idem_key(), fingerprint) {
-            (Some(key), Some(fingerprint)) => {
-                let short = fingerprint.get(..16).unwrap_or(fingerprint);
-                Some(format!("{key}.{short}"))
-            }
+            (Some(key), Some(fingerprint)) => Some(format!("{key}.{fingerprint:016x}")),
             _ => message
                 .info()
                 .ok()
@@ -465,7 +462,7 @@ impl Consumer {
         pipeline: &Pipeline,
         message: &async_nats::jetstream::Message,
         reply_to: Option<&str>,
-        fingerprint: Option<&str>,
+        fingerprint: Option<u64>,
         reply: &Answer,
         reason: &str,
     ) -> Result<AckKind, SettleError> {
