@@ -21,6 +21,16 @@
 //! throughput to compare their p99; a last pass saturates idemq at
 //! `--rss-concurrency` requests in flight for the peak-RSS target.
 //!
+//! `--mode jetstream` measures idemq's durable JetStream mode instead: the
+//! load publishes each intent into a work-queue stream (awaiting the
+//! PubAck) with `Idem-Reply-To` naming a reply subject of its own, and
+//! waits for the reply there. Beside idemq (fresh, replayed, storm) run
+//! two pull-consumer baselines, each on a stream of its own:
+//!
+//! * (e) [`names::E_PULL_ECHO`]: reply with the payload to `Idem-Reply-To`, ack;
+//! * (f) [`names::F_PULL_CREATE_UPDATE`]: (b)'s work (create, run, update,
+//!   reply), then the ack.
+//!
 //! The load generator ([`load`]) runs on a thread, a runtime and a
 //! connection of its own, as a separate client process would; the
 //! responders ([`responders`]) take requests through the worker's own
@@ -42,15 +52,18 @@ use async_nats::Client;
 use bytes::Bytes;
 use clap::Args;
 use hdrhistogram::Histogram;
+use serde::Serialize;
 use tokio::time::Instant;
 
+use idemq::config::{Delivery, JetStreamConfig};
 use idemq::nats::{ConnectError, NatsArgs};
 
 pub use report::{Latency, Ratio, Report, Scenario, Settings, Target};
 
-use load::{Job, LoadGenerator, Measured};
+use load::{Job, LoadGenerator, Measured, Via};
 use names::{
-    A_ECHO, B_CREATE_UPDATE, B_PACED, C_GET, D_NAIVE_FRESH, D_NAIVE_STORM, IDEMQ_FRESH,
+    A_ECHO, B_CREATE_UPDATE, B_PACED, C_GET, D_NAIVE_FRESH, D_NAIVE_STORM, E_PULL_ECHO,
+    F_PULL_CREATE_UPDATE, IDEMQ_FRESH, IDEMQ_JS_FRESH, IDEMQ_JS_REPLAYED, IDEMQ_JS_STORM,
     IDEMQ_PACED, IDEMQ_REPLAYED, IDEMQ_SATURATED, IDEMQ_STORM,
 };
 use responders::{Baseline, Responder};
@@ -79,6 +92,29 @@ pub mod names {
     pub const B_PACED: &str = "b-create-update-paced";
     /// idemq on fresh keys at `--rss-concurrency` (when above `--concurrency`).
     pub const IDEMQ_SATURATED: &str = "idemq-fresh-saturated";
+    /// (e) `--mode jetstream`: a pull consumer replying with the payload, then acking.
+    pub const E_PULL_ECHO: &str = "e-pull-echo";
+    /// (f) `--mode jetstream`: a pull consumer doing (b)'s work, then acking.
+    pub const F_PULL_CREATE_UPDATE: &str = "f-pull-create-update";
+    /// idemq in JetStream mode on all-fresh keys.
+    pub const IDEMQ_JS_FRESH: &str = "idemq-js-fresh";
+    /// idemq in JetStream mode on the fresh keys again: every one replayed.
+    pub const IDEMQ_JS_REPLAYED: &str = "idemq-js-replayed";
+    /// idemq in JetStream mode on the retry storm.
+    pub const IDEMQ_JS_STORM: &str = "idemq-js-storm";
+}
+
+/// What a run measures.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Core request/reply: idemq beside baselines (a) to (d).
+    #[default]
+    Core,
+    /// idemq's durable JetStream mode beside pull-consumer baselines (e), (f).
+    #[value(name = "jetstream")]
+    #[serde(rename = "jetstream")]
+    JetStream,
 }
 
 /// How often the progress line is refreshed.
@@ -142,6 +178,11 @@ pub struct BenchArgs {
     #[command(flatten)]
     #[allow(missing_docs)]
     pub nats: NatsArgs,
+    /// `core`: request/reply, baselines (a) to (d); `jetstream`: intents
+    /// published into streams, idemq's JetStream mode beside pull-consumer
+    /// baselines (e) and (f).
+    #[arg(long, env = "IDEMQ_MODE", value_enum, default_value_t = Mode::Core)]
+    pub mode: Mode,
     /// Requests per pass.
     #[arg(long, env = "IDEMQ_COUNT", default_value_t = 20_000)]
     pub count: usize,
@@ -158,7 +199,8 @@ pub struct BenchArgs {
     #[arg(long, env = "IDEMQ_RSS_CONCURRENCY", default_value_t = 1024)]
     pub rss_concurrency: usize,
     /// Send idemq's passes to an external worker on this subject (e.g.
-    /// `intents.echo`, served by `idemq serve`) instead of one in process.
+    /// `intents.echo`, served by `idemq serve`) instead of one in process
+    /// (`--mode core` only).
     #[arg(long, env = "IDEMQ_TARGET")]
     pub target: Option<String>,
     /// With --target: the worker's process id, to read its CPU time and peak RSS.
@@ -185,6 +227,7 @@ impl BenchArgs {
     /// The options these flags describe.
     pub fn options(&self) -> BenchOptions {
         BenchOptions {
+            mode: self.mode,
             count: self.count,
             concurrency: self.concurrency,
             payload: self.payload,
@@ -202,6 +245,8 @@ impl BenchArgs {
 /// What to measure, and within what bounds.
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
+    /// Core request/reply or JetStream mode.
+    pub mode: Mode,
     /// Requests per pass (the storm sends `count / copies` keys, `copies` times each).
     pub count: usize,
     /// Requests in flight in every unpaced pass.
@@ -227,6 +272,7 @@ pub struct BenchOptions {
 impl Default for BenchOptions {
     fn default() -> Self {
         Self {
+            mode: Mode::Core,
             count: 20_000,
             concurrency: 64,
             payload: 128,
@@ -252,6 +298,11 @@ impl BenchOptions {
             Some("--copies must be from 1 to --concurrency and --count".to_owned())
         } else if self.timeout.is_zero() {
             Some("--timeout must be more than zero".to_owned())
+        } else if self.mode == Mode::JetStream && self.target.is_some() {
+            Some(
+                "--target is for --mode core only: --mode jetstream runs idemq in process"
+                    .to_owned(),
+            )
         } else if let Some(target) = self.target.as_deref() {
             (!idemq::intent::is_publish_subject(target))
                 .then(|| format!("--target {target:?} is not a subject one can publish to"))
@@ -312,9 +363,9 @@ impl Report {
 /// Runs every pass against the nats-server(s) of `nats` and reports. `progress`
 /// gets a one-line status a few times a second.
 ///
-/// Everything the run creates (subjects, buckets, intent ids) carries a
-/// fresh run id, so runs never see each other's keys; buckets are deleted
-/// when their passes are done (best effort).
+/// Everything the run creates (subjects, streams, buckets, intent ids)
+/// carries a fresh run id, so runs never see each other's keys; streams
+/// and buckets are deleted when their passes are done (best effort).
 pub async fn run(
     nats: &NatsArgs,
     options: &BenchOptions,
@@ -328,7 +379,10 @@ pub async fn run(
     })?;
     let load = LoadGenerator::start(nats).await?;
     let run = nuid::next().to_string();
-    let planned = 10 + usize::from(options.concurrency < options.rss_concurrency);
+    let planned = match options.mode {
+        Mode::Core => 10 + usize::from(options.concurrency < options.rss_concurrency),
+        Mode::JetStream => 5,
+    };
     let mut bench = Bench {
         options,
         js: jetstream::new(client.clone()),
@@ -338,8 +392,10 @@ pub async fn run(
         deadline: Instant::now() + options.max_duration,
         planned,
         buckets: Vec::new(),
+        streams: Vec::new(),
         report: Report {
             settings: Settings {
+                mode: options.mode,
                 server_version: String::new(),
                 count: options.count,
                 concurrency: options.concurrency,
@@ -364,7 +420,13 @@ pub async fn run(
     };
     bench.report.settings.server_version = bench.client.server_info().version;
     bench.report.settings.payload_bytes = bench.intents("a", 1).get(0).len();
-    let result = bench.all().await;
+    let result = match options.mode {
+        Mode::Core => bench.core().await,
+        Mode::JetStream => bench.jetstream().await,
+    };
+    for stream in std::mem::take(&mut bench.streams) {
+        responders::delete_stream(&bench.js, &stream).await;
+    }
     for bucket in std::mem::take(&mut bench.buckets) {
         responders::delete_bucket(&bench.js, &bucket).await;
     }
@@ -441,23 +503,36 @@ struct Bench<'o, P> {
     planned: usize,
     /// Buckets created and not yet deleted.
     buckets: Vec<String>,
+    /// Streams created (by the bench or its worker) and not yet deleted.
+    streams: Vec<String>,
     report: Report,
     progress: P,
 }
 
+/// An unpaced pass of one copy per key at `--concurrency`.
+fn unpaced(
+    options: &BenchOptions,
+    name: &'static str,
+    description: &'static str,
+    label: &'static str,
+) -> Pass {
+    Pass {
+        name,
+        description,
+        label,
+        copies: 1,
+        concurrency: options.concurrency,
+        rate: None,
+    }
+}
+
 impl<P: FnMut(&str)> Bench<'_, P> {
-    /// Every pass, in order; baselines first so idemq runs on a warm server.
-    async fn all(&mut self) -> Result<(), BenchError> {
-        let concurrency = self.options.concurrency;
-        let copies = self.options.copies;
-        let unpaced = |name, description, label| Pass {
-            name,
-            description,
-            label,
-            copies: 1,
-            concurrency,
-            rate: None,
-        };
+    /// Every core pass, in order; baselines first so idemq runs on a warm server.
+    async fn core(&mut self) -> Result<(), BenchError> {
+        let options = self.options;
+        let concurrency = options.concurrency;
+        let copies = options.copies;
+        let unpaced = |name, description, label| unpaced(options, name, description, label);
         let storm = |name, description, label| Pass {
             copies,
             ..unpaced(name, description, label)
@@ -564,6 +639,66 @@ impl<P: FnMut(&str)> Bench<'_, P> {
         Ok(())
     }
 
+    /// Every JetStream pass, in order; baselines first, as in core mode.
+    async fn jetstream(&mut self) -> Result<(), BenchError> {
+        let options = self.options;
+        let unpaced = |name, description, label| unpaced(options, name, description, label);
+
+        // (e) The floor: a pull consumer that replies and acks.
+        let echo = self.pull_baseline(Baseline::Echo, "e", None).await?;
+        let pass = unpaced(
+            E_PULL_ECHO,
+            "(e) pull consumer: reply to Idem-Reply-To, ack",
+            "e",
+        );
+        self.measure(&echo, pass).await?;
+        echo.stop().await;
+        self.drop_stream("e").await;
+
+        // (f) (b)'s work through a pull consumer.
+        let bucket = self.bucket("f").await?;
+        let create_update = self
+            .pull_baseline(Baseline::CreateUpdate, "f", Some(bucket))
+            .await?;
+        let pass = unpaced(
+            F_PULL_CREATE_UPDATE,
+            "(f) pull: KV create, handler, update, reply, ack",
+            "f",
+        );
+        self.measure(&create_update, pass).await?;
+        create_update.stop().await;
+        self.drop_stream("f").await;
+        self.drop_bucket("f").await;
+
+        // idemq in JetStream mode.
+        let idemq = self.idemq().await?;
+        let pass = unpaced(
+            IDEMQ_JS_FRESH,
+            "idemq JetStream mode, echo handler; fresh keys",
+            "i",
+        );
+        self.measure(&idemq, pass).await?;
+        let pass = unpaced(
+            IDEMQ_JS_REPLAYED,
+            "idemq JetStream mode; the fresh keys again, all replayed",
+            "i",
+        );
+        self.measure(&idemq, pass).await?;
+        let pass = Pass {
+            copies: options.copies,
+            ..unpaced(
+                IDEMQ_JS_STORM,
+                "idemq JetStream mode; retry storm",
+                "i-storm",
+            )
+        };
+        self.measure(&idemq, pass).await?;
+        idemq.stop().await;
+        self.drop_stream("i").await;
+        self.drop_bucket("i").await;
+        Ok(())
+    }
+
     fn expired(&self) -> bool {
         Instant::now() >= self.deadline
     }
@@ -597,6 +732,19 @@ impl<P: FnMut(&str)> Bench<'_, P> {
         Ok(store)
     }
 
+    /// The stream a JetStream-mode responder named `name` consumes.
+    fn stream_name(&self, name: &str) -> String {
+        format!("{}_STREAM", self.bucket_name(name))
+    }
+
+    async fn drop_stream(&mut self, name: &str) {
+        let stream = self.stream_name(name);
+        if let Some(at) = self.streams.iter().position(|s| *s == stream) {
+            self.streams.swap_remove(at);
+            responders::delete_stream(&self.js, &stream).await;
+        }
+    }
+
     async fn drop_bucket(&mut self, name: &str) {
         let bucket = self.bucket_name(name);
         if let Some(at) = self.buckets.iter().position(|b| *b == bucket) {
@@ -623,6 +771,31 @@ impl<P: FnMut(&str)> Bench<'_, P> {
         Ok(responder)
     }
 
+    /// Starts a pull-consumer baseline on a new stream over its subject.
+    async fn pull_baseline(
+        &mut self,
+        baseline: Baseline,
+        name: &str,
+        kv: Option<jetstream::kv::Store>,
+    ) -> Result<Responder, BenchError> {
+        let stream = self.stream_name(name);
+        // Deleted whatever happens next, as the worker's is.
+        self.streams.push(stream.clone());
+        let mut responder = Responder::pull_baseline(
+            &self.js,
+            baseline,
+            &stream,
+            self.subject(name),
+            kv,
+            self.options.responder_concurrency(),
+        )
+        .await?;
+        self.warm_up(&mut responder, name).await?;
+        Ok(responder)
+    }
+
+    /// idemq: an external worker (`--target`), or one in process, in core
+    /// or (`--mode jetstream`) JetStream mode.
     async fn idemq(&mut self) -> Result<Responder, BenchError> {
         let mut responder = match &self.options.target {
             Some(subject) => Responder::external(subject.clone()),
@@ -630,8 +803,17 @@ impl<P: FnMut(&str)> Bench<'_, P> {
                 let bucket = self.bucket_name("i");
                 let prefix = self.subject("i");
                 let concurrency = self.options.responder_concurrency();
+                let delivery = match self.options.mode {
+                    Mode::Core => Delivery::Core,
+                    Mode::JetStream => {
+                        let stream = self.stream_name("i");
+                        // The worker creates it; deleted whatever happens next.
+                        self.streams.push(stream.clone());
+                        Delivery::JetStream(JetStreamConfig::new(&stream, responders::DURABLE))
+                    }
+                };
                 let responder =
-                    Responder::idemq(&self.client, &bucket, &prefix, concurrency).await?;
+                    Responder::idemq(&self.client, &bucket, &prefix, concurrency, delivery).await?;
                 self.buckets.push(bucket);
                 responder
             }
@@ -640,14 +822,23 @@ impl<P: FnMut(&str)> Bench<'_, P> {
         Ok(responder)
     }
 
+    /// How the load reaches `responder`: JetStream-mode replies come to
+    /// `bench.<run>.r.<n>`.
+    fn via(&self, responder: &Responder) -> Via {
+        if responder.jetstream {
+            Via::Stream {
+                replies: self.subject("r"),
+            }
+        } else {
+            Via::Request
+        }
+    }
+
     /// Waits until `responder` answers, then sends it a few requests whose
     /// figures are thrown away (connections, buckets and caches warm up).
     async fn warm_up(&mut self, responder: &mut Responder, name: &str) -> Result<(), BenchError> {
         responder
-            .ready(
-                &self.client,
-                self.intents(&format!("{name}-probe"), 1).get(0),
-            )
+            .ready(&self.js, self.intents(&format!("{name}-probe"), 1).get(0))
             .await?;
         if self.expired() {
             return Ok(());
@@ -655,6 +846,7 @@ impl<P: FnMut(&str)> Bench<'_, P> {
         let keys = (self.options.count / 10).clamp(1, MAX_WARM_UP);
         let job = Job {
             subject: responder.subject.clone(),
+            via: self.via(responder),
             intents: self.intents(&format!("{name}-warm"), keys),
             copies: 1,
             concurrency: self.options.concurrency,
@@ -676,6 +868,7 @@ impl<P: FnMut(&str)> Bench<'_, P> {
         let keys = (self.options.count / pass.copies).max(1);
         let job = Job {
             subject: responder.subject.clone(),
+            via: self.via(responder),
             intents: self.intents(pass.label, keys),
             copies: pass.copies,
             concurrency: pass.concurrency,

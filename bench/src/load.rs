@@ -1,17 +1,26 @@
 //! The load generator: a fixed set of requests, at most C in flight.
 //!
+//! A request is a core request/reply ([`Via::Request`]) or, in JetStream
+//! mode, a JetStream publish into the responder's stream, awaiting its
+//! PubAck, with `Idem-Reply-To` naming a reply subject of its own; the
+//! replies arrive on one wildcard subscription and are matched to their
+//! requests by subject ([`Via::Stream`]).
+//!
 //! It runs on a thread of its own with a single-threaded runtime and its
 //! own NATS connection, the way a separate client process would: the
 //! responders and the worker never share a task queue with it, and the
 //! thread's CPU time ([`usage::thread_cpu`]) is the client's share of the
 //! process's.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::{Client, Message, Request, RequestErrorKind, Subject};
+use async_nats::jetstream;
+use async_nats::{Client, HeaderMap, Message, Request, RequestErrorKind, Subject, Subscriber};
 use bytes::Bytes;
+use futures::future::Either;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use hdrhistogram::Histogram;
@@ -19,6 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use super::{connect, usage, BenchError, Intents};
+use idemq::intent::REPLY_TO_HEADER;
 use idemq::nats::NatsArgs;
 use idemq::outcome::{ERROR_CODE_HEADER, REPLAYED_HEADER, STATUS_HEADER};
 
@@ -30,10 +40,27 @@ const ERROR_TEXT_CHARS: usize = 400;
 /// How often a paced pass releases the requests that have fallen due.
 const PACING_TICK: Duration = Duration::from_millis(1);
 
+/// How a pass's requests reach the responder.
+#[derive(Debug, Clone)]
+pub(super) enum Via {
+    /// Core request/reply: the reply comes to the request's own inbox.
+    Request,
+    /// A JetStream publish into the stream over the subject, awaiting its
+    /// PubAck, with `Idem-Reply-To: <replies>.<n>` (`n` new for every
+    /// request of the run); replies arrive on a subscription to
+    /// `<replies>.>`.
+    Stream {
+        /// The prefix of the reply subjects.
+        replies: String,
+    },
+}
+
 /// One pass: what to send, how, and until when.
 pub(super) struct Job {
     /// Where the requests go.
     pub subject: Subject,
+    /// How they get there.
+    pub via: Via,
     /// One intent per key.
     pub intents: Intents,
     /// Concurrent copies sent of each key (1, or the storm's `--copies`).
@@ -146,9 +173,13 @@ async fn serve(
     if ready.send(Ok(())).is_err() {
         return;
     }
+    let js = jetstream::new(client.clone());
+    // Numbers the reply subjects of the whole run: a late reply to an
+    // earlier pass's request can never be taken for a later one's.
+    let mut replies_sent = 0u64;
     while let Some((job, answer)) = queue.recv().await {
         completed.store(0, Ordering::Relaxed);
-        let measured = execute(&client, job, &completed).await;
+        let measured = execute(&client, &js, job, &completed, &mut replies_sent).await;
         // The caller stopped waiting only if the bench itself is ending.
         let _ = answer.send(measured);
     }
@@ -162,8 +193,79 @@ enum Sample {
     Failed(String),
 }
 
+/// A reply that arrived, and when.
+type Arrival = (Message, Instant);
+
+/// The replies of a pass in JetStream mode: one wildcard subscription, and
+/// the requests still waiting, by the number ending their reply subject.
+struct Replies {
+    prefix: String,
+    subscriber: Subscriber,
+    waiting: HashMap<u64, oneshot::Sender<Arrival>>,
+}
+
+impl Replies {
+    async fn open(client: &Client, prefix: &str) -> Result<Replies, BenchError> {
+        let setup = |e: &dyn std::fmt::Display| {
+            BenchError::LoadGenerator(format!("subscription to {prefix}.>: {e}"))
+        };
+        let subscriber = client
+            .subscribe(format!("{prefix}.>"))
+            .await
+            .map_err(|e| setup(&e))?;
+        // The server has the subscription before the first intent goes out.
+        client.flush().await.map_err(|e| setup(&e))?;
+        Ok(Replies {
+            prefix: prefix.to_owned(),
+            subscriber,
+            waiting: HashMap::new(),
+        })
+    }
+
+    /// A fresh reply subject, and where its reply will be handed over.
+    fn expect(&mut self, sent: &mut u64) -> (Subject, oneshot::Receiver<Arrival>) {
+        let number = *sent;
+        *sent += 1;
+        let (arrived, arrival) = oneshot::channel();
+        self.waiting.insert(number, arrived);
+        (Subject::from(format!("{}.{number}", self.prefix)), arrival)
+    }
+
+    /// Hands a reply to its request; one nobody waits for any more (its
+    /// request timed out) is dropped.
+    fn arrived(&mut self, reply: Message) {
+        let number = reply
+            .subject
+            .strip_prefix(self.prefix.as_str())
+            .and_then(|rest| rest.strip_prefix('.'))
+            .and_then(|number| number.parse::<u64>().ok());
+        if let Some(waiting) = number.and_then(|number| self.waiting.remove(&number)) {
+            // The request stops waiting only when it timed out.
+            let _ = waiting.send((reply, Instant::now()));
+        }
+    }
+}
+
+/// The next reply, or never when the pass sends core requests.
+async fn next_reply(replies: &mut Option<Replies>) -> Option<Message> {
+    match replies {
+        Some(replies) => replies.subscriber.next().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Sends every key (paced or as fast as `concurrency` allows) and tallies the replies.
-async fn execute(client: &Client, job: Job, completed: &AtomicU64) -> Result<Measured, BenchError> {
+async fn execute(
+    client: &Client,
+    js: &jetstream::Context,
+    job: Job,
+    completed: &AtomicU64,
+    replies_sent: &mut u64,
+) -> Result<Measured, BenchError> {
+    let mut replies = match &job.via {
+        Via::Request => None,
+        Via::Stream { replies } => Some(Replies::open(client, replies).await?),
+    };
     let latency = Histogram::new_with_bounds(1, MAX_LATENCY_US, 3)
         .map_err(|e| BenchError::LoadGenerator(format!("histogram: {e}")))?;
     let mut measured = Measured {
@@ -200,13 +302,27 @@ async fn execute(client: &Client, job: Job, completed: &AtomicU64) -> Result<Mea
             };
             while launched < due && in_flight.len() < keys_in_flight {
                 let payload = job.intents.get(launched);
-                in_flight.push(send_copies(
-                    client,
-                    &job.subject,
-                    payload,
-                    job.copies,
-                    job.timeout,
-                ));
+                // Every copy is a request of its own, as a retrying client's are.
+                let copies = (0..job.copies).map(|_| match &mut replies {
+                    None => Either::Left(send(
+                        client,
+                        job.subject.clone(),
+                        payload.clone(),
+                        job.timeout,
+                    )),
+                    Some(replies) => {
+                        let (reply_to, arrival) = replies.expect(replies_sent);
+                        Either::Right(publish(
+                            js,
+                            job.subject.clone(),
+                            reply_to,
+                            payload.clone(),
+                            arrival,
+                            job.timeout,
+                        ))
+                    }
+                });
+                in_flight.push(futures::future::join_all(copies));
                 launched += 1;
             }
         }
@@ -217,6 +333,11 @@ async fn execute(client: &Client, job: Job, completed: &AtomicU64) -> Result<Mea
             Some(samples) = in_flight.next() => {
                 completed.fetch_add(samples.len() as u64, Ordering::Relaxed);
                 tally(&mut measured, samples);
+            }
+            Some(reply) = next_reply(&mut replies) => {
+                if let Some(replies) = replies.as_mut() {
+                    replies.arrived(reply);
+                }
             }
             _ = ticks.tick(), if job.rate.is_some() && !stopped && launched < total => {}
             () = &mut deadline, if !stopped => stopped = true,
@@ -262,18 +383,6 @@ fn tally(measured: &mut Measured, samples: Vec<Sample>) {
     measured.duplicate_fresh_replies += fresh_for_key.saturating_sub(1);
 }
 
-/// Sends `copies` copies of one intent at once, as a retrying client would.
-async fn send_copies(
-    client: &Client,
-    subject: &Subject,
-    payload: Bytes,
-    copies: usize,
-    timeout: Duration,
-) -> Vec<Sample> {
-    let sends = (0..copies).map(|_| send(client, subject.clone(), payload.clone(), timeout));
-    futures::future::join_all(sends).await
-}
-
 async fn send(client: &Client, subject: Subject, payload: Bytes, timeout: Duration) -> Sample {
     let started = Instant::now();
     let request = Request::new().payload(payload).timeout(Some(timeout));
@@ -281,6 +390,35 @@ async fn send(client: &Client, subject: Subject, payload: Bytes, timeout: Durati
         Ok(reply) => classify(&reply, started.elapsed()),
         Err(error) if error.kind() == RequestErrorKind::TimedOut => Sample::TimedOut,
         Err(error) => Sample::Failed(error.to_string()),
+    }
+}
+
+/// Publishes one intent into the stream over `subject`, waits for the
+/// stream's PubAck, then for the reply on `reply_to`; the latency runs from
+/// the publish to the reply's arrival.
+async fn publish(
+    js: &jetstream::Context,
+    subject: Subject,
+    reply_to: Subject,
+    payload: Bytes,
+    arrival: oneshot::Receiver<Arrival>,
+    timeout: Duration,
+) -> Sample {
+    let started = Instant::now();
+    let mut headers = HeaderMap::new();
+    headers.insert(REPLY_TO_HEADER, reply_to.as_str());
+    let answered = async {
+        js.publish_with_headers(subject, headers, payload)
+            .await
+            .map_err(|e| format!("publish: {e}"))?
+            .await
+            .map_err(|e| format!("no PubAck: {e}"))?;
+        arrival.await.map_err(|_| "the pass ended first".to_owned())
+    };
+    match tokio::time::timeout_at(started + timeout, answered).await {
+        Ok(Ok((reply, at))) => classify(&reply, at.duration_since(started)),
+        Ok(Err(reason)) => Sample::Failed(reason),
+        Err(_elapsed) => Sample::TimedOut,
     }
 }
 

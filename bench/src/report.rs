@@ -6,9 +6,11 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use super::names::{
-    A_ECHO, B_CREATE_UPDATE, B_PACED, C_GET, D_NAIVE_FRESH, D_NAIVE_STORM, IDEMQ_FRESH,
+    A_ECHO, B_CREATE_UPDATE, B_PACED, C_GET, D_NAIVE_FRESH, D_NAIVE_STORM, E_PULL_ECHO,
+    F_PULL_CREATE_UPDATE, IDEMQ_FRESH, IDEMQ_JS_FRESH, IDEMQ_JS_REPLAYED, IDEMQ_JS_STORM,
     IDEMQ_PACED, IDEMQ_REPLAYED, IDEMQ_STORM,
 };
+use super::Mode;
 
 const MIB: f64 = 1024.0 * 1024.0;
 
@@ -19,7 +21,8 @@ pub struct Report {
     pub settings: Settings,
     /// One entry per pass, in the order they ran.
     pub scenarios: Vec<Scenario>,
-    /// The issue's targets, each with its measured value.
+    /// The issue's targets, each with its measured value (in JetStream
+    /// mode only the storm's zero duplicates: the others are core mode's).
     pub targets: Vec<Target>,
     /// Passes not run because `--max-duration` was reached.
     pub skipped: Vec<String>,
@@ -28,6 +31,8 @@ pub struct Report {
 /// The run's settings, as measured against.
 #[derive(Debug, Clone, Serialize)]
 pub struct Settings {
+    /// `core` (request/reply) or `jetstream` (intents published into streams).
+    pub mode: Mode,
     /// The nats-server's version.
     pub server_version: String,
     /// Requests per pass.
@@ -163,7 +168,7 @@ impl Report {
 
     /// Fills in every scenario's ratios and the targets, once all passes ran.
     pub(super) fn finish(&mut self) {
-        let wanted: [(&str, &'static str, &'static str); 7] = [
+        let wanted: [(&str, &'static str, &'static str); 10] = [
             (IDEMQ_FRESH, "throughput", B_CREATE_UPDATE),
             (IDEMQ_FRESH, "throughput", D_NAIVE_FRESH),
             (IDEMQ_REPLAYED, "throughput", A_ECHO),
@@ -171,6 +176,9 @@ impl Report {
             (IDEMQ_STORM, "throughput", IDEMQ_FRESH),
             (IDEMQ_STORM, "throughput", D_NAIVE_STORM),
             (IDEMQ_PACED, "p99", B_PACED),
+            (IDEMQ_JS_FRESH, "throughput", F_PULL_CREATE_UPDATE),
+            (IDEMQ_JS_REPLAYED, "throughput", E_PULL_ECHO),
+            (IDEMQ_JS_STORM, "throughput", IDEMQ_JS_FRESH),
         ];
         for (of, metric, against) in wanted {
             if let Some(value) = self.ratio(metric, of, against) {
@@ -187,6 +195,14 @@ impl Report {
     }
 
     fn targets(&self) -> Vec<Target> {
+        if self.settings.mode == Mode::JetStream {
+            let duplicates = self.scenario(IDEMQ_JS_STORM).and_then(|s| s.duplicates);
+            return vec![Target {
+                goal: "storm: zero duplicate executions",
+                measured: duplicates.map(|d| format!("{d} duplicates")),
+                met: duplicates.map(|d| d == 0),
+            }];
+        }
         let at_least = |goal, value: Option<f64>, floor: f64| Target {
             goal,
             measured: value.map(|v| format!("{v:.2} x")),
@@ -252,9 +268,10 @@ impl Report {
     pub fn table(&self) -> String {
         let s = &self.settings;
         let mut out = String::new();
-        let worker = match &s.target {
-            Some(subject) => format!("external worker on {subject}"),
-            None => "worker in process".to_owned(),
+        let worker = match (&s.target, s.mode) {
+            (Some(subject), _) => format!("external worker on {subject}"),
+            (None, Mode::Core) => "worker in process".to_owned(),
+            (None, Mode::JetStream) => "worker in process, JetStream mode".to_owned(),
         };
         // Writing to a String cannot fail.
         let _ = writeln!(
@@ -301,6 +318,14 @@ impl Report {
              --worker-pid's with --target\n\
              srv µs: the nats-server's CPU time per reply (--server-pid)"
         );
+        if s.mode == Mode::JetStream {
+            let _ = writeln!(
+                out,
+                "jetstream mode: each intent is a JetStream publish (PubAck awaited) into a \
+                 work-queue stream,\n  with Idem-Reply-To; latency runs from the publish to the \
+                 reply's arrival there"
+            );
+        }
         let _ = writeln!(out, "\ntargets");
         for target in &self.targets {
             let verdict = match target.met {
@@ -360,7 +385,9 @@ fn short(name: &str) -> &str {
         B_CREATE_UPDATE | B_PACED => "(b)",
         C_GET => "(c)",
         D_NAIVE_FRESH | D_NAIVE_STORM => "(d)",
-        IDEMQ_FRESH => "fresh",
+        E_PULL_ECHO => "(e)",
+        F_PULL_CREATE_UPDATE => "(f)",
+        IDEMQ_FRESH | IDEMQ_JS_FRESH => "fresh",
         other => other,
     }
 }

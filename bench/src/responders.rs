@@ -1,18 +1,23 @@
 //! What answers the load: the baseline responders, and idemq itself.
 //!
 //! Every responder takes requests the way the worker does: a subscription
-//! read through the worker's [`Intake`], one task per message holding a
-//! permit of the same in-flight bound. So a baseline differs from idemq
-//! only in the work done per message, which is what the ratios compare.
+//! (or, in JetStream mode, a durable pull consumer's message stream) read
+//! through the worker's [`Intake`], one task per message holding a permit
+//! of the same in-flight bound. So a baseline differs from idemq only in
+//! the work done per message, which is what the ratios compare.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use async_nats::jetstream::kv;
+use async_nats::jetstream::consumer::{pull, AckPolicy};
+use async_nats::jetstream::stream::{self, RetentionPolicy, StorageType};
+use async_nats::jetstream::{self, kv};
 use async_nats::{Client, HeaderMap, Message, Request, RequestErrorKind, Subject};
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures::{Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::json;
 use tokio::task::JoinHandle;
@@ -20,9 +25,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::BenchError;
-use idemq::config::WorkerConfig;
+use idemq::config::{Delivery, JetStreamConfig, WorkerConfig};
 use idemq::handler::{Call, Echo, Handler, HandlerError};
 use idemq::intake::Intake;
+use idemq::intent::REPLY_TO_HEADER;
 use idemq::key::IdempotencyKey;
 use idemq::outcome::{Outcome, Reply, ERROR_CODE_HEADER, STATUS_HEADER};
 use idemq::server::{Server, ServerConfig};
@@ -41,6 +47,14 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 const PROBE_PAUSE: Duration = Duration::from_millis(50);
 /// The error code of a baseline's failed request.
 const BASELINE_ERROR: &str = "BENCH_BASELINE_FAILED";
+/// The durable consumer of every stream the bench consumes.
+pub(super) const DURABLE: &str = "bench";
+/// A pull consumer's pull requests, as idemq's worker makes them
+/// (src/delivery/jetstream.rs): expiry, idle heartbeat, and the batch,
+/// half the in-flight bound, at most [`MAX_PULL_BATCH`].
+const PULL_EXPIRES: Duration = Duration::from_secs(30);
+const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
+const MAX_PULL_BATCH: usize = 256;
 
 /// Counts handler executions per key, to find duplicates.
 ///
@@ -131,11 +145,34 @@ struct Work {
 }
 
 impl Work {
+    /// A core request: answered on its own reply subject.
     async fn answer(&self, message: Message) {
         let Some(reply_to) = message.reply else {
             return;
         };
-        let published = match self.reply(&message.payload).await {
+        self.respond(reply_to, &message.payload).await;
+    }
+
+    /// A pull consumer's delivery: answered on its `Idem-Reply-To`, then
+    /// acked (the reply is published first, on the same connection).
+    async fn answer_delivery(&self, message: jetstream::Message) {
+        let reply_to = message
+            .headers
+            .as_ref()
+            .and_then(|headers| headers.get(REPLY_TO_HEADER))
+            .map(|value| Subject::from(value.as_str()));
+        if let Some(reply_to) = reply_to {
+            self.respond(reply_to, &message.payload).await;
+        }
+        if let Err(error) = message.ack().await {
+            tracing::debug!(%error, "baseline ack not sent");
+        }
+    }
+
+    /// Does the baseline's work on `payload` and publishes the reply (or
+    /// an `Idem-Status: Error` reply) to `reply_to`.
+    async fn respond(&self, reply_to: Subject, payload: &Bytes) {
+        let published = match self.reply(payload).await {
             Ok(body) => self.client.publish(reply_to, body).await,
             Err(problem) => {
                 let mut headers = HeaderMap::new();
@@ -224,6 +261,9 @@ pub(super) struct Responder {
     /// True when the responder runs in this process (its CPU and memory
     /// are this process's, less the load generator's).
     pub in_process: bool,
+    /// True when requests go into a stream the responder consumes
+    /// (JetStream mode), false for core request/reply.
+    pub jetstream: bool,
     shutdown: CancellationToken,
     /// The responder's task; it ends with an error only if it could not start.
     task: Option<JoinHandle<Result<(), String>>>,
@@ -246,9 +286,93 @@ impl Responder {
                     what: format!("subscription to {subject}"),
                     reason: e.to_string(),
                 })?;
+        Ok(Responder::taking(
+            client.clone(),
+            baseline,
+            subject,
+            kv,
+            concurrency,
+            subscriber,
+            false,
+        ))
+    }
+
+    /// Starts a baseline consuming a new work-queue stream `stream` over
+    /// `subject` (file storage) through a durable pull consumer with
+    /// explicit acks, with `kv` for those that use a bucket. It answers
+    /// every message on its `Idem-Reply-To`, then acks it.
+    pub async fn pull_baseline(
+        js: &jetstream::Context,
+        baseline: Baseline,
+        stream: &str,
+        subject: String,
+        kv: Option<kv::Store>,
+        concurrency: usize,
+    ) -> Result<Responder, BenchError> {
+        let setup = |what: &str, reason: String| BenchError::Setup {
+            what: format!("{what} for {subject}"),
+            reason,
+        };
+        let created = js
+            .create_stream(stream::Config {
+                name: stream.to_owned(),
+                subjects: vec![subject.clone()],
+                retention: RetentionPolicy::WorkQueue,
+                storage: StorageType::File,
+                num_replicas: 1,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| setup(&format!("stream {stream}"), e.to_string()))?;
+        // The consumer idemq's worker makes, with its defaults.
+        let defaults = JetStreamConfig::new(stream, DURABLE);
+        let consumer = created
+            .create_consumer(pull::Config {
+                durable_name: Some(DURABLE.to_owned()),
+                ack_policy: AckPolicy::Explicit,
+                ack_wait: defaults.ack_wait,
+                max_deliver: i64::from(defaults.max_deliver),
+                max_ack_pending: i64::from(defaults.max_ack_pending),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| setup(&format!("consumer {DURABLE}"), e.to_string()))?;
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch((concurrency / 2).clamp(1, MAX_PULL_BATCH))
+            .expires(PULL_EXPIRES)
+            .heartbeat(PULL_HEARTBEAT)
+            .messages()
+            .await
+            .map_err(|e| setup("pulling", e.to_string()))?;
+        Ok(Responder::taking(
+            js.client(),
+            baseline,
+            subject,
+            kv,
+            concurrency,
+            messages,
+            true,
+        ))
+    }
+
+    /// A baseline taking the messages of `source`.
+    fn taking<S>(
+        client: Client,
+        baseline: Baseline,
+        subject: String,
+        kv: Option<kv::Store>,
+        concurrency: usize,
+        source: S,
+        jetstream: bool,
+    ) -> Responder
+    where
+        S: Stream + Unpin + Send + 'static,
+        S::Item: Taken,
+    {
         let executions = Arc::new(Executions::default());
         let work = Arc::new(Work {
-            client: client.clone(),
+            client,
             baseline,
             kv,
             executions: Arc::clone(&executions),
@@ -256,28 +380,33 @@ impl Responder {
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();
         let task = tokio::spawn(async move {
-            take(subscriber, work, concurrency, stop).await;
+            take(source, work, concurrency, stop).await;
             Ok(())
         });
         // The echo and the get run no handler: nothing to count.
         let runs_handler = matches!(baseline, Baseline::CreateUpdate | Baseline::Naive);
-        Ok(Responder {
+        Responder {
             subject: Subject::from(subject),
             executions: runs_handler.then_some(executions),
             in_process: true,
+            jetstream,
             shutdown,
             task: Some(task),
-        })
+        }
     }
 
     /// Starts an idemq worker with the counting echo handler on
-    /// `<prefix>.>`, its claims and outcomes in a new bucket.
+    /// `<prefix>.>`, its claims and outcomes in a new bucket, taking
+    /// intents as `delivery` says (in JetStream mode the worker creates
+    /// the stream over its subjects, and the durable consumer).
     pub async fn idemq(
         client: &Client,
         bucket: &str,
         prefix: &str,
         concurrency: usize,
+        delivery: Delivery,
     ) -> Result<Responder, BenchError> {
+        let jetstream = matches!(delivery, Delivery::JetStream(_));
         let executions = Arc::new(Executions::default());
         let handler = CountingEcho {
             executions: Arc::clone(&executions),
@@ -287,6 +416,7 @@ impl Responder {
                 subjects: vec![format!("{prefix}.>")],
                 concurrency,
                 grace: WORKER_GRACE,
+                delivery,
                 ..WorkerConfig::default()
             },
             bucket: BucketConfig {
@@ -308,6 +438,7 @@ impl Responder {
             subject: Subject::from(format!("{prefix}.echo")),
             executions: Some(executions),
             in_process: true,
+            jetstream,
             shutdown,
             task: Some(task),
         })
@@ -319,13 +450,16 @@ impl Responder {
             subject: Subject::from(subject),
             executions: None,
             in_process: false,
+            jetstream: false,
             shutdown: CancellationToken::new(),
             task: None,
         }
     }
 
-    /// Waits until `probe` gets a reply, whatever it says.
-    pub async fn ready(&mut self, client: &Client, probe: Bytes) -> Result<(), BenchError> {
+    /// Waits until `probe` gets a reply, whatever it says: as a core
+    /// request, or published into the stream with `Idem-Reply-To`.
+    pub async fn ready(&mut self, js: &jetstream::Context, probe: Bytes) -> Result<(), BenchError> {
+        let client = js.client();
         let deadline = Instant::now() + READY_BOUND;
         let mut last = String::from("no answer");
         while Instant::now() < deadline {
@@ -339,6 +473,13 @@ impl Responder {
                     what: format!("the responder on {}", self.subject),
                     reason,
                 });
+            }
+            if self.jetstream {
+                match probe_stream(js, &self.subject, probe.clone()).await {
+                    Ok(()) => return Ok(()),
+                    Err(error) => last = error,
+                }
+                continue;
             }
             let request = Request::new()
                 .payload(probe.clone())
@@ -383,19 +524,77 @@ impl Drop for Responder {
     }
 }
 
+/// One probe published into the stream over `subject`, its reply awaited
+/// on a fresh inbox.
+async fn probe_stream(
+    js: &jetstream::Context,
+    subject: &Subject,
+    probe: Bytes,
+) -> Result<(), String> {
+    let client = js.client();
+    let inbox = client.new_inbox();
+    let mut replies = client
+        .subscribe(inbox.clone())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut headers = HeaderMap::new();
+    headers.insert(REPLY_TO_HEADER, inbox.as_str());
+    let published = async {
+        js.publish_with_headers(subject.clone(), headers, probe)
+            .await
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())
+    };
+    match tokio::time::timeout(PROBE_TIMEOUT, published).await {
+        Ok(Ok(_ack)) => {}
+        Ok(Err(error)) => {
+            // No stream over the subject yet, most likely.
+            tokio::time::sleep(PROBE_PAUSE).await;
+            return Err(error);
+        }
+        Err(_elapsed) => return Err("no PubAck in time".to_owned()),
+    }
+    match tokio::time::timeout(PROBE_TIMEOUT, replies.next()).await {
+        Ok(Some(_reply)) => Ok(()),
+        Ok(None) => Err("the reply subscription ended".to_owned()),
+        Err(_elapsed) => Err("no reply in time".to_owned()),
+    }
+}
+
+/// What a baseline takes: a core request, or a pull consumer's delivery.
+trait Taken: Send + 'static {
+    /// Does the baseline's work on it and answers.
+    fn answer(self, work: Arc<Work>) -> impl Future<Output = ()> + Send;
+}
+
+impl Taken for Message {
+    async fn answer(self, work: Arc<Work>) {
+        work.answer(self).await;
+    }
+}
+
+impl Taken for Result<jetstream::Message, pull::MessagesError> {
+    async fn answer(self, work: Arc<Work>) {
+        match self {
+            Ok(message) => work.answer_delivery(message).await,
+            Err(error) => tracing::warn!(%error, "baseline pull consumer hiccup"),
+        }
+    }
+}
+
 /// A baseline's intake: the worker's, bound and all.
-async fn take(
-    mut subscriber: async_nats::Subscriber,
-    work: Arc<Work>,
-    concurrency: usize,
-    shutdown: CancellationToken,
-) {
+async fn take<S>(mut source: S, work: Arc<Work>, concurrency: usize, shutdown: CancellationToken)
+where
+    S: Stream + Unpin,
+    S::Item: Taken,
+{
     let intake = Intake::new(concurrency, shutdown);
-    while let Some((permit, message)) = intake.next(&mut subscriber).await {
+    while let Some((permit, message)) = intake.next(&mut source).await {
         let work = Arc::clone(&work);
         intake.tracker.spawn(async move {
             let _permit = permit;
-            work.answer(message).await;
+            message.answer(work).await;
         });
     }
     intake.tracker.close();
@@ -423,6 +622,16 @@ pub(super) async fn plain_bucket(
         what: format!("bucket {name}"),
         reason: e.to_string(),
     })
+}
+
+/// Deletes a stream (and its consumers); a failure is only logged, as for
+/// [`delete_bucket`].
+pub(super) async fn delete_stream(js: &jetstream::Context, name: &str) {
+    match tokio::time::timeout(STOP_BOUND, js.delete_stream(name)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(error)) => tracing::warn!(%error, stream = name, "stream not deleted"),
+        Err(_elapsed) => tracing::warn!(stream = name, "deleting the stream timed out"),
+    }
 }
 
 /// Deletes a bucket; a failure is only logged (it is the bench's litter,
