@@ -7,7 +7,7 @@
 #[path = "../../tests/common/server.rs"]
 mod common;
 
-use idemq_bench::{names, BenchError, BenchOptions, Report, Scenario};
+use idemq_bench::{names, BenchError, BenchOptions, Mode, Report, Scenario};
 
 const COUNT: usize = 200;
 const COPIES: usize = 4;
@@ -123,6 +123,91 @@ async fn every_pass_runs_and_the_counts_add_up() {
     assert!(svg.starts_with("<svg") && svg.contains(names::IDEMQ_STORM));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_mode_runs_every_pass_and_the_counts_add_up() {
+    const JS_COUNT: usize = 300;
+    let server = common::NatsServer::start();
+    let options = BenchOptions {
+        mode: Mode::JetStream,
+        count: JS_COUNT,
+        concurrency: 16,
+        copies: COPIES,
+        rss_concurrency: 32,
+        ..BenchOptions::default()
+    };
+    let report = idemq_bench::run(&idemq::nats::NatsArgs::new(server.url()), &options, |_| {})
+        .await
+        .expect("the bench runs");
+
+    let all = [
+        names::E_PULL_ECHO,
+        names::F_PULL_CREATE_UPDATE,
+        names::IDEMQ_JS_FRESH,
+        names::IDEMQ_JS_REPLAYED,
+        names::IDEMQ_JS_STORM,
+    ];
+    assert!(report.skipped.is_empty(), "skipped: {:?}", report.skipped);
+    let ran: Vec<&str> = report.scenarios.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(ran, all);
+    for name in all {
+        let s = scenario(&report, name);
+        assert_eq!(
+            (s.requests, s.ok),
+            (JS_COUNT as u64, JS_COUNT as u64),
+            "{name}: every intent answered: {s:?}"
+        );
+        assert!(!s.truncated && s.latency_ms.is_some(), "{name}");
+    }
+
+    // (e) runs no handler; (f) and idemq once per fresh key, never on replay.
+    assert_eq!(scenario(&report, names::E_PULL_ECHO).executions, None);
+    for name in [names::F_PULL_CREATE_UPDATE, names::IDEMQ_JS_FRESH] {
+        let s = scenario(&report, name);
+        assert_eq!(
+            (s.executions, s.duplicates),
+            (Some(JS_COUNT as u64), Some(0)),
+            "{name}"
+        );
+    }
+    let replayed = scenario(&report, names::IDEMQ_JS_REPLAYED);
+    assert_eq!(
+        (replayed.executions, replayed.duplicates),
+        (Some(0), Some(0))
+    );
+    let storm = scenario(&report, names::IDEMQ_JS_STORM);
+    assert_eq!((storm.keys, storm.copies), (JS_COUNT / COPIES, COPIES));
+    assert_eq!(
+        (storm.executions, storm.duplicates),
+        (Some((JS_COUNT / COPIES) as u64), Some(0))
+    );
+
+    // The ratios, each against its baseline; the duplicates target holds.
+    let against = |name| -> Vec<&str> {
+        let s = scenario(&report, name);
+        s.ratios.iter().map(|r| r.against).collect()
+    };
+    assert_eq!(
+        against(names::IDEMQ_JS_FRESH),
+        [names::F_PULL_CREATE_UPDATE]
+    );
+    assert_eq!(against(names::IDEMQ_JS_REPLAYED), [names::E_PULL_ECHO]);
+    assert_eq!(against(names::IDEMQ_JS_STORM), [names::IDEMQ_JS_FRESH]);
+    assert_eq!(report.targets.len(), 1);
+    assert_eq!(report.targets[0].met, Some(true));
+
+    let table = report.table();
+    for name in all {
+        assert!(table.contains(name), "{name} missing from\n{table}");
+    }
+    let json = serde_json::to_value(&report).expect("the report serialises");
+    assert_eq!(json["settings"]["mode"], "jetstream");
+    assert_eq!(json["scenarios"].as_array().map(Vec::len), Some(all.len()));
+    assert_eq!(
+        json["scenarios"][2]["ratios"][0]["against"],
+        names::F_PULL_CREATE_UPDATE
+    );
+}
+
 #[tokio::test]
 async fn options_no_run_can_honour_are_refused() {
     let refused = |options: BenchOptions| matches!(options.validate(), Err(BenchError::Usage(_)));
@@ -142,6 +227,12 @@ async fn options_no_run_can_honour_are_refused() {
     }));
     assert!(refused(BenchOptions {
         target: Some("intents.>".to_owned()),
+        ..base.clone()
+    }));
+    // --target is core mode's.
+    assert!(refused(BenchOptions {
+        mode: Mode::JetStream,
+        target: Some("intents.echo".to_owned()),
         ..base.clone()
     }));
     // Refused before anything connects.
