@@ -91,20 +91,18 @@ struct Entry {
     until: Instant,
     /// What the entry costs, its alias included.
     cost: usize,
-    /// The digest of the last message answered with it, if any.
+    /// The digest of the last message answered with it, if any: its one
+    /// alias (an alias whose entry names another digest is stale).
     alias: Option<CopyDigest>,
 }
 
-/// A message's bytes answered with an entry: its [`copy_digest`], the
-/// entry's key bits and fingerprint, and where the message asked to be
-/// answered (already vetted by the reply policy).
-///
-/// [`copy_digest`]: crate::intent::copy_digest
+/// A message's bytes answered with an entry: the entry's key bits and
+/// where the message asked to be answered (already vetted by the reply
+/// policy). The entry names its alias's digest back, so an alias whose
+/// entry was replaced or evicted finds nothing.
 struct Alias {
     bits: u64,
-    fingerprint: Fingerprint,
     reply_to: Option<Subject>,
-    cost: usize,
 }
 
 /// A replay found by a message's digest ([`OutcomeCache::lookup_copy`]).
@@ -141,8 +139,8 @@ fn entry_cost(replay: &EncodedReply) -> usize {
     replay.size() + SLOTS + 2 * ALLOCATION
 }
 
-/// What an alias costs: its slot in the aliases' map (digest, alias, at
-/// the map's load factor) and the reply subject it keeps.
+/// What an alias costs: its slot in the aliases' map (digest and alias,
+/// at the map's load factor) and the reply subject it keeps.
 fn alias_cost(reply_to: Option<&str>) -> usize {
     2 * (32 + std::mem::size_of::<Alias>()) + reply_to.map_or(0, |subject| 32 + subject.len())
 }
@@ -172,9 +170,10 @@ impl Inner {
         };
         if let Some(entry) = self.entries.get_mut(&alias.bits) {
             if entry.alias.as_ref() == Some(digest) {
+                let cost = alias_cost(alias.reply_to.as_deref());
                 entry.alias = None;
-                entry.cost -= alias.cost;
-                self.bytes -= alias.cost;
+                entry.cost -= cost;
+                self.bytes -= cost;
             }
         }
     }
@@ -223,16 +222,19 @@ impl OutcomeCache {
     pub fn lookup_copy(&self, digest: &CopyDigest) -> Option<CopyHit> {
         let mut inner = self.lock();
         let alias = inner.aliases.get(digest)?;
-        let bits = alias.bits;
+        let (bits, reply_to) = (alias.bits, alias.reply_to.clone());
         let entry = inner.entries.get(&bits)?;
+        if entry.alias.as_ref() != Some(digest) {
+            return None;
+        }
         if entry.until <= Instant::now() {
             inner.evict(bits);
             return None;
         }
-        (entry.fingerprint == alias.fingerprint).then(|| CopyHit {
+        Some(CopyHit {
             replay: Arc::clone(&entry.replay),
-            reply_to: alias.reply_to.clone(),
-            fingerprint: alias.fingerprint[0],
+            reply_to,
+            fingerprint: entry.fingerprint[0],
         })
     }
 
@@ -270,9 +272,7 @@ impl OutcomeCache {
         let cost = alias_cost(reply_to);
         let alias = Alias {
             bits,
-            fingerprint,
             reply_to: reply_to.map(Subject::from),
-            cost,
         };
         let Some(entry) = inner.entries.get_mut(&bits) else {
             return;
