@@ -183,6 +183,10 @@ pub struct BenchArgs {
     /// baselines (e) and (f).
     #[arg(long, env = "IDEMQ_MODE", value_enum, default_value_t = Mode::Core)]
     pub mode: Mode,
+    /// Replicas of every bucket and stream the run creates (3 on a
+    /// 3-node cluster).
+    #[arg(long, env = "IDEMQ_REPLICAS", default_value_t = 1)]
+    pub replicas: usize,
     /// Requests per pass.
     #[arg(long, env = "IDEMQ_COUNT", default_value_t = 20_000)]
     pub count: usize,
@@ -228,6 +232,7 @@ impl BenchArgs {
     pub fn options(&self) -> BenchOptions {
         BenchOptions {
             mode: self.mode,
+            replicas: self.replicas,
             count: self.count,
             concurrency: self.concurrency,
             payload: self.payload,
@@ -247,6 +252,8 @@ impl BenchArgs {
 pub struct BenchOptions {
     /// Core request/reply or JetStream mode.
     pub mode: Mode,
+    /// Replicas of every bucket and stream the run creates.
+    pub replicas: usize,
     /// Requests per pass (the storm sends `count / copies` keys, `copies` times each).
     pub count: usize,
     /// Requests in flight in every unpaced pass.
@@ -273,6 +280,7 @@ impl Default for BenchOptions {
     fn default() -> Self {
         Self {
             mode: Mode::Core,
+            replicas: 1,
             count: 20_000,
             concurrency: 64,
             payload: 128,
@@ -298,6 +306,8 @@ impl BenchOptions {
             Some("--copies must be from 1 to --concurrency and --count".to_owned())
         } else if self.timeout.is_zero() {
             Some("--timeout must be more than zero".to_owned())
+        } else if !(1..=5).contains(&self.replicas) {
+            Some("--replicas must be from 1 to 5".to_owned())
         } else if self.mode == Mode::JetStream && self.target.is_some() {
             Some(
                 "--target is for --mode core only: --mode jetstream runs idemq in process"
@@ -396,6 +406,7 @@ pub async fn run(
         report: Report {
             settings: Settings {
                 mode: options.mode,
+                replicas: options.replicas,
                 server_version: String::new(),
                 count: options.count,
                 concurrency: options.concurrency,
@@ -727,7 +738,7 @@ impl<P: FnMut(&str)> Bench<'_, P> {
 
     async fn bucket(&mut self, name: &str) -> Result<jetstream::kv::Store, BenchError> {
         let bucket = self.bucket_name(name);
-        let store = responders::plain_bucket(&self.js, &bucket).await?;
+        let store = responders::plain_bucket(&self.js, &bucket, self.options.replicas).await?;
         self.buckets.push(bucket);
         Ok(store)
     }
@@ -788,6 +799,7 @@ impl<P: FnMut(&str)> Bench<'_, P> {
             self.subject(name),
             kv,
             self.options.responder_concurrency(),
+            self.options.replicas,
         )
         .await?;
         self.warm_up(&mut responder, name).await?;
@@ -809,11 +821,21 @@ impl<P: FnMut(&str)> Bench<'_, P> {
                         let stream = self.stream_name("i");
                         // The worker creates it; deleted whatever happens next.
                         self.streams.push(stream.clone());
-                        Delivery::JetStream(JetStreamConfig::new(&stream, responders::DURABLE))
+                        let mut js = JetStreamConfig::new(&stream, responders::DURABLE);
+                        js.replicas = self.options.replicas;
+                        Delivery::JetStream(js)
                     }
                 };
-                let responder =
-                    Responder::idemq(&self.client, &bucket, &prefix, concurrency, delivery).await?;
+                let replicas = self.options.replicas;
+                let responder = Responder::idemq(
+                    &self.client,
+                    &bucket,
+                    &prefix,
+                    concurrency,
+                    delivery,
+                    replicas,
+                )
+                .await?;
                 self.buckets.push(bucket);
                 responder
             }

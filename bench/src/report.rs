@@ -33,6 +33,8 @@ pub struct Report {
 pub struct Settings {
     /// `core` (request/reply) or `jetstream` (intents published into streams).
     pub mode: Mode,
+    /// Replicas of every bucket and stream.
+    pub replicas: usize,
     /// The nats-server's version.
     pub server_version: String,
     /// Requests per pass.
@@ -272,6 +274,10 @@ impl Report {
             (Some(subject), _) => format!("external worker on {subject}"),
             (None, Mode::Core) => "worker in process".to_owned(),
             (None, Mode::JetStream) => "worker in process, JetStream mode".to_owned(),
+        };
+        let worker = match s.replicas {
+            1 => worker,
+            replicas => format!("{worker}, R{replicas}"),
         };
         // Writing to a String cannot fail.
         let _ = writeln!(

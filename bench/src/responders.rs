@@ -308,6 +308,7 @@ impl Responder {
         subject: String,
         kv: Option<kv::Store>,
         concurrency: usize,
+        replicas: usize,
     ) -> Result<Responder, BenchError> {
         let setup = |what: &str, reason: String| BenchError::Setup {
             what: format!("{what} for {subject}"),
@@ -319,7 +320,7 @@ impl Responder {
                 subjects: vec![subject.clone()],
                 retention: RetentionPolicy::WorkQueue,
                 storage: StorageType::File,
-                num_replicas: 1,
+                num_replicas: replicas,
                 ..Default::default()
             })
             .await
@@ -405,6 +406,7 @@ impl Responder {
         prefix: &str,
         concurrency: usize,
         delivery: Delivery,
+        replicas: usize,
     ) -> Result<Responder, BenchError> {
         let jetstream = matches!(delivery, Delivery::JetStream(_));
         let executions = Arc::new(Executions::default());
@@ -421,7 +423,7 @@ impl Responder {
             },
             bucket: BucketConfig {
                 bucket: bucket.to_owned(),
-                replicas: 1,
+                replicas,
             },
             metrics_addr: None,
         };
@@ -610,10 +612,12 @@ where
 pub(super) async fn plain_bucket(
     js: &async_nats::jetstream::Context,
     name: &str,
+    replicas: usize,
 ) -> Result<kv::Store, BenchError> {
     js.create_key_value(kv::Config {
         bucket: name.to_owned(),
         history: 1,
+        num_replicas: replicas,
         storage: async_nats::jetstream::stream::StorageType::File,
         ..Default::default()
     })

@@ -235,6 +235,14 @@ async fn options_no_run_can_honour_are_refused() {
         target: Some("intents.echo".to_owned()),
         ..base.clone()
     }));
+    assert!(refused(BenchOptions {
+        replicas: 0,
+        ..base.clone()
+    }));
+    assert!(refused(BenchOptions {
+        replicas: 6,
+        ..base.clone()
+    }));
     // Refused before anything connects.
     let result = idemq_bench::run(
         &idemq::nats::NatsArgs::new("nats://127.0.0.1:1"),
