@@ -88,7 +88,9 @@ pub enum Lookup {
 struct Entry {
     fingerprint: Fingerprint,
     replay: Arc<EncodedReply>,
-    until: Instant,
+    /// When it stops being served, in tenths of a second since the cache
+    /// was made (rounded down: an entry never lives longer than asked).
+    until: u32,
     /// What the entry costs, its alias included.
     cost: usize,
     /// The digest of the last message answered with it, if any: its one
@@ -191,6 +193,8 @@ impl Inner {
 /// The outcome cache, bounded by the memory its entries hold.
 pub struct OutcomeCache {
     budget: usize,
+    /// What entries' lifetimes count from.
+    epoch: Instant,
     inner: Mutex<Inner>,
 }
 
@@ -199,8 +203,14 @@ impl OutcomeCache {
     pub fn new(budget: usize) -> Self {
         Self {
             budget,
+            epoch: Instant::now(),
             inner: Mutex::default(),
         }
+    }
+
+    /// Tenths of a second from the epoch to `at` (saturating).
+    fn tick(&self, at: Instant) -> u32 {
+        u32::try_from(at.duration_since(self.epoch).as_millis() / 100).unwrap_or(u32::MAX)
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -227,7 +237,7 @@ impl OutcomeCache {
         if entry.alias.as_ref() != Some(digest) {
             return None;
         }
-        if entry.until <= Instant::now() {
+        if entry.until <= self.tick(Instant::now()) {
             inner.evict(bits);
             return None;
         }
@@ -291,7 +301,7 @@ impl OutcomeCache {
         let Some(entry) = inner.entries.get(&bits) else {
             return Lookup::Miss;
         };
-        if entry.until <= Instant::now() {
+        if entry.until <= self.tick(Instant::now()) {
             inner.evict(bits);
             return Lookup::Miss;
         }
@@ -336,7 +346,7 @@ impl OutcomeCache {
         let entry = Entry {
             fingerprint,
             replay: Arc::clone(&replay),
-            until: Instant::now() + left.min(MAX_AGE),
+            until: self.tick(Instant::now() + left.min(MAX_AGE)),
             cost,
             alias: None,
         };

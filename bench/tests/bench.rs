@@ -192,8 +192,16 @@ async fn jetstream_mode_runs_every_pass_and_the_counts_add_up() {
     );
     assert_eq!(against(names::IDEMQ_JS_REPLAYED), [names::E_PULL_ECHO]);
     assert_eq!(against(names::IDEMQ_JS_STORM), [names::IDEMQ_JS_FRESH]);
-    assert_eq!(report.targets.len(), 1);
-    assert_eq!(report.targets[0].met, Some(true));
+    // Every target measured; the duplicates one is met (a debug build's
+    // ratios say nothing).
+    assert_eq!(report.targets.len(), 4);
+    assert!(report.targets.iter().all(|t| t.met.is_some()));
+    let duplicates = report
+        .targets
+        .iter()
+        .find(|t| t.goal.contains("duplicate"))
+        .expect("the duplicates target");
+    assert_eq!(duplicates.met, Some(true));
 
     let table = report.table();
     for name in all {

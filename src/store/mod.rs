@@ -21,6 +21,7 @@ pub mod memory;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use tokio::time::Instant;
@@ -326,16 +327,15 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     /// not read). A stored outcome or a running claim is then decided or
     /// followed from that read, and a free key is claimed at its revision,
     /// with no losing claim and second read first.
-    async fn acquire_from(
-        &self,
-        request: &ClaimRequest,
+    fn acquire_from<'a>(
+        &'a self,
+        request: &'a ClaimRequest,
         wait: Duration,
         seen: Option<Versioned>,
-    ) -> Result<Acquire, StoreError> {
-        let deadline = Instant::now() + wait;
-        let mut attempt = 1;
-        let mut takeover = false;
-        let (mut expected, mut taken) = match seen {
+    ) -> BoxFuture<'a, Result<Acquire, StoreError>> {
+        // Decided here, not inside the future: a record kept by value in
+        // every claim's future would take it past 1 KiB.
+        let (expected, taken) = match seen {
             None => (0, None),
             Some(Versioned {
                 revision,
@@ -344,67 +344,15 @@ pub trait IdempotencyStore: Send + Sync + 'static {
             Some(Versioned {
                 revision,
                 slot: Slot::Record(record),
-            }) => (revision, Some((revision, record))),
+            }) => (revision, Some((revision, Box::new(record)))),
         };
-        for _ in 0..MAX_CLAIM_ROUNDS {
-            let (mut revision, mut record) = match taken.take() {
-                Some(seen) => seen,
-                None => match self.claim(request, attempt, expected).await? {
-                    Claim::Acquired(mut lease) => {
-                        lease.takeover = takeover;
-                        return Ok(Acquire::Owner(lease));
-                    }
-                    Claim::Taken { revision, record } => (revision, record),
-                },
-            };
-            // Follow the holder until it finishes, frees the key, or we give up.
-            let mut watch: Option<Watch> = None;
-            loop {
-                if record.fingerprint != request.fingerprint {
-                    return Ok(Acquire::Reused(record));
-                }
-                if record.state == RecordState::Done {
-                    return Ok(Acquire::Stored {
-                        record,
-                        waited: watch.is_some(),
-                    });
-                }
-                if Instant::now() >= deadline {
-                    return Ok(Acquire::Busy(record));
-                }
-                let stream = match watch.as_mut() {
-                    Some(stream) => stream,
-                    None => watch.insert(self.watch(&request.key, revision + 1).await?),
-                };
-                let next = match tokio::time::timeout_at(deadline, stream.next()).await {
-                    Err(_elapsed) => return Ok(Acquire::Busy(record)),
-                    Ok(None) => {
-                        return Err(StoreError::Unavailable(format!(
-                            "watch of {} ended",
-                            request.key
-                        )))
-                    }
-                    Ok(Some(next)) => next?,
-                };
-                if next.revision <= revision {
-                    continue;
-                }
-                revision = next.revision;
-                match next.slot {
-                    Slot::Record(found) => record = found,
-                    Slot::Free { expired } => {
-                        takeover |= expired;
-                        attempt = record.attempt + 1;
-                        expected = revision;
-                        break;
-                    }
-                }
-            }
-        }
-        Err(StoreError::Unavailable(format!(
-            "key {} kept changing hands",
-            request.key
-        )))
+        Box::pin(acquire(
+            self,
+            request,
+            Instant::now() + wait,
+            expected,
+            taken,
+        ))
     }
 
     /// Extends a lease by its length. Fails with [`StoreError::LeaseLost`]
@@ -646,6 +594,121 @@ pub trait IdempotencyStore: Send + Sync + 'static {
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(MAX_RETRY_PAUSE);
+        }
+    }
+}
+
+/// The rounds of [`IdempotencyStore::acquire_from`]: claim at `expected`
+/// (unless `taken` already says who holds the key), follow a holder until
+/// it finishes or frees the key, claim again. Small by design: the common
+/// case (a fresh key, one claim) carries no record, and following is a
+/// future of its own, boxed.
+async fn acquire<S: IdempotencyStore + ?Sized>(
+    store: &S,
+    request: &ClaimRequest,
+    deadline: Instant,
+    mut expected: u64,
+    mut taken: Option<(u64, Box<Record>)>,
+) -> Result<Acquire, StoreError> {
+    let mut attempt = 1;
+    let mut takeover = false;
+    for _ in 0..MAX_CLAIM_ROUNDS {
+        let (revision, record) = match taken.take() {
+            Some(seen) => seen,
+            None => match store.claim(request, attempt, expected).await? {
+                Claim::Acquired(mut lease) => {
+                    lease.takeover = takeover;
+                    return Ok(Acquire::Owner(lease));
+                }
+                Claim::Taken { revision, record } => (revision, Box::new(record)),
+            },
+        };
+        match Box::pin(follow(store, request, deadline, revision, *record)).await? {
+            Followed::Decided(acquire) => return Ok(acquire),
+            Followed::Freed {
+                revision,
+                expired,
+                attempt: next,
+            } => {
+                takeover |= expired;
+                attempt = next;
+                expected = revision;
+            }
+        }
+    }
+    Err(StoreError::Unavailable(format!(
+        "key {} kept changing hands",
+        request.key
+    )))
+}
+
+/// How following a key's holder ended.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "returned once per follow and consumed at once, never kept across an await"
+)]
+enum Followed {
+    /// With an answer: stored, reused, or still busy at the deadline.
+    Decided(Acquire),
+    /// The key was freed at `revision` (by expiry when `expired`): claim it
+    /// with attempt `attempt`.
+    Freed {
+        revision: u64,
+        expired: bool,
+        attempt: u32,
+    },
+}
+
+/// Follows the holder of a key, last seen as `record` at `revision`, until
+/// it finishes, frees the key, or `deadline` passes.
+async fn follow<S: IdempotencyStore + ?Sized>(
+    store: &S,
+    request: &ClaimRequest,
+    deadline: Instant,
+    mut revision: u64,
+    mut record: Record,
+) -> Result<Followed, StoreError> {
+    let mut watch: Option<Watch> = None;
+    loop {
+        if record.fingerprint != request.fingerprint {
+            return Ok(Followed::Decided(Acquire::Reused(record)));
+        }
+        if record.state == RecordState::Done {
+            return Ok(Followed::Decided(Acquire::Stored {
+                record,
+                waited: watch.is_some(),
+            }));
+        }
+        if Instant::now() >= deadline {
+            return Ok(Followed::Decided(Acquire::Busy(record)));
+        }
+        let stream = match watch.as_mut() {
+            Some(stream) => stream,
+            None => watch.insert(store.watch(&request.key, revision + 1).await?),
+        };
+        let next = match tokio::time::timeout_at(deadline, stream.next()).await {
+            Err(_elapsed) => return Ok(Followed::Decided(Acquire::Busy(record))),
+            Ok(None) => {
+                return Err(StoreError::Unavailable(format!(
+                    "watch of {} ended",
+                    request.key
+                )))
+            }
+            Ok(Some(next)) => next?,
+        };
+        if next.revision <= revision {
+            continue;
+        }
+        revision = next.revision;
+        match next.slot {
+            Slot::Record(found) => record = found,
+            Slot::Free { expired } => {
+                return Ok(Followed::Freed {
+                    revision,
+                    expired,
+                    attempt: record.attempt + 1,
+                })
+            }
         }
     }
 }
