@@ -202,8 +202,15 @@ impl Report {
             measured: value.map(|v| format!("{v:.2} x")),
             met: value.map(|v| v >= floor),
         };
+        let no_duplicates = |storm: &str| {
+            let duplicates = self.scenario(storm).and_then(|s| s.duplicates);
+            Target {
+                goal: "storm: zero duplicate executions",
+                measured: duplicates.map(|d| format!("{d} duplicates")),
+                met: duplicates.map(|d| d == 0),
+            }
+        };
         if self.settings.mode == Mode::JetStream {
-            let duplicates = self.scenario(IDEMQ_JS_STORM).and_then(|s| s.duplicates);
             return vec![
                 at_least(
                     "fresh throughput >= 0.8 x (f) pull create+update",
@@ -215,11 +222,7 @@ impl Report {
                     self.ratio("throughput", IDEMQ_JS_REPLAYED, E_PULL_ECHO),
                     0.8,
                 ),
-                Target {
-                    goal: "storm: zero duplicate executions",
-                    measured: duplicates.map(|d| format!("{d} duplicates")),
-                    met: duplicates.map(|d| d == 0),
-                },
+                no_duplicates(IDEMQ_JS_STORM),
                 at_least(
                     "storm throughput >= fresh",
                     self.ratio("throughput", IDEMQ_JS_STORM, IDEMQ_JS_FRESH),
@@ -227,8 +230,6 @@ impl Report {
                 ),
             ];
         }
-        let storm = self.scenario(IDEMQ_STORM);
-        let duplicates = storm.and_then(|s| s.duplicates);
         let paced = self.ratio("p99", IDEMQ_PACED, B_PACED);
         let saturated = self
             .scenarios
@@ -252,11 +253,7 @@ impl Report {
                 self.ratio("throughput", IDEMQ_REPLAYED, A_ECHO),
                 0.9,
             ),
-            Target {
-                goal: "storm: zero duplicate executions",
-                measured: duplicates.map(|d| format!("{d} duplicates")),
-                met: duplicates.map(|d| d == 0),
-            },
+            no_duplicates(IDEMQ_STORM),
             at_least(
                 "storm throughput >= all-fresh",
                 self.ratio("throughput", IDEMQ_STORM, IDEMQ_FRESH),
