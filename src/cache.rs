@@ -91,8 +91,13 @@ struct Entry {
     /// When it stops being served, in tenths of a second since the cache
     /// was made (rounded down: an entry never lives longer than asked).
     until: u32,
-    /// What the entry costs, its alias included.
-    cost: usize,
+    /// What the entry costs, its alias included (an entry is never
+    /// near 4 GiB: records are capped by the server's max payload).
+    cost: u32,
+    /// When the outcome was stored, in whole seconds of the writer's
+    /// clock since [`STORED_EPOCH`]: when the cache is full, an outcome
+    /// stored before the oldest one held is not let in.
+    stored: u32,
     /// The digest of the last message answered with it, if any: its one
     /// alias (an alias whose entry names another digest is stale).
     alias: Option<CopyDigest>,
@@ -112,7 +117,7 @@ struct Alias {
 pub struct CopyHit {
     /// The encoded replay.
     pub replay: Arc<EncodedReply>,
-    /// `Idem-Reply-To` or `reply_to` of the message, as decoding found it.
+    /// The reply target the alias keeps (see [`OutcomeCache::alias`]).
     pub reply_to: Option<Subject>,
     /// The first 64 bits of the intent's fingerprint.
     pub fingerprint: u64,
@@ -131,6 +136,14 @@ pub(crate) fn fingerprint_bits(hex: &str) -> Option<Fingerprint> {
         *part = u64::from_str_radix(hex.get(i * 16..(i + 1) * 16)?, 16).ok()?;
     }
     Some(bits)
+}
+
+/// What [`Entry::stored`] counts from: 2020-01-01T00:00:00Z.
+const STORED_EPOCH: i64 = 1_577_836_800;
+
+/// `at` in whole seconds since [`STORED_EPOCH`], saturating at both ends.
+fn stored_seconds(at: chrono::DateTime<chrono::Utc>) -> u32 {
+    u32::try_from((at.timestamp() - STORED_EPOCH).max(0)).unwrap_or(u32::MAX)
 }
 
 /// What an entry costs: the reply and its allocation, the map slot (at
@@ -158,7 +171,7 @@ struct Inner {
 impl Inner {
     fn evict(&mut self, bits: u64) {
         if let Some(entry) = self.entries.remove(&bits) {
-            self.bytes -= entry.cost;
+            self.bytes -= entry.cost as usize;
             if let Some(digest) = entry.alias {
                 self.aliases.remove(&digest);
             }
@@ -174,10 +187,22 @@ impl Inner {
             if entry.alias.as_ref() == Some(digest) {
                 let cost = alias_cost(alias.reply_to.as_deref());
                 entry.alias = None;
-                entry.cost -= cost;
+                entry.cost -= cost as u32;
                 self.bytes -= cost;
             }
         }
+    }
+
+    /// When the oldest entry's outcome was stored (names of entries
+    /// already gone are dropped from the front on the way).
+    fn oldest_stored(&mut self) -> Option<u32> {
+        while let Some(bits) = self.order.front() {
+            if let Some(entry) = self.entries.get(bits) {
+                return Some(entry.stored);
+            }
+            self.order.pop_front();
+        }
+        None
     }
 
     fn trim(&mut self, budget: usize) {
@@ -249,8 +274,10 @@ impl OutcomeCache {
     }
 
     /// Remembers that the message with `digest` decoded to an intent of
-    /// `key` and `fingerprint` answered from the cache, named `reply_to`,
-    /// so that its byte-identical copies are answered by
+    /// `key` and `fingerprint` answered from the cache, with `reply_to` to
+    /// keep for its copies (the pipeline passes only a target named in the
+    /// body: one in a header is read from the copy's own header), so that
+    /// its byte-identical copies are answered by
     /// [`lookup_copy`](Self::lookup_copy). Nothing happens when no live
     /// entry of that key and fingerprint is held. An entry keeps one
     /// alias, the latest.
@@ -288,7 +315,7 @@ impl OutcomeCache {
             return;
         };
         entry.alias = Some(digest);
-        entry.cost += cost;
+        entry.cost += cost as u32;
         inner.bytes += cost;
         inner.aliases.insert(digest, alias);
         inner.trim(self.budget);
@@ -343,19 +370,33 @@ impl OutcomeCache {
         if cost > self.budget {
             return Some(replay);
         }
+        let stored = stored_seconds(record.stored_at);
         let entry = Entry {
             fingerprint,
             replay: Arc::clone(&replay),
             until: self.tick(Instant::now() + left.min(MAX_AGE)),
-            cost,
+            cost: u32::try_from(cost).unwrap_or(u32::MAX),
+            stored,
             alias: None,
         };
         let bits = record.idem_key.bits();
         let mut inner = self.lock();
+        // Full: the oldest entry makes room, unless this outcome is older
+        // still. Then it stays out: it would push out a newer one, and a
+        // run of replays longer than the cache holds (each read from the
+        // store, in the order they were stored) would evict every entry
+        // just before it is asked for.
+        if inner.bytes + cost > self.budget && !inner.entries.contains_key(&bits) {
+            if let Some(oldest) = inner.oldest_stored() {
+                if stored < oldest {
+                    return Some(replay);
+                }
+            }
+        }
         inner.bytes += cost;
         match inner.entries.insert(bits, entry) {
             Some(old) => {
-                inner.bytes -= old.cost;
+                inner.bytes -= old.cost as usize;
                 if let Some(digest) = old.alias {
                     inner.aliases.remove(&digest);
                 }
@@ -558,6 +599,34 @@ mod tests {
         tokio::time::advance(Duration::from_secs(9)).await;
         assert!(cache.lookup_copy(&digest("c")).is_none());
         assert_eq!(cache.usage(), (0, 0));
+    }
+
+    #[test]
+    fn a_full_cache_lets_in_no_outcome_older_than_all_it_holds() {
+        let records: Vec<Record> = (20..23).map(|i| record(i, FP, 60)).collect();
+        let one = {
+            let probe = OutcomeCache::new(1 << 20);
+            probe.insert(&records[0]);
+            probe.usage().1
+        };
+        let cache = OutcomeCache::new(3 * one);
+        for r in &records {
+            cache.insert(r);
+        }
+        assert_eq!(cache.usage().0, 3);
+        // Read back from the store: stored a minute before anything held.
+        let mut old = record(23, FP, 3600);
+        old.stored_at -= chrono::Duration::seconds(60);
+        assert!(cache.insert(&old).is_some(), "still encoded for its caller");
+        assert_eq!(cache.lookup(&old.idem_key, FP), Lookup::Miss);
+        for r in &records {
+            assert!(matches!(cache.lookup(&r.idem_key, FP), Lookup::Stored(_)));
+        }
+        // A new outcome still pushes out the oldest.
+        let new = record(24, FP, 60);
+        cache.insert(&new);
+        assert!(matches!(cache.lookup(&new.idem_key, FP), Lookup::Stored(_)));
+        assert_eq!(cache.lookup(&records[0].idem_key, FP), Lookup::Miss);
     }
 
     #[test]

@@ -18,7 +18,7 @@ use tracing::{field, Instrument};
 use crate::cache::{fingerprint_bits, InFlightKeys, Lookup, OutcomeCache, Turn};
 use crate::config::WorkerConfig;
 use crate::handler::{Call, Handler};
-use crate::intent::{copy_digest, Intent, Limits};
+use crate::intent::{copy_digest, Intent, Limits, REPLY_TO_HEADER};
 use crate::key::IdempotencyKey;
 use crate::outcome::{Answer, EncodedReply, Outcome, Record, Reply};
 use crate::reply_policy::ReplyPolicy;
@@ -170,10 +170,17 @@ impl Pipeline {
             .and_then(|digest| self.cache.lookup_copy(digest))
         {
             self.stats.replayed_by_digest.inc();
+            // A target named in the header is read from it again (the same
+            // bytes); the alias keeps only one named in the body.
+            let reply_to = hit.reply_to.or_else(|| {
+                headers
+                    .and_then(|h| h.get(REPLY_TO_HEADER))
+                    .map(|v| Subject::from(v.as_str()))
+            });
             return Handled {
                 verdict: self.replayed(hit.replay),
                 answer_own: own_reply.is_some(),
-                reply_to: hit.reply_to,
+                reply_to,
                 fingerprint: Some(hit.fingerprint),
             };
         }
@@ -247,12 +254,10 @@ impl Pipeline {
         // An answer from a stored record is cached: later byte-identical
         // copies of this message find it by its digest.
         if let (Some(digest), Verdict::Settled(Answer::Encoded(_))) = (digest, &verdict) {
-            self.cache.alias(
-                digest,
-                &intent.key,
-                &intent.fingerprint,
-                intent.reply_to.as_deref(),
-            );
+            let in_header = headers.is_some_and(|h| h.get(REPLY_TO_HEADER).is_some());
+            let named_in_body = intent.reply_to.as_deref().filter(|_| !in_header);
+            self.cache
+                .alias(digest, &intent.key, &intent.fingerprint, named_in_body);
         }
         Handled {
             verdict,

@@ -93,7 +93,7 @@ pub struct ServeArgs {
     pub max_ack_pending: u32,
     /// Memory for stored outcomes kept to answer replays without a KV read
     /// (e.g. `64MiB`; 0 turns the cache off).
-    #[arg(long, env = "IDEMQ_CACHE", default_value = "18MiB")]
+    #[arg(long, env = "IDEMQ_CACHE", default_value = "16MiB")]
     pub cache: bytesize::ByteSize,
     /// How long shutdown waits for in-flight intents.
     #[arg(long, env = "IDEMQ_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
