@@ -9,7 +9,8 @@
 # runs `target/release/idemq-bench --replicas 3` once per mode against
 # the first node (extra flags are passed on), and stops the servers.
 # The three servers share this machine's cores with the bench: compare
-# the ratios, not the rates. Needs nats-server 2.11+ on PATH and a
+# the ratios, not the rates. MODES="core" (or "jetstream") runs one mode;
+# KEEP_LOGS=DIR copies the servers' logs there before they are removed. Needs nats-server 2.11+ on PATH and a
 # release build (cargo build --release -p idemq-bench).
 set -euo pipefail
 
@@ -23,6 +24,7 @@ pids=()
 cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  if [ -n "${KEEP_LOGS:-}" ]; then cp "$dir"/n*.log "$KEEP_LOGS"/ 2>/dev/null || true; fi
   rm -rf "$dir"
 }
 trap cleanup EXIT
@@ -42,7 +44,7 @@ for _ in $(seq 1 60); do
 done
 sleep 2
 
-for mode in core jetstream; do
+for mode in ${MODES:-core jetstream}; do
   "$bench" --nats-url "nats://127.0.0.1:$base" --server-pid "${pids[0]}" \
     --replicas 3 --mode "$mode" "$@"
 done
