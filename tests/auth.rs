@@ -742,6 +742,47 @@ async fn the_jetstream_permission_set_is_all_a_jetstream_worker_needs() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jetstream_worker_under_the_older_permission_set_stops_and_names_what_it_lacks() {
+    // The JetStream permission set as shipped before reply routes were
+    // listed: `$JS.API.STREAM.NAMES`, no `STREAM.LIST`, no stream advisories.
+    let server = NatsServer::start_with_config_for(|dir| {
+        let shipped = std::fs::read_to_string(deploy_file("worker-jetstream-permissions.conf"))
+            .expect("the shipped permissions");
+        let older: Vec<&str> = shipped
+            .lines()
+            .filter(|line| !line.contains("$JS.EVENT.ADVISORY.STREAM."))
+            .collect();
+        let older = older
+            .join("\n")
+            .replace("\"$JS.API.STREAM.LIST\"", "\"$JS.API.STREAM.NAMES\"");
+        assert!(older.contains("STREAM.NAMES") && !older.contains("STREAM.LIST"));
+        let path = dir.join("older-worker-jetstream-permissions.conf");
+        std::fs::write(&path, older).expect("write the older permissions");
+        format!(
+            r#"
+            include "{worker}"
+            authorization {{
+              users: [
+                {{ user: idemq, password: "worker-pw", permissions: $IDEMQ_WORKER_JS }}
+              ]
+            }}"#,
+            worker = include_path(dir, &path),
+        )
+    });
+    let url = server.url();
+    let mut args = vec!["serve", "--nats-url", url.as_str()];
+    args.extend(WORKER);
+    args.extend(["--stream", "INTENTS", "--durable", "workers"]);
+    let output = idemq(&args, &[]).await;
+    let text = stderr(&output);
+    assert_eq!(output.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("refused a permission") && text.contains("$JS.API.STREAM.LIST"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_the_jetstream_permission_set_a_worker_killed_on_the_last_delivery_leaves_a_dead_letter(
 ) {
     let server = NatsServer::start_with_config_for(|dir| {

@@ -58,6 +58,9 @@ const REPLY_BOUND: Duration = Duration::from_secs(5);
 const REPLY_RETRY_PAUSE: Duration = Duration::from_millis(200);
 /// How often the streams are listed again without an advisory.
 const ROUTE_REFRESH: Duration = Duration::from_secs(30);
+/// How soon a failed list of the streams is tried again (until then a
+/// reply is a JetStream publish, retried until it is taken or bounded).
+const ROUTE_RETRY: Duration = Duration::from_secs(1);
 
 /// Why a delivery could not be settled (it is nak'ed and redelivered).
 #[derive(Debug, thiserror::Error)]
@@ -89,8 +92,9 @@ impl ReplyRoutes {
     }
 
     /// Lists the account's streams (`$JS.API.STREAM.LIST`, paged) and
-    /// keeps their subjects. A failed list keeps the last one.
-    async fn list(&self) {
+    /// keeps their subjects; false when the list failed (the last one is
+    /// kept).
+    async fn list(&self) -> bool {
         let listed: Result<Vec<stream::Info>, _> = self.js.streams().try_collect().await;
         match listed {
             Ok(streams) => {
@@ -99,9 +103,11 @@ impl ReplyRoutes {
                     .flat_map(|info| info.config.subjects)
                     .collect();
                 *self.write() = Some(patterns);
+                true
             }
             Err(error) => {
-                tracing::warn!(%error, "cannot list the streams that may capture replies")
+                tracing::warn!(%error, "cannot list the streams that may capture replies");
+                false
             }
         }
     }
@@ -120,15 +126,20 @@ impl ReplyRoutes {
             }
         }
         let mut changes = futures::stream::select_all(changes);
-        let mut every = tokio::time::interval(ROUTE_REFRESH);
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // At once (the changes are watched now), then every ROUTE_REFRESH;
+        // after a failed list, again after ROUTE_RETRY.
+        let mut wait = Duration::ZERO;
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                _ = every.tick() => {}
+                () = tokio::time::sleep(wait) => {}
                 Some(_) = changes.next() => {}
             }
-            self.list().await;
+            wait = if self.list().await {
+                ROUTE_REFRESH
+            } else {
+                ROUTE_RETRY
+            };
         }
     }
 
@@ -220,6 +231,7 @@ impl Consumer {
             js,
             patterns: RwLock::default(),
         };
+        // A failure is retried by `keep_current`, soon.
         routes.list().await;
         Ok(Consumer {
             stream,
