@@ -15,10 +15,14 @@
 //!   the key at once ([`purge_subject`]).
 //!
 //! The cache is bounded by memory (`--cache`, counted from each entry's
-//! encoded reply, key and fingerprint); the oldest insertion goes first.
-//! It keeps each outcome as the encoded bytes of its replay
+//! encoded reply, key, fingerprint and alias); the oldest insertion goes
+//! first, and a full cache lets in no outcome stored before every one it
+//! holds. It keeps each outcome as the encoded bytes of its replay
 //! ([`EncodedReply`]), so a cached copy is answered without building or
-//! serialising a reply, and an entry costs about what it sends.
+//! serialising a reply, and an entry costs about what it sends. An entry's
+//! alias is the digest of the last message it answered
+//! ([`crate::intent::copy_digest`]): a byte-identical copy finds it
+//! before it is decoded ([`OutcomeCache::lookup_copy`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
