@@ -34,6 +34,7 @@ COUNTERS = {
     "idemq_intents_received_total",
     "idemq_intents_executed_total",
     "idemq_intents_replayed_total",
+    "idemq_intents_replayed_by_digest_total",
     "idemq_intents_waited_total",
     "idemq_intents_in_progress_total",
     "idemq_intents_key_reused_total",
