@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use common::cluster::NatsCluster;
 use common::upstream::{Upstream, FORWARD};
-use common::workers::{request, wait_for_workers, WorkerProcess};
+use common::workers::{request_within, wait_for_workers, WorkerProcess};
 use serde_json::{json, Value};
 
 const INTENTS: usize = 200;
@@ -115,6 +115,9 @@ async fn a_node_lost_mid_run_loses_no_intent_and_repeats_none() {
 /// Keys and concurrent copies per key of the core-mode storm.
 const STORM_KEYS: usize = 50;
 const STORM_COPIES: usize = 10;
+/// How long a storm copy waits for its reply: the workers' `--wait` (20 s)
+/// and the execution's store round trips on a starved cluster.
+const STORM_REPLY: Duration = Duration::from_secs(45);
 
 #[tokio::test]
 async fn a_core_storm_on_an_r3_bucket_answers_every_copy_with_the_stored_outcome() {
@@ -145,7 +148,16 @@ async fn a_core_storm_on_an_r3_bucket_answers_every_copy_with_the_stored_outcome
         for _ in 0..STORM_COPIES {
             let (client, body) = (client.clone(), body.clone());
             copies.push(tokio::spawn(async move {
-                let (reply, _) = request(&client, "intents.work", body, Default::default()).await;
+                // Longer than the workers' --wait: a copy may wait that
+                // long for the execution before it is answered.
+                let (reply, _) = request_within(
+                    &client,
+                    "intents.work",
+                    body,
+                    Default::default(),
+                    STORM_REPLY,
+                )
+                .await;
                 (k, reply)
             }));
         }

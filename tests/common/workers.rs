@@ -138,10 +138,22 @@ pub async fn request(
     payload: impl Into<bytes::Bytes>,
     headers: HeaderMap,
 ) -> (Value, HeaderMap) {
+    request_within(client, subject, payload, headers, REPLY_TIMEOUT).await
+}
+
+/// [`request`], waiting at most `timeout` for the reply: longer than a
+/// worker's `--wait` where copies may wait that long for an execution.
+pub async fn request_within(
+    client: &Client,
+    subject: &str,
+    payload: impl Into<bytes::Bytes>,
+    headers: HeaderMap,
+    timeout: Duration,
+) -> (Value, HeaderMap) {
     let request = async_nats::Request::new()
         .payload(payload.into())
         .headers(headers)
-        .timeout(Some(REPLY_TIMEOUT));
+        .timeout(Some(timeout));
     let reply = client
         .send_request(subject.to_owned(), request)
         .await
