@@ -129,7 +129,7 @@ pub struct CopyHit {
 
 /// A hex SHA-256 fingerprint as numbers; `None` for anything else (never
 /// cached, never matched).
-type Fingerprint = [u64; 4];
+pub(crate) type Fingerprint = [u64; 4];
 
 pub(crate) fn fingerprint_bits(hex: &str) -> Option<Fingerprint> {
     if hex.len() != 64 {
@@ -289,12 +289,10 @@ impl OutcomeCache {
         &self,
         digest: CopyDigest,
         key: &IdempotencyKey,
-        fingerprint: &str,
+        fingerprint: &Fingerprint,
         reply_to: Option<&str>,
     ) {
-        let Some(fingerprint) = fingerprint_bits(fingerprint) else {
-            return;
-        };
+        let fingerprint = *fingerprint;
         let bits = key.bits();
         let mut inner = self.lock();
         match inner.entries.get(&bits) {
@@ -325,8 +323,9 @@ impl OutcomeCache {
         inner.trim(self.budget);
     }
 
-    /// Looks a key up for an intent with `fingerprint`.
-    pub fn lookup(&self, key: &IdempotencyKey, fingerprint: &str) -> Lookup {
+    /// Looks a key up for an intent with `fingerprint` (its bits, from
+    /// [`fingerprint_bits`]; `None` matches no entry).
+    pub fn lookup(&self, key: &IdempotencyKey, fingerprint: Option<&Fingerprint>) -> Lookup {
         let bits = key.bits();
         let mut inner = self.lock();
         let Some(entry) = inner.entries.get(&bits) else {
@@ -336,7 +335,7 @@ impl OutcomeCache {
             inner.evict(bits);
             return Lookup::Miss;
         }
-        if Some(entry.fingerprint) == fingerprint_bits(fingerprint) {
+        if Some(&entry.fingerprint) == fingerprint {
             Lookup::Stored(Arc::clone(&entry.replay))
         } else {
             Lookup::Reused
@@ -523,10 +522,23 @@ mod tests {
         let cache = OutcomeCache::new(1 << 20);
         let stored = record(1, FP, 60);
         let replay = cache.insert(&stored).expect("an outcome");
-        assert_eq!(cache.lookup(&stored.idem_key, FP), Lookup::Stored(replay));
-        assert_eq!(cache.lookup(&stored.idem_key, OTHER), Lookup::Reused);
+        assert_eq!(
+            cache.lookup(&stored.idem_key, Some(&bits(FP))),
+            Lookup::Stored(replay)
+        );
+        assert_eq!(
+            cache.lookup(&stored.idem_key, Some(&bits(OTHER))),
+            Lookup::Reused
+        );
         cache.remove(&stored.idem_key);
-        assert_eq!(cache.lookup(&stored.idem_key, FP), Lookup::Miss);
+        assert_eq!(
+            cache.lookup(&stored.idem_key, Some(&bits(FP))),
+            Lookup::Miss
+        );
+    }
+
+    fn bits(hex: &str) -> Fingerprint {
+        fingerprint_bits(hex).expect("a SHA-256 hex")
     }
 
     fn digest(text: &str) -> CopyDigest {
@@ -541,9 +553,9 @@ mod tests {
         let copy = digest("copy");
         assert!(cache.lookup_copy(&copy).is_none(), "not aliased yet");
         // Another fingerprint is not this entry's: nothing is aliased.
-        cache.alias(copy, &stored.idem_key, OTHER, None);
+        cache.alias(copy, &stored.idem_key, &bits(OTHER), None);
         assert!(cache.lookup_copy(&copy).is_none());
-        cache.alias(copy, &stored.idem_key, FP, Some("results.a"));
+        cache.alias(copy, &stored.idem_key, &bits(FP), Some("results.a"));
         let hit = cache.lookup_copy(&copy).expect("a hit");
         assert_eq!(hit.replay, replay);
         assert_eq!(hit.reply_to.as_deref(), Some("results.a"));
@@ -561,7 +573,7 @@ mod tests {
         let first = record(12, FP, 60);
         cache.insert(&first);
         let copy = digest("first intent");
-        cache.alias(copy, &first.idem_key, FP, None);
+        cache.alias(copy, &first.idem_key, &bits(FP), None);
         // The key purged elsewhere and stored again by another intent: the
         // first intent's bytes must not replay the second's outcome.
         let second = record(12, OTHER, 60);
@@ -579,17 +591,17 @@ mod tests {
         let stored = record(13, FP, 60);
         cache.insert(&stored);
         let bare = cache.usage().1;
-        cache.alias(digest("a"), &stored.idem_key, FP, None);
+        cache.alias(digest("a"), &stored.idem_key, &bits(FP), None);
         let one = cache.usage().1;
         assert!(one > bare);
-        cache.alias(digest("b"), &stored.idem_key, FP, None);
+        cache.alias(digest("b"), &stored.idem_key, &bits(FP), None);
         assert_eq!(cache.usage().1, one, "the latest alias replaced the first");
         assert!(cache.lookup_copy(&digest("a")).is_none());
         assert!(cache.lookup_copy(&digest("b")).is_some());
         // A budget with room for the entry but not its alias.
         let tight = OutcomeCache::new(bare);
         tight.insert(&stored);
-        tight.alias(digest("a"), &stored.idem_key, FP, None);
+        tight.alias(digest("a"), &stored.idem_key, &bits(FP), None);
         assert!(tight.usage().1 <= bare, "{:?}", tight.usage());
     }
 
@@ -598,7 +610,7 @@ mod tests {
         let cache = OutcomeCache::new(1 << 20);
         let stored = record(14, FP, 10);
         cache.insert(&stored);
-        cache.alias(digest("c"), &stored.idem_key, FP, None);
+        cache.alias(digest("c"), &stored.idem_key, &bits(FP), None);
         assert!(cache.lookup_copy(&digest("c")).is_some());
         tokio::time::advance(Duration::from_secs(9)).await;
         assert!(cache.lookup_copy(&digest("c")).is_none());
@@ -622,15 +634,24 @@ mod tests {
         let mut old = record(23, FP, 3600);
         old.stored_at -= chrono::Duration::seconds(60);
         assert!(cache.insert(&old).is_some(), "still encoded for its caller");
-        assert_eq!(cache.lookup(&old.idem_key, FP), Lookup::Miss);
+        assert_eq!(cache.lookup(&old.idem_key, Some(&bits(FP))), Lookup::Miss);
         for r in &records {
-            assert!(matches!(cache.lookup(&r.idem_key, FP), Lookup::Stored(_)));
+            assert!(matches!(
+                cache.lookup(&r.idem_key, Some(&bits(FP))),
+                Lookup::Stored(_)
+            ));
         }
         // A new outcome still pushes out the oldest.
         let new = record(24, FP, 60);
         cache.insert(&new);
-        assert!(matches!(cache.lookup(&new.idem_key, FP), Lookup::Stored(_)));
-        assert_eq!(cache.lookup(&records[0].idem_key, FP), Lookup::Miss);
+        assert!(matches!(
+            cache.lookup(&new.idem_key, Some(&bits(FP))),
+            Lookup::Stored(_)
+        ));
+        assert_eq!(
+            cache.lookup(&records[0].idem_key, Some(&bits(FP))),
+            Lookup::Miss
+        );
     }
 
     #[test]
@@ -638,7 +659,10 @@ mod tests {
         let cache = OutcomeCache::new(1 << 20);
         let stored = record(2, FP, 1);
         cache.insert(&stored);
-        assert_eq!(cache.lookup(&stored.idem_key, FP), Lookup::Miss);
+        assert_eq!(
+            cache.lookup(&stored.idem_key, Some(&bits(FP))),
+            Lookup::Miss
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -650,12 +674,12 @@ mod tests {
         stored.expires_at += chrono::Duration::hours(1);
         cache.insert(&stored);
         assert!(matches!(
-            cache.lookup(&stored.idem_key, FP),
+            cache.lookup(&stored.idem_key, Some(&bits(FP))),
             Lookup::Stored(_)
         ));
         tokio::time::advance(Duration::from_secs(10)).await;
         assert_eq!(
-            cache.lookup(&stored.idem_key, FP),
+            cache.lookup(&stored.idem_key, Some(&bits(FP))),
             Lookup::Miss,
             "10 s after it was seen, the outcome is gone from the store"
         );
@@ -671,7 +695,10 @@ mod tests {
         stored.expires_at -= chrono::Duration::seconds(50);
         cache.insert(&stored);
         tokio::time::advance(Duration::from_secs(9)).await;
-        assert_eq!(cache.lookup(&stored.idem_key, FP), Lookup::Miss);
+        assert_eq!(
+            cache.lookup(&stored.idem_key, Some(&bits(FP))),
+            Lookup::Miss
+        );
     }
 
     #[tokio::test]
@@ -713,10 +740,13 @@ mod tests {
         assert_eq!(entries, 3);
         assert!(bytes <= 3 * one + one / 2, "{bytes}");
         for r in &records[..7] {
-            assert_eq!(cache.lookup(&r.idem_key, FP), Lookup::Miss);
+            assert_eq!(cache.lookup(&r.idem_key, Some(&bits(FP))), Lookup::Miss);
         }
         for r in &records[7..] {
-            assert!(matches!(cache.lookup(&r.idem_key, FP), Lookup::Stored(_)));
+            assert!(matches!(
+                cache.lookup(&r.idem_key, Some(&bits(FP))),
+                Lookup::Stored(_)
+            ));
         }
         cache.remove(&records[9].idem_key);
         assert_eq!(cache.usage(), (2, 2 * one));
@@ -727,7 +757,12 @@ mod tests {
         let cache = OutcomeCache::new(1 << 20);
         let stored = record(4, "not-hex", 60);
         cache.insert(&stored);
-        assert_eq!(cache.lookup(&stored.idem_key, "not-hex"), Lookup::Miss);
+        let unparsed = fingerprint_bits("not-hex");
+        assert_eq!(unparsed, None);
+        assert_eq!(
+            cache.lookup(&stored.idem_key, unparsed.as_ref()),
+            Lookup::Miss
+        );
     }
 
     #[test]
@@ -738,7 +773,10 @@ mod tests {
             cache.insert(&stored).is_some(),
             "the encoding is still returned"
         );
-        assert_eq!(cache.lookup(&stored.idem_key, FP), Lookup::Miss);
+        assert_eq!(
+            cache.lookup(&stored.idem_key, Some(&bits(FP))),
+            Lookup::Miss
+        );
         assert_eq!(cache.usage(), (0, 0));
     }
 }

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 use tracing::{field, Instrument};
 
-use crate::cache::{fingerprint_bits, InFlightKeys, Lookup, OutcomeCache, Turn};
+use crate::cache::{fingerprint_bits, Fingerprint, InFlightKeys, Lookup, OutcomeCache, Turn};
 use crate::config::WorkerConfig;
 use crate::handler::{Call, Handler};
 use crate::intent::{copy_digest, Intent, Limits, REPLY_TO_HEADER};
@@ -237,7 +237,10 @@ impl Pipeline {
         // `run_owned`): each then fits glibc's per-thread cache of small
         // blocks, where one task of over 2 KiB took the allocator's slow,
         // consolidating path for every intent.
-        let verdict = Box::pin(self.execute(&intent, payload, abandon))
+        // The fingerprint's bits, read once for the cache's lookups, the
+        // alias and the reply's `Nats-Msg-Id`.
+        let fingerprint = fingerprint_bits(&intent.fingerprint);
+        let verdict = Box::pin(self.execute(&intent, fingerprint.as_ref(), payload, abandon))
             .instrument(span.clone())
             .await;
         // Only the debug event reads these fields; recording them costs a
@@ -253,16 +256,18 @@ impl Pipeline {
         }
         // An answer from a stored record is cached: later byte-identical
         // copies of this message find it by its digest.
-        if let (Some(digest), Verdict::Settled(Answer::Encoded(_))) = (digest, &verdict) {
+        if let (Some(digest), Some(fingerprint), Verdict::Settled(Answer::Encoded(_))) =
+            (digest, &fingerprint, &verdict)
+        {
             let in_header = headers.is_some_and(|h| h.get(REPLY_TO_HEADER).is_some());
             let named_in_body = intent.reply_to.as_deref().filter(|_| !in_header);
             self.cache
-                .alias(digest, &intent.key, &intent.fingerprint, named_in_body);
+                .alias(digest, &intent.key, fingerprint, named_in_body);
         }
         Handled {
             verdict,
             answer_own,
-            fingerprint: fingerprint_bits(&intent.fingerprint).map(|bits| bits[0]),
+            fingerprint: fingerprint.map(|bits| bits[0]),
             reply_to: intent.reply_to.map(Subject::from),
         }
     }
@@ -271,10 +276,11 @@ impl Pipeline {
     async fn execute(
         &self,
         intent: &Intent,
+        fingerprint: Option<&Fingerprint>,
         payload: &Bytes,
         abandon: &CancellationToken,
     ) -> Verdict {
-        if let Some(verdict) = self.cached(intent) {
+        if let Some(verdict) = self.cached(intent, fingerprint) {
             return verdict;
         }
         // Held until this delivery is done; `None` for a follower that
@@ -292,7 +298,7 @@ impl Pipeline {
                     let retry_after = self.config.wait.max(MIN_RETRY_AFTER);
                     return self.refuse(intent, Rejection::InProgress { retry_after });
                 }
-                if let Some(verdict) = self.cached(intent) {
+                if let Some(verdict) = self.cached(intent, fingerprint) {
                     return verdict;
                 }
                 // It ended without a stored outcome (a transient failure, a
@@ -393,8 +399,8 @@ impl Pipeline {
     }
 
     /// The verdict the cache already knows, if any.
-    fn cached(&self, intent: &Intent) -> Option<Verdict> {
-        match self.cache.lookup(&intent.key, &intent.fingerprint) {
+    fn cached(&self, intent: &Intent, fingerprint: Option<&Fingerprint>) -> Option<Verdict> {
+        match self.cache.lookup(&intent.key, fingerprint) {
             Lookup::Stored(replay) => Some(self.replayed(replay)),
             Lookup::Reused => Some(self.refuse(intent, Rejection::KeyReused)),
             Lookup::Miss => None,
