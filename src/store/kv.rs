@@ -9,12 +9,13 @@
 
 use std::time::Duration;
 
-use async_nats::header::{NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, NATS_MESSAGE_TTL};
+use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::kv::{self, Operation};
+use async_nats::jetstream::message::PublishMessage as Publish;
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use async_nats::jetstream::stream::StorageType;
-use async_nats::jetstream::Context;
-use async_nats::{HeaderMap, HeaderValue, RequestErrorKind};
+use async_nats::jetstream::ErrorCode;
+use async_nats::jetstream::{self, Context};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
@@ -156,138 +157,29 @@ impl KvStore {
         &self.kv
     }
 
-    /// Publishes into the bucket's stream (a compare-and-swap on the key's
-    /// subject when `expected` is given) and returns the new revision.
-    ///
-    /// A plain request to the key's subject rather than the client's
-    /// JetStream publish: the same message and ack, without the client's
-    /// ack semaphore, boxed ack future and second timer, and with the ack
-    /// read into borrowed fields (the client reads it through an untagged
-    /// enum, buffering it and building an error for every successful ack).
     async fn publish(
         &self,
         key: &IdempotencyKey,
-        mut headers: HeaderMap,
-        payload: Bytes,
+        message: Publish,
         expected: Option<u64>,
     ) -> Result<u64, StoreError> {
-        if let Some(expected) = expected {
-            headers.insert(
-                NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
-                HeaderValue::from(expected),
-            );
-        }
-        // What the server would refuse, refused here: the most a record can
-        // be is the max payload less the headers.
-        let max = self
-            .js
-            .client()
-            .server_info()
-            .max_payload
-            .saturating_sub(header_wire_len(&headers));
-        if payload.len() > max {
-            return Err(StoreError::TooLarge {
-                size: payload.len(),
-                max,
-            });
-        }
+        let message = match expected {
+            Some(expected) => message.expected_last_subject_sequence(expected),
+            None => message,
+        };
         let mut subject = String::with_capacity(self.put_prefix.len() + key.as_str().len());
         subject.push_str(&self.put_prefix);
         subject.push_str(key.as_str());
-        let request = async_nats::Request::new()
-            .headers(headers)
-            .payload(payload)
-            .timeout(Some(ACK_BOUND));
-        // Boxed on its own: inline, the request would make every write's
+        // Boxed on its own: inline, the publish would make every write's
         // future over 1 KiB, a size glibc serves only after consolidating
         // its free fast-bin blocks (twice per intent).
-        let ack = Box::pin(self.js.client().send_request(subject, request))
+        let ack = Box::pin(self.js.send_publish(subject, message))
             .await
-            .map_err(request_error)?;
-        ack_sequence(&ack.payload)
+            .map_err(publish_error)?
+            .await
+            .map_err(publish_error)?;
+        Ok(ack.sequence)
     }
-}
-
-/// How long a write waits for its stream's acknowledgement (the client's
-/// default for JetStream acks).
-const ACK_BOUND: Duration = Duration::from_secs(5);
-
-/// A stream's answer to a publish: the sequence it stored the message at,
-/// or an error.
-#[derive(serde::Deserialize)]
-struct PublishAck<'a> {
-    seq: Option<u64>,
-    #[serde(borrow)]
-    error: Option<ApiError<'a>>,
-}
-
-/// A JetStream API error.
-#[derive(serde::Deserialize)]
-struct ApiError<'a> {
-    #[serde(default)]
-    code: u64,
-    #[serde(default)]
-    err_code: u64,
-    #[serde(borrow, default)]
-    description: std::borrow::Cow<'a, str>,
-}
-
-/// JetStream's answer to an expected-sequence publish when the subject's
-/// last message is another (10071), or while another write to the subject
-/// is still being proposed (10164, clustered streams): both mean someone
-/// wrote first.
-const WRONG_LAST_SEQUENCE: [u64; 2] = [10071, 10164];
-
-/// The revision a publish's ack names, or why there is none.
-fn ack_sequence(payload: &[u8]) -> Result<u64, StoreError> {
-    let ack: PublishAck<'_> = serde_json::from_slice(payload)
-        .map_err(|e| StoreError::Unavailable(format!("publish ack unreadable: {e}")))?;
-    match (ack.error, ack.seq) {
-        (Some(error), _) if WRONG_LAST_SEQUENCE.contains(&error.err_code) => {
-            Err(StoreError::Conflict)
-        }
-        (Some(error), _) => Err(StoreError::Unavailable(format!(
-            "publish failed: {} (code {}, error code {})",
-            error.description, error.code, error.err_code
-        ))),
-        (None, Some(sequence)) => Ok(sequence),
-        (None, None) => Err(StoreError::Unavailable(
-            "publish ack without a sequence".to_owned(),
-        )),
-    }
-}
-
-/// Why a publish's request failed: one that timed out may have landed.
-fn request_error(error: async_nats::RequestError) -> StoreError {
-    match error.kind() {
-        RequestErrorKind::TimedOut => StoreError::Unacknowledged(error.to_string()),
-        _ => StoreError::Unavailable(format!("publish failed: {error}")),
-    }
-}
-
-/// The bytes `headers` take on the wire (`NATS/1.0`, each `name: value`,
-/// the blank line), as the server counts them against its max payload.
-fn header_wire_len(headers: &HeaderMap) -> usize {
-    const VERSION_LINE: usize = "NATS/1.0\r\n".len();
-    const END: usize = "\r\n".len();
-    let fields: usize = headers
-        .iter()
-        .map(|(name, values)| {
-            let name: &str = name.as_ref();
-            values
-                .iter()
-                .map(|value| name.len() + ": ".len() + value.as_str().len() + END)
-                .sum::<usize>()
-        })
-        .sum();
-    VERSION_LINE + fields + END
-}
-
-/// Headers of a delete or purge marker: it expires after [`MARKER_TTL`].
-fn marker_headers() -> HeaderMap {
-    let mut headers = HeaderMap::new();
-    headers.insert(NATS_MESSAGE_TTL, HeaderValue::from(MARKER_TTL.as_secs()));
-    headers
 }
 
 fn bucket_config(config: &BucketConfig) -> kv::Config {
@@ -299,6 +191,27 @@ fn bucket_config(config: &BucketConfig) -> kv::Config {
         num_replicas: config.replicas,
         limit_markers: Some(MARKER_TTL),
         ..Default::default()
+    }
+}
+
+/// JetStream's answer to an expected-sequence publish while another write
+/// to the subject is still being proposed (clustered streams). async-nats
+/// maps only 10071 to `WrongLastSequence`; both mean someone wrote first.
+const WRONG_LAST_SEQUENCE_IN_FLIGHT: ErrorCode = ErrorCode(10164);
+
+fn publish_error(error: jetstream::context::PublishError) -> StoreError {
+    let code = std::error::Error::source(&error)
+        .and_then(|source| source.downcast_ref::<jetstream::Error>())
+        .map(jetstream::Error::error_code);
+    match error.kind() {
+        PublishErrorKind::WrongLastSequence => StoreError::Conflict,
+        PublishErrorKind::Other if code == Some(WRONG_LAST_SEQUENCE_IN_FLIGHT) => {
+            StoreError::Conflict
+        }
+        PublishErrorKind::TimedOut => StoreError::Unacknowledged(error.to_string()),
+        // The client refuses it before sending; `write` fills in the sizes.
+        PublishErrorKind::MaxPayloadExceeded => StoreError::TooLarge { size: 0, max: 0 },
+        _ => StoreError::Unavailable(error.to_string()),
     }
 }
 
@@ -362,30 +275,35 @@ impl IdempotencyStore for KvStore {
         // serialising it cannot fail.
         let mut payload = Vec::with_capacity(RECORD_CAPACITY);
         serde_json::to_writer(&mut payload, record).unwrap_or_default();
-        let mut headers = HeaderMap::new();
-        headers.insert(NATS_MESSAGE_TTL, HeaderValue::from(ttl_secs(ttl)));
-        self.publish(key, headers, Bytes::from(payload), Some(expected))
-            .await
+        let size = payload.len();
+        let message = Publish::build()
+            .payload(Bytes::from(payload))
+            .ttl(Duration::from_secs(ttl_secs(ttl)));
+        match self.publish(key, message, Some(expected)).await {
+            Err(StoreError::TooLarge { .. }) => Err(StoreError::TooLarge {
+                size,
+                max: self.js.client().server_info().max_payload,
+            }),
+            written => written,
+        }
     }
 
     async fn remove(&self, key: &IdempotencyKey, expected: u64) -> Result<(), StoreError> {
-        let mut headers = marker_headers();
-        headers.insert("KV-Operation", "DEL");
-        self.publish(key, headers, Bytes::new(), Some(expected))
-            .await
-            .map(drop)
+        let message = Publish::build()
+            .header("KV-Operation", "DEL")
+            .ttl(MARKER_TTL);
+        self.publish(key, message, Some(expected)).await.map(drop)
     }
 
     async fn purge(&self, key: &IdempotencyKey, expected: u64) -> Result<(), StoreError> {
         // What the client's purge sends, with our compare-and-swap and a
         // marker TTL (the client's `purge_expect_revision` maps neither
         // conflict code to a kind).
-        let mut headers = marker_headers();
-        headers.insert("KV-Operation", "PURGE");
-        headers.insert("Nats-Rollup", "sub");
-        self.publish(key, headers, Bytes::new(), Some(expected))
-            .await
-            .map(drop)
+        let message = Publish::build()
+            .header("KV-Operation", "PURGE")
+            .header("Nats-Rollup", "sub")
+            .ttl(MARKER_TTL);
+        self.publish(key, message, Some(expected)).await.map(drop)
     }
 
     async fn read_leader(&self, key: &IdempotencyKey) -> Result<Option<Versioned>, StoreError> {
@@ -502,52 +420,5 @@ mod tests {
             "{reason}"
         );
         assert!(require_server_version("").is_err());
-    }
-
-    #[test]
-    fn acks_name_their_sequence_and_both_wrong_sequence_codes_are_conflicts() {
-        let ok = br#"{"stream":"KV_B","seq":42,"duplicate":false}"#;
-        assert_eq!(ack_sequence(ok).expect("an ack"), 42);
-        for code in [10071, 10164] {
-            let refused = format!(
-                r#"{{"error":{{"code":400,"err_code":{code},"description":"wrong last sequence: 7"}}}}"#
-            );
-            assert!(matches!(
-                ack_sequence(refused.as_bytes()),
-                Err(StoreError::Conflict)
-            ));
-        }
-        let other = br#"{"error":{"code":503,"err_code":10008,"description":"JetStream system temporarily unavailable"}}"#;
-        let Err(StoreError::Unavailable(reason)) = ack_sequence(other) else {
-            panic!("another error is the store being unavailable");
-        };
-        assert!(
-            reason.contains("temporarily unavailable") && reason.contains("10008"),
-            "{reason}"
-        );
-        assert!(matches!(
-            ack_sequence(b"{}"),
-            Err(StoreError::Unavailable(_))
-        ));
-        assert!(matches!(
-            ack_sequence(b"not json"),
-            Err(StoreError::Unavailable(_))
-        ));
-    }
-
-    #[test]
-    fn header_bytes_are_counted_as_they_go_on_the_wire() {
-        let mut headers = HeaderMap::new();
-        headers.insert(NATS_MESSAGE_TTL, HeaderValue::from(5u64));
-        assert_eq!(
-            header_wire_len(&headers),
-            "NATS/1.0\r\nNats-TTL: 5\r\n\r\n".len()
-        );
-        headers.append("KV-Operation", "DEL");
-        headers.append("KV-Operation", "PURGE");
-        assert_eq!(
-            header_wire_len(&headers),
-            "NATS/1.0\r\nNats-TTL: 5\r\nKV-Operation: DEL\r\nKV-Operation: PURGE\r\n\r\n".len()
-        );
     }
 }
