@@ -121,8 +121,9 @@ impl WorkerConfig {
     /// buffer: the in-flight bound (at least [`MIN_SUBSCRIPTION_CAPACITY`]).
     /// A core-mode worker at its bound stops reading intents; without this
     /// cap the client would buffer up to 65,536 of them (at 1 MiB each,
-    /// gigabytes). Past it the client drops intents, and their senders
-    /// retry, as core request/reply expects. Embedders pass it to
+    /// gigabytes). Past it the client drops intents (the worker warns, at
+    /// most every 10 s, with how many), and their senders retry, as core
+    /// request/reply expects. Embedders pass it to
     /// `ConnectOptions::subscription_capacity`.
     pub fn subscription_capacity(&self) -> usize {
         self.concurrency.max(MIN_SUBSCRIPTION_CAPACITY)

@@ -2,7 +2,9 @@
 //! subcommand shares ([`NatsArgs`]), [`connect`], and telling a permission
 //! the server refused from other server errors ([`first_refusal`]).
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use clap::Args;
 
@@ -78,9 +80,43 @@ pub enum ConnectError {
     },
 }
 
+/// How often, at most, messages the client dropped are warned about.
+const DROPS_WARNED_EVERY: Duration = Duration::from_secs(10);
+
+/// Messages the client dropped because a subscription's buffer was full
+/// (a core-mode worker past its in-flight bound and buffer): counted, and
+/// warned about at most once per [`DROPS_WARNED_EVERY`] so a flood cannot
+/// flood the log too.
+#[derive(Debug, Default)]
+struct Drops {
+    /// Dropped since the last warning.
+    unwarned: AtomicU64,
+    /// When the last warning was given.
+    warned: Mutex<Option<Instant>>,
+}
+
+impl Drops {
+    /// Counts one dropped message; the number to warn about now, if a
+    /// warning is due.
+    fn dropped(&self) -> Option<u64> {
+        self.unwarned.fetch_add(1, Ordering::Relaxed);
+        let mut warned = self
+            .warned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = Instant::now();
+        if warned.is_some_and(|at| now.duration_since(at) < DROPS_WARNED_EVERY) {
+            return None;
+        }
+        *warned = Some(now);
+        Some(self.unwarned.swap(0, Ordering::Relaxed))
+    }
+}
+
 /// Connects to the servers of `nats` with its authentication, a bounded
 /// timeout and a connection name the server shows. Errors the server
-/// reports later (a permission violation, say) are logged.
+/// reports later (a permission violation, say) are logged, and so are
+/// messages the client drops because a subscription's buffer is full.
 pub async fn connect(nats: &NatsArgs, name: &str) -> Result<async_nats::Client, ConnectError> {
     connect_reporting(nats, name, None, None).await
 }
@@ -101,18 +137,32 @@ pub async fn connect_reporting(
     let given = nats.url();
     let (servers, from_url) = crate::auth::split_url_credentials(&given)?;
     let url = crate::auth::mask_url(&given);
+    let drops = Arc::new(Drops::default());
     let options = async_nats::ConnectOptions::new()
         .name(name)
         .connection_timeout(CONNECT_TIMEOUT)
         .event_callback(move |event| {
             let server_errors = server_errors.clone();
+            let drops = Arc::clone(&drops);
             async move {
-                if let async_nats::Event::ServerError(error) = event {
-                    tracing::error!(%error, "the NATS server reports an error");
-                    if let Some(errors) = server_errors {
-                        // Full or closed: the first errors are what matters.
-                        let _ = errors.try_send(error);
+                match event {
+                    async_nats::Event::ServerError(error) => {
+                        tracing::error!(%error, "the NATS server reports an error");
+                        if let Some(errors) = server_errors {
+                            // Full or closed: the first errors are what matters.
+                            let _ = errors.try_send(error);
+                        }
                     }
+                    async_nats::Event::SlowConsumer(sid) => {
+                        if let Some(dropped) = drops.dropped() {
+                            tracing::warn!(
+                                subscription = sid,
+                                dropped,
+                                "a subscription's buffer was full: the client dropped messages"
+                            );
+                        }
+                    }
+                    _ => {}
                 }
             }
         });
@@ -174,4 +224,22 @@ pub async fn first_refusal(
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dropped_messages_are_warned_about_once_per_period_with_their_count() {
+        let drops = Drops::default();
+        assert_eq!(drops.dropped(), Some(1), "the first drop is warned about");
+        for _ in 0..5 {
+            assert_eq!(drops.dropped(), None, "not again within the period");
+        }
+        let past = Instant::now().checked_sub(DROPS_WARNED_EVERY + Duration::from_secs(1));
+        *drops.warned.lock().expect("lock") = past;
+        assert_eq!(drops.dropped(), Some(6), "the next warning counts them all");
+        assert_eq!(drops.dropped(), None);
+    }
 }

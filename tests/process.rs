@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::upstream::{Upstream, FORWARD};
 use common::workers::{
-    run_idemq, send, start_worker, test_config, wait_for_workers, WorkerProcess,
+    run_idemq, send, start_worker, test_config, wait_for_workers, WorkerProcess, BIN,
 };
 use common::NatsServer;
 use idemq::IdempotencyKey;
@@ -319,16 +319,15 @@ async fn a_flood_of_max_size_intents_keeps_the_worker_within_its_memory_bound() 
     let server = NatsServer::start();
     let client = server.connect().await;
     let _upstream = Upstream::start(&client).await;
-    let mut worker = WorkerProcess::serve(
-        &server.url(),
-        &[
-            "--forward",
-            FORWARD,
-            "--concurrency",
-            "4",
-            "--handler-timeout",
-            "5s",
-        ],
+    let logs = tempfile::NamedTempFile::new().expect("a log file");
+    let mut worker = WorkerProcess::spawn(
+        std::process::Command::new(BIN)
+            .args(["serve", "--nats-url", &server.url()])
+            .args(["--forward", FORWARD, "--concurrency", "4"])
+            .args(["--handler-timeout", "5s"])
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(logs.reopen().expect("the log file")),
     );
     wait_for_workers(&client, 1).await;
     let before = worker.peak_rss();
@@ -378,6 +377,16 @@ async fn a_flood_of_max_size_intents_keeps_the_worker_within_its_memory_bound() 
     assert_eq!(reply["result"]["status"], "Success", "{reply}");
     worker.signal("-TERM");
     assert!(worker.wait(Duration::from_secs(30)).await.success());
+    // The overflow is not silent, and not one line per dropped intent.
+    let logs = std::fs::read_to_string(logs.path()).expect("the worker's log");
+    let warnings = logs
+        .lines()
+        .filter(|l| l.contains("the client dropped messages"))
+        .count();
+    assert!(
+        (1..=3).contains(&warnings),
+        "{warnings} drop warnings:\n{logs}"
+    );
 }
 
 /// `--grace` in the shutdown test below.
