@@ -166,7 +166,19 @@ async fn a_core_storm_on_an_r3_bucket_answers_every_copy_with_the_stored_outcome
         order.dedup();
         order.join(",")
     };
-    let args = ["--replicas", "3", "--forward", FORWARD, "--wait", "20s"];
+    // Each worker holds as many copies as it may be sent (all 500) in
+    // flight: a burst past its bound and buffer is dropped by design in
+    // core mode (the senders would retry), which this test is not about.
+    let args = [
+        "--replicas",
+        "3",
+        "--forward",
+        FORWARD,
+        "--wait",
+        "20s",
+        "--concurrency",
+        "512",
+    ];
     let _workers = [
         WorkerProcess::serve(&urls(0), &args),
         WorkerProcess::serve(&urls(1), &args),
