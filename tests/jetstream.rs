@@ -618,11 +618,16 @@ async fn after_a_server_restart_every_worker_takes_work_again_within_seconds() {
     }
 }
 
+/// Intents of the bounded-intake test, and their handler's time.
+const BOUNDED_INTENTS: usize = 32;
+const BOUNDED_SLEEP_MS: u64 = 500;
+
 #[tokio::test]
 async fn a_worker_pulls_no_more_intents_than_it_has_free_permits() {
+    let concurrency = 8;
     let config = WorkerConfig {
-        concurrency: 2,
-        ..js_config(|js| js.ack_wait = Duration::from_secs(2))
+        concurrency,
+        ..js_config(|js| js.ack_wait = Duration::from_secs(3))
     };
     let JsRig {
         server: _server,
@@ -632,35 +637,40 @@ async fn a_worker_pulls_no_more_intents_than_it_has_free_permits() {
         js,
         mut replies,
     } = rig(config, Some(FORWARD)).await;
-    for i in 0..12 {
-        let body = intent(&format!("bounded-{i}"), "slow", json!({"sleep_ms": 700}));
+    for i in 0..BOUNDED_INTENTS {
+        let body = intent(
+            &format!("bounded-{i}"),
+            "slow",
+            json!({ "sleep_ms": BOUNDED_SLEEP_MS }),
+        );
         publish(&js, &body).await;
     }
     // Delivered but not yet acked, sampled while the worker drains them:
-    // never more than the two it can run.
+    // never more than the eight it can run. Pulls of a fixed batch,
+    // topped up before they are used, leave more delivered and waiting.
     let mut consumer = consumer(&js).await;
     let mut most_unacked = 0;
     let mut redelivered = 0;
-    for _ in 0..60 {
+    for _ in 0..100 {
         let info = consumer.info().await.expect("consumer info");
         most_unacked = most_unacked.max(info.num_ack_pending);
         redelivered = redelivered.max(info.num_redelivered);
         if info.num_pending == 0 && info.num_ack_pending == 0 {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let seen = collect(&mut replies, 12, Duration::from_secs(20)).await;
-    assert_eq!(seen.len(), 12);
+    let seen = collect(&mut replies, BOUNDED_INTENTS, Duration::from_secs(20)).await;
+    assert_eq!(seen.len(), BOUNDED_INTENTS);
     assert!(
-        most_unacked <= 2,
+        most_unacked <= concurrency,
         "{most_unacked} delivered and unacked at once"
     );
     assert_eq!(
         redelivered, 0,
         "no intent aged past its ack wait in a local queue"
     );
-    assert_eq!(upstream.total(), 12);
+    assert_eq!(upstream.total() as usize, BOUNDED_INTENTS);
     worker.stop().await;
 }
 

@@ -49,9 +49,10 @@ const PROBE_PAUSE: Duration = Duration::from_millis(50);
 const BASELINE_ERROR: &str = "BENCH_BASELINE_FAILED";
 /// The durable consumer of every stream the bench consumes.
 pub(super) const DURABLE: &str = "bench";
-/// A pull consumer's pull requests, as idemq's worker makes them
-/// (src/delivery/jetstream.rs): expiry, idle heartbeat, and the batch,
-/// half the in-flight bound, at most [`MAX_PULL_BATCH`].
+/// A plain pull consumer's pull requests: a continuous pull with this
+/// expiry and idle heartbeat, in batches of half the in-flight bound, at
+/// most [`MAX_PULL_BATCH`]. (idemq's worker pulls only as many as it has
+/// free permits instead; see src/delivery/jetstream.rs.)
 const PULL_EXPIRES: Duration = Duration::from_secs(30);
 const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
 const MAX_PULL_BATCH: usize = 256;

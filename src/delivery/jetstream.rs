@@ -29,6 +29,7 @@ use async_nats::jetstream::stream::{self, RetentionPolicy, StorageType};
 use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use super::DeliveryError;
@@ -45,13 +46,18 @@ use crate::verdict::Verdict;
 pub const DEAD_REASON_HEADER: &str = "Idem-Dead-Reason";
 /// The reason of an intent that ran out of deliveries.
 pub const MAX_DELIVER_REASON: &str = "max_deliver";
-/// How long a pull request waits on the server before it is renewed.
-const PULL_EXPIRES: Duration = Duration::from_secs(30);
-/// Idle heartbeat of pull requests: a pull the server lost is noticed
-/// within two, and pulled anew (see [`pull_lost`]).
-const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
-/// Pause before re-creating the message stream after it ended.
-const RESUBSCRIBE_DELAY: Duration = Duration::from_secs(1);
+/// How long a pull waits on the server for its first message. It ends
+/// as soon as the messages then available are delivered, or after this
+/// with none.
+const PULL_EXPIRES: Duration = Duration::from_secs(1);
+/// How long past [`PULL_EXPIRES`] a pull the server has not ended is
+/// waited for. The server ends every pull it holds by then, so a pull
+/// still open was lost (the server restarted, the connection broke) and
+/// the next one is made.
+const PULL_GRACE: Duration = Duration::from_secs(1);
+/// Pause after a pull that failed (no responders while JetStream comes
+/// back, a refused request) before the next one.
+const PULL_RETRY_PAUSE: Duration = Duration::from_millis(250);
 /// How long a reply may take to be safe before the intent is nak'ed instead of acked.
 const REPLY_BOUND: Duration = Duration::from_secs(5);
 /// Pause between attempts to store a reply in the stream that captures it.
@@ -160,19 +166,13 @@ impl ReplyRoutes {
 /// The stream advisories after which the streams are listed again.
 const STREAM_CHANGES: [&str; 3] = ["CREATED", "UPDATED", "DELETED"];
 
-/// Most messages asked for per pull.
-const MAX_BATCH: usize = 256;
-
-/// Messages asked for per pull at `concurrency`: half the in-flight bound.
-/// The client pulls again when half a batch is left, so at most 1.5
-/// batches (3/4 of the bound) wait in the client: less than the
-/// subscription's capacity ([`WorkerConfig::subscription_capacity`]), so
-/// none is dropped there to be redelivered only after its ack wait.
+/// Most messages asked for per pull. A pull asks for no more than the
+/// free permits, so never more than the in-flight bound, which the
+/// subscription's capacity ([`WorkerConfig::subscription_capacity`])
+/// holds: none is dropped there to be redelivered only after its ack wait.
 ///
 /// [`WorkerConfig::subscription_capacity`]: crate::config::WorkerConfig::subscription_capacity
-fn pull_batch(concurrency: usize) -> usize {
-    (concurrency / 2).clamp(1, MAX_BATCH)
-}
+const MAX_BATCH: usize = 256;
 
 /// The stream and durable consumer one worker takes intents from.
 pub(crate) struct Consumer {
@@ -241,10 +241,17 @@ impl Consumer {
         })
     }
 
-    /// Pulls and settles intents until shutdown. A message stream that ends
-    /// (consumer deleted, connection gone for good) is re-created after a
-    /// pause; transient stream errors (missed heartbeats while the server
-    /// restarts) are logged and the stream resumes by itself.
+    /// Pulls and settles intents until shutdown.
+    ///
+    /// Each pull asks for exactly as many messages as there are free
+    /// permits (at least one, at most [`MAX_BATCH`]) and holds those
+    /// permits while it waits, so every message delivered starts at once
+    /// with its own: none ages against its ack wait in a local queue, and
+    /// the server keeps the rest for other workers. A pull ends once the
+    /// messages available are delivered, or after [`PULL_EXPIRES`] with
+    /// none; its unused permits are then free again. One the server lost
+    /// is given up after [`PULL_GRACE`] more, so a worker takes work again
+    /// within about two seconds of a reconnect.
     pub(crate) async fn take(self, pipeline: &Arc<Pipeline>, intake: &Intake) {
         let this = Arc::new(self);
         intake.tracker.spawn(
@@ -258,52 +265,81 @@ impl Consumer {
         intake
             .tracker
             .spawn(async move { routes.routes.keep_current(client, shutdown).await });
-        let batch = pull_batch(pipeline.config.concurrency);
-        while !intake.shutdown.is_cancelled() {
-            let messages = this
-                .consumer
-                .stream()
-                .max_messages_per_batch(batch)
-                .expires(PULL_EXPIRES)
-                .heartbeat(PULL_HEARTBEAT)
-                .messages()
-                .await;
-            match messages {
-                Ok(mut messages) => {
-                    while let Some((permit, next)) = intake.next(&mut messages).await {
-                        let message = match next {
-                            Ok(message) => message,
-                            // The client thinks a pull is still waiting on
-                            // the server, but the server lost it (restarted,
-                            // or answered before its JetStream was back):
-                            // nothing would come until the pull expires.
-                            // A fresh stream pulls at once.
-                            Err(error) if pull_lost(&error) => {
-                                tracing::warn!(%error, "pull request lost; pulling anew");
-                                break;
-                            }
-                            Err(error) => {
-                                tracing::warn!(%error, "pull consumer hiccup");
-                                continue;
-                            }
-                        };
-                        let (pipeline, this) = (Arc::clone(pipeline), Arc::clone(&this));
-                        let abandon = intake.abandon.clone();
-                        intake.tracker.spawn(async move {
-                            let _permit = permit;
-                            this.settle(&pipeline, message, &abandon).await;
-                        });
-                    }
+        while let Some(permits) = intake.free_permits(MAX_BATCH).await {
+            if !this.pull(pipeline, intake, permits).await {
+                tokio::select! {
+                    () = intake.shutdown.cancelled() => {}
+                    () = tokio::time::sleep(PULL_RETRY_PAUSE) => {}
                 }
-                Err(error) => tracing::warn!(%error, "cannot pull from the consumer; retrying"),
-            }
-            tokio::select! {
-                () = intake.shutdown.cancelled() => {}
-                () = tokio::time::sleep(RESUBSCRIBE_DELAY) => {}
             }
         }
-        // Stopping here stops pulling; messages already pulled but not
-        // taken are redelivered after their ack wait.
+        // Stopping here stops pulling; a pull still open on the server
+        // delivers to no one, and those messages are redelivered after
+        // their ack wait.
+    }
+
+    /// One pull of one message per permit in `permits`: each message
+    /// delivered is settled in its own task with one of them. False when
+    /// the pull failed rather than ended.
+    async fn pull(
+        self: &Arc<Self>,
+        pipeline: &Arc<Pipeline>,
+        intake: &Intake,
+        mut permits: OwnedSemaphorePermit,
+    ) -> bool {
+        let pulled = self
+            .consumer
+            .fetch()
+            .max_messages(permits.num_permits())
+            .expires(PULL_EXPIRES)
+            .messages()
+            .await;
+        let mut messages = match pulled {
+            Ok(messages) => messages,
+            Err(error) => {
+                tracing::warn!(%error, "cannot pull from the consumer; retrying");
+                return false;
+            }
+        };
+        let lost = tokio::time::sleep(PULL_EXPIRES + PULL_GRACE);
+        tokio::pin!(lost);
+        loop {
+            let next = tokio::select! {
+                biased;
+                () = intake.shutdown.cancelled() => return true,
+                next = messages.next() => next,
+                () = &mut lost => {
+                    tracing::warn!("a pull outlived its expiry on the server; pulling anew");
+                    return true;
+                }
+            };
+            let message = match next {
+                None => return true,
+                Some(Ok(message)) => message,
+                // No responders (the server restarted, or its JetStream is
+                // not back yet), a status the pull ends with: the server
+                // holds no pull of ours any more.
+                Some(Err(error)) => {
+                    tracing::warn!(%error, "pull ended early; pulling anew");
+                    return false;
+                }
+            };
+            // A pull delivers at most one message per permit; should the
+            // server send more, the extra one waits for a permit here.
+            let permit = match permits.split(1) {
+                Some(permit) => permit,
+                None => match Arc::clone(&intake.permits).acquire_owned().await {
+                    Ok(permit) => permit,
+                    Err(_) => return true,
+                },
+            };
+            let (pipeline, this) = (Arc::clone(pipeline), Arc::clone(self));
+            let abandon = intake.abandon.clone();
+            intake.tracker.spawn(async move {
+                let _permit = permit;
+                this.settle(&pipeline, message, &abandon).await;
+            });
+        }
     }
 
     /// Runs one delivery through the pipeline with progress acks, then acks,
@@ -598,15 +634,6 @@ fn dead_letter_headers(original: Option<&HeaderMap>, reason: &str) -> HeaderMap 
     headers
 }
 
-/// Whether a pull stream error means the server holds no pull request of
-/// ours any more, so the stream must be made again to take work.
-fn pull_lost(error: &pull::MessagesError) -> bool {
-    matches!(
-        error.kind(),
-        pull::MessagesErrorKind::MissingHeartbeat | pull::MessagesErrorKind::NoResponders
-    )
-}
-
 /// The nak delay: the verdict's suggestion, doubled per delivery, capped.
 fn nak_delay(after: Duration, delivered: i64) -> Duration {
     let doublings = u32::try_from(delivered.saturating_sub(1))
@@ -645,18 +672,14 @@ mod tests {
     }
 
     #[test]
-    fn pulled_messages_fit_the_subscription_buffer() {
+    fn a_pull_fits_the_subscription_buffer() {
         for concurrency in [1, 2, 3, 64, 256, 1024, 100_000] {
             let config = crate::config::WorkerConfig {
                 concurrency,
                 ..Default::default()
             };
-            let batch = pull_batch(concurrency);
-            assert!(batch >= 1);
-            assert!(
-                batch + batch / 2 <= config.subscription_capacity(),
-                "{concurrency}"
-            );
+            // A pull asks for at most the free permits and MAX_BATCH.
+            assert!(concurrency.min(MAX_BATCH) <= config.subscription_capacity());
         }
     }
 
