@@ -674,6 +674,55 @@ async fn a_worker_pulls_no_more_intents_than_it_has_free_permits() {
     worker.stop().await;
 }
 
+/// Pull requests (`CONSUMER.MSG.NEXT`) seen on `api` until `bound` passes.
+async fn pull_requests(api: &mut Subscriber, bound: Duration) -> usize {
+    let deadline = tokio::time::Instant::now() + bound;
+    let mut seen = 0;
+    while let Ok(Some(_)) = tokio::time::timeout_at(deadline, api.next()).await {
+        seen += 1;
+    }
+    seen
+}
+
+#[tokio::test]
+async fn workers_that_can_be_given_nothing_do_not_spin_on_pulls() {
+    // The consumer may have 2 messages out; each worker could run 8. With
+    // 2 running and 3 waiting on the server, a worker's pull is answered
+    // at once with nothing ("requests pending": the other worker's pull
+    // already covers them) for as long as the 2 run.
+    let server = NatsServer::start();
+    let client = server.connect().await;
+    let upstream = Upstream::start(&client).await;
+    let args = ["--max-ack-pending", "2", "--concurrency", "8"];
+    let _workers = [
+        spawn_worker(&server.url(), &args),
+        spawn_worker(&server.url(), &args),
+    ];
+    wait_for_workers(&client, 2).await;
+    let js = jetstream::new(client.clone());
+    for i in 0..5 {
+        let body = intent(&format!("held-{i}"), "slow", json!({"sleep_ms": 3000}));
+        publish(&js, &body).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut api = client
+        .subscribe(format!("$JS.API.CONSUMER.MSG.NEXT.{STREAM}.{DURABLE}"))
+        .await
+        .expect("subscribe");
+    let pulls = pull_requests(&mut api, Duration::from_secs(2)).await;
+    println!("{pulls} pull requests in 2 s from two workers given nothing");
+    // A pull that waits its 1 s expiry, or one answered at once followed
+    // by a 250 ms pause: about 10 in 2 s. Spinning is thousands.
+    assert!(pulls <= 40, "{pulls} pull requests in 2 s");
+    for _ in 0..200 {
+        if upstream.total() == 5 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(upstream.total(), 5, "every intent still runs");
+}
+
 /// Stream lookups (`STREAM.NAMES`, `STREAM.LIST`) seen on `api` until `bound` passes.
 async fn stream_lookups(api: &mut Subscriber, bound: Duration) -> usize {
     let deadline = tokio::time::Instant::now() + bound;

@@ -280,7 +280,9 @@ impl Consumer {
 
     /// One pull of one message per permit in `permits`: each message
     /// delivered is settled in its own task with one of them. False when
-    /// the pull failed rather than ended.
+    /// the next pull should wait a little: this one failed, or ended at
+    /// once with nothing (so a server that keeps answering so cannot make
+    /// the worker spin).
     async fn pull(
         self: &Arc<Self>,
         pipeline: &Arc<Pipeline>,
@@ -301,8 +303,10 @@ impl Consumer {
                 return false;
             }
         };
-        let lost = tokio::time::sleep(PULL_EXPIRES + PULL_GRACE);
+        let sent = tokio::time::Instant::now();
+        let lost = tokio::time::sleep_until(sent + PULL_EXPIRES + PULL_GRACE);
         tokio::pin!(lost);
+        let mut taken = 0_usize;
         loop {
             let next = tokio::select! {
                 biased;
@@ -314,7 +318,7 @@ impl Consumer {
                 }
             };
             let message = match next {
-                None => return true,
+                None => return taken > 0 || sent.elapsed() >= PULL_EXPIRES / 2,
                 Some(Ok(message)) => message,
                 // No responders (the server restarted, or its JetStream is
                 // not back yet), a status the pull ends with: the server
@@ -333,6 +337,7 @@ impl Consumer {
                     Err(_) => return true,
                 },
             };
+            taken += 1;
             let (pipeline, this) = (Arc::clone(pipeline), Arc::clone(self));
             let abandon = intake.abandon.clone();
             intake.tracker.spawn(async move {
