@@ -360,6 +360,7 @@ static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(())
 async fn soak(delivery: Delivery, mut servers: Servers) {
     let _turn = ONE_AT_A_TIME.lock().await;
     let (secs, seed) = settings();
+    let t0 = Instant::now();
     println!("chaos {delivery:?}: {secs} s, IDEMQ_CHAOS_SEED={seed}");
     let cluster = matches!(servers, Servers::Cluster(_));
     // The three runs of one seed make different choices.
@@ -581,7 +582,7 @@ async fn soak(delivery: Delivery, mut servers: Servers) {
         let record = idemq::store::IdempotencyStore::get(&store, &parsed)
             .await
             .expect("get")
-            .unwrap_or_else(|| panic!("{key} was answered but nothing is stored"));
+            .unwrap_or_else(|| panic!("{key} was answered but nothing is stored (seed {seed})"));
         let outcome = serde_json::to_value(record.result.as_ref().expect("done")).expect("json");
         let exec = outcome["data"]["exec"].as_u64().or_else(|| {
             outcome["data"]["message"]
@@ -591,18 +592,41 @@ async fn soak(delivery: Delivery, mut servers: Servers) {
         });
         stored_exec.insert(key.clone(), (outcome, record.stored_at, exec));
     }
+    // What a failure below needs to be understood: the key's executions
+    // and the faults, in ms since the start.
+    let upstream_seen = upstream.executions();
+    let explain = |key: &str| {
+        let ms = |at: Instant| at.saturating_duration_since(t0).as_millis();
+        let runs: Vec<String> = upstream_seen
+            .iter()
+            .filter(|e| e.key == key)
+            .map(|e| format!("exec {} on {:?} at {}", e.id, e.worker, ms(e.at)))
+            .collect();
+        let faults: Vec<String> = faults
+            .iter()
+            .map(|f| format!("{} on {:?} at {}", f.what, f.worker, ms(f.at)))
+            .collect();
+        format!("seed {seed}; executions {runs:?}; faults {faults:?}")
+    };
     let mut compared = 0;
     for reply in answers.iter().filter(|reply| settled(reply)) {
         let key = reply["idem_key"].as_str().expect("idem_key");
         let (outcome, stored_at, _) = &stored_exec[key];
         assert_eq!(
-            &reply["result"], outcome,
-            "{key}: the answer is not the stored outcome"
+            &reply["result"],
+            outcome,
+            "{key}: the answer {reply} is not the stored outcome; {}",
+            explain(key)
         );
         let at = reply["stored_at"]
             .as_str()
             .and_then(|at| chrono::DateTime::parse_from_rfc3339(at).ok());
-        assert_eq!(at, Some((*stored_at).into()), "{key}: {reply}");
+        assert_eq!(
+            at,
+            Some((*stored_at).into()),
+            "{key}: {reply}; {}",
+            explain(key)
+        );
         compared += 1;
     }
     assert!(compared >= sent.len(), "every intent has a settled answer");
