@@ -46,9 +46,8 @@ use crate::verdict::Verdict;
 pub const DEAD_REASON_HEADER: &str = "Idem-Dead-Reason";
 /// The reason of an intent that ran out of deliveries.
 pub const MAX_DELIVER_REASON: &str = "max_deliver";
-/// How long a pull waits on the server for its first message. It ends
-/// as soon as the messages then available are delivered, or after this
-/// with none.
+/// How long a pull waits on the server for the messages it asks for. It
+/// ends as soon as it has them all, or after this with what came.
 const PULL_EXPIRES: Duration = Duration::from_secs(1);
 /// How long past [`PULL_EXPIRES`] a pull the server has not ended is
 /// waited for. The server ends every pull it holds by then, so a pull
@@ -247,9 +246,9 @@ impl Consumer {
     /// permits (at least one, at most [`MAX_BATCH`]) and holds those
     /// permits while it waits, so every message delivered starts at once
     /// with its own: none ages against its ack wait in a local queue, and
-    /// the server keeps the rest for other workers. A pull ends once the
-    /// messages available are delivered, or after [`PULL_EXPIRES`] with
-    /// none; its unused permits are then free again. One the server lost
+    /// the server keeps the rest for other workers. A pull ends once it
+    /// has all its messages, or after [`PULL_EXPIRES`] with what came; its
+    /// unused permits are then free again. One the server lost
     /// is given up after [`PULL_GRACE`] more, so a worker takes work again
     /// within about two seconds of a reconnect.
     pub(crate) async fn take(self, pipeline: &Arc<Pipeline>, intake: &Intake) {
@@ -291,7 +290,7 @@ impl Consumer {
     ) -> bool {
         let pulled = self
             .consumer
-            .fetch()
+            .batch()
             .max_messages(permits.num_permits())
             .expires(PULL_EXPIRES)
             .messages()
