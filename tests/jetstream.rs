@@ -618,16 +618,17 @@ async fn after_a_server_restart_every_worker_takes_work_again_within_seconds() {
     }
 }
 
-/// Intents of the bounded-intake test, and their handler's time.
-const BOUNDED_INTENTS: usize = 32;
-const BOUNDED_SLEEP_MS: u64 = 500;
+/// Intents of the bounded-intake test, and their handler's time: longer
+/// than the ack wait, which progress acks cover only once an intent runs.
+const BOUNDED_INTENTS: usize = 24;
+const BOUNDED_SLEEP_MS: u64 = 1500;
 
 #[tokio::test]
 async fn a_worker_pulls_no_more_intents_than_it_has_free_permits() {
     let concurrency = 8;
     let config = WorkerConfig {
         concurrency,
-        ..js_config(|js| js.ack_wait = Duration::from_secs(3))
+        ..js_config(|js| js.ack_wait = Duration::from_secs(1))
     };
     let JsRig {
         server: _server,
@@ -645,13 +646,14 @@ async fn a_worker_pulls_no_more_intents_than_it_has_free_permits() {
         );
         publish(&js, &body).await;
     }
-    // Delivered but not yet acked, sampled while the worker drains them:
-    // never more than the eight it can run. Pulls of a fixed batch,
-    // topped up before they are used, leave more delivered and waiting.
+    // A message pulled beyond the eight that run waits in the client for
+    // a running one to end (1.5 s), past its 1 s ack wait with no progress
+    // ack, and the server delivers it again. Pulled only for a free
+    // permit, each one runs, with progress acks, from its delivery on.
     let mut consumer = consumer(&js).await;
     let mut most_unacked = 0;
     let mut redelivered = 0;
-    for _ in 0..100 {
+    for _ in 0..200 {
         let info = consumer.info().await.expect("consumer info");
         most_unacked = most_unacked.max(info.num_ack_pending);
         redelivered = redelivered.max(info.num_redelivered);
@@ -660,12 +662,11 @@ async fn a_worker_pulls_no_more_intents_than_it_has_free_permits() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let seen = collect(&mut replies, BOUNDED_INTENTS, Duration::from_secs(20)).await;
+    let seen = collect(&mut replies, BOUNDED_INTENTS, Duration::from_secs(30)).await;
+    // The server's count includes acks still on their way, so it is shown,
+    // not asserted.
+    println!("at most {most_unacked} delivered and unacked at once (bound {concurrency})");
     assert_eq!(seen.len(), BOUNDED_INTENTS);
-    assert!(
-        most_unacked <= concurrency,
-        "{most_unacked} delivered and unacked at once"
-    );
     assert_eq!(
         redelivered, 0,
         "no intent aged past its ack wait in a local queue"
