@@ -2,7 +2,6 @@
 //! subcommand shares ([`NatsArgs`]), [`connect`], and telling a permission
 //! the server refused from other server errors ([`first_refusal`]).
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -88,28 +87,35 @@ const DROPS_WARNED_EVERY: Duration = Duration::from_secs(10);
 /// warned about at most once per [`DROPS_WARNED_EVERY`] so a flood cannot
 /// flood the log too.
 #[derive(Debug, Default)]
-struct Drops {
+struct Drops(Mutex<DropsSince>);
+
+/// What [`Drops`] counts since its last warning.
+#[derive(Debug, Default)]
+struct DropsSince {
     /// Dropped since the last warning.
-    unwarned: AtomicU64,
+    unwarned: u64,
     /// When the last warning was given.
-    warned: Mutex<Option<Instant>>,
+    warned: Option<Instant>,
 }
 
 impl Drops {
     /// Counts one dropped message; the number to warn about now, if a
     /// warning is due.
     fn dropped(&self) -> Option<u64> {
-        self.unwarned.fetch_add(1, Ordering::Relaxed);
-        let mut warned = self
-            .warned
+        let mut since = self
+            .0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        since.unwarned += 1;
         let now = Instant::now();
-        if warned.is_some_and(|at| now.duration_since(at) < DROPS_WARNED_EVERY) {
+        if since
+            .warned
+            .is_some_and(|at| now.duration_since(at) < DROPS_WARNED_EVERY)
+        {
             return None;
         }
-        *warned = Some(now);
-        Some(self.unwarned.swap(0, Ordering::Relaxed))
+        since.warned = Some(now);
+        Some(std::mem::take(&mut since.unwarned))
     }
 }
 
@@ -238,7 +244,7 @@ mod tests {
             assert_eq!(drops.dropped(), None, "not again within the period");
         }
         let past = Instant::now().checked_sub(DROPS_WARNED_EVERY + Duration::from_secs(1));
-        *drops.warned.lock().expect("lock") = past;
+        drops.0.lock().expect("lock").warned = past;
         assert_eq!(drops.dropped(), Some(6), "the next warning counts them all");
         assert_eq!(drops.dropped(), None);
     }

@@ -328,12 +328,13 @@ impl Consumer {
                 }
             };
             // A pull delivers at most one message per permit; should the
-            // server send more, the extra one waits for a permit here.
+            // server send more, the extra one waits for a permit here
+            // (until shutdown, like any other).
             let permit = match permits.split(1) {
                 Some(permit) => permit,
-                None => match Arc::clone(&intake.permits).acquire_owned().await {
-                    Ok(permit) => permit,
-                    Err(_) => return true,
+                None => match intake.free_permits(1).await {
+                    Some(permit) => permit,
+                    None => return true,
                 },
             };
             taken += 1;
