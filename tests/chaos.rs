@@ -38,7 +38,7 @@ use async_nats::jetstream;
 use async_nats::{Client, HeaderMap};
 use common::cluster::NatsCluster;
 use common::proxy::{Direction, FaultProxy, Mode};
-use common::workers::{wait_for_workers, WorkerProcess};
+use common::workers::{stream_replies, wait_for_workers, WorkerProcess};
 use common::NatsServer;
 use futures::StreamExt;
 use serde_json::{json, Value};
@@ -328,19 +328,6 @@ async fn request(client: &Client, body: &Value, seen: &Mutex<Vec<Value>>) {
     panic!("no settled answer within 90 s: {body}");
 }
 
-/// Every reply the results stream holds.
-async fn captured(js: &jetstream::Context) -> Vec<Value> {
-    let mut stream = js.get_stream("RESULTS").await.expect("results stream");
-    let last = stream.info().await.expect("info").state.last_sequence;
-    let mut replies = Vec::new();
-    for sequence in 1..=last {
-        if let Ok(message) = stream.get_raw_message(sequence).await {
-            replies.push(serde_json::from_slice(&message.payload).expect("reply JSON"));
-        }
-    }
-    replies
-}
-
 fn settings() -> (u64, u64) {
     let secs = std::env::var("IDEMQ_CHAOS_SECS")
         .ok()
@@ -550,7 +537,7 @@ async fn soak(delivery: Delivery, mut servers: Servers) {
         Delivery::JetStream => {
             let settle = Instant::now() + SETTLE_BOUND;
             loop {
-                let replies = captured(&js).await;
+                let replies = stream_replies(&js, "RESULTS").await;
                 let answered: std::collections::HashSet<&str> = replies
                     .iter()
                     .filter_map(|r| r["idem_key"].as_str())

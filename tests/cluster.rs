@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use common::cluster::NatsCluster;
 use common::upstream::{Upstream, FORWARD};
-use common::workers::{request_within, wait_for_workers, WorkerProcess};
+use common::workers::{request_within, stream_replies, wait_for_workers, WorkerProcess};
 use serde_json::{json, Value};
 
 const INTENTS: usize = 200;
@@ -30,17 +30,6 @@ async fn publish_with_retry(js: &jetstream::Context, body: String) {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     panic!("the stream did not accept an intent within ~20s");
-}
-
-/// The first `count` replies the RESULTS stream holds.
-async fn stored_replies(js: &jetstream::Context, count: u64) -> Vec<Value> {
-    let stream = js.get_stream("RESULTS").await.expect("results stream");
-    let mut replies = Vec::new();
-    for sequence in 1..=count {
-        let message = stream.get_raw_message(sequence).await.expect("a reply");
-        replies.push(serde_json::from_slice(&message.payload).expect("a JSON reply"));
-    }
-    replies
 }
 
 #[tokio::test]
@@ -115,7 +104,7 @@ async fn a_node_lost_mid_run_loses_no_intent_and_repeats_none() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(answered, INTENTS as u64, "every intent answered once");
-    let replies = stored_replies(&js, answered).await;
+    let replies = stream_replies(&js, "RESULTS").await;
     let mut keys = std::collections::HashSet::new();
     let mut timeouts = 0;
     for reply in &replies {

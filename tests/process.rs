@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::upstream::{Upstream, FORWARD};
 use common::workers::{
-    run_idemq, send, start_worker, test_config, wait_for_workers, WorkerProcess, BIN,
+    run_idemq, send, start_worker, test_config, wait_for_workers, WorkerProcess,
 };
 use common::NatsServer;
 use idemq::IdempotencyKey;
@@ -320,14 +320,18 @@ async fn a_flood_of_max_size_intents_keeps_the_worker_within_its_memory_bound() 
     let client = server.connect().await;
     let _upstream = Upstream::start(&client).await;
     let logs = tempfile::NamedTempFile::new().expect("a log file");
-    let mut worker = WorkerProcess::spawn(
-        std::process::Command::new(BIN)
-            .args(["serve", "--nats-url", &server.url()])
-            .args(["--forward", FORWARD, "--concurrency", "4"])
-            .args(["--handler-timeout", "5s"])
-            .env("RUST_LOG", "warn")
-            .stdout(std::process::Stdio::null())
-            .stderr(logs.reopen().expect("the log file")),
+    let mut worker = WorkerProcess::serve_logging(
+        &server.url(),
+        &[
+            "--forward",
+            FORWARD,
+            "--concurrency",
+            "4",
+            "--handler-timeout",
+            "5s",
+        ],
+        "warn",
+        logs.reopen().expect("the log file"),
     );
     wait_for_workers(&client, 1).await;
     let before = worker.peak_rss();

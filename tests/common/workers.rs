@@ -179,6 +179,25 @@ pub fn code(reply: &Value) -> &str {
 /// The `idemq` binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_idemq");
 
+/// Every message `stream` holds, from sequence 1, as JSON (a sequence that
+/// cannot be read is skipped): the replies a results stream captured.
+pub async fn stream_replies(js: &async_nats::jetstream::Context, stream: &str) -> Vec<Value> {
+    let mut stream = js.get_stream(stream).await.expect("the stream");
+    let last = stream
+        .info()
+        .await
+        .expect("stream info")
+        .state
+        .last_sequence;
+    let mut replies = Vec::new();
+    for sequence in 1..=last {
+        if let Ok(message) = stream.get_raw_message(sequence).await {
+            replies.push(serde_json::from_slice(&message.payload).expect("reply JSON"));
+        }
+    }
+    replies
+}
+
 /// Bound on one `idemq` one-shot command in a test.
 pub const COMMAND_BOUND: Duration = Duration::from_secs(30);
 
@@ -215,14 +234,35 @@ impl WorkerProcess {
     pub fn serve_with_env(url: &str, args: &[&str], env: &[(&str, &str)]) -> WorkerProcess {
         let level = std::env::var("IDEMQ_TEST_LOG").unwrap_or_else(|_| "error".to_owned());
         WorkerProcess::spawn(
-            Command::new(BIN)
-                .args(["serve", "--nats-url", url])
-                .args(args)
+            Self::serve_command(url, args)
                 .envs(env.iter().copied())
                 .env("RUST_LOG", level)
-                .stdout(Stdio::null())
                 .stderr(Stdio::inherit()),
         )
+    }
+
+    /// Like [`WorkerProcess::serve`], logging at `level` into `log`.
+    pub fn serve_logging(
+        url: &str,
+        args: &[&str],
+        level: &str,
+        log: std::fs::File,
+    ) -> WorkerProcess {
+        WorkerProcess::spawn(
+            Self::serve_command(url, args)
+                .env("RUST_LOG", level)
+                .stderr(log),
+        )
+    }
+
+    /// `idemq serve --nats-url URL ARGS...`, its stdout discarded.
+    fn serve_command(url: &str, args: &[&str]) -> Command {
+        let mut command = Command::new(BIN);
+        command
+            .args(["serve", "--nats-url", url])
+            .args(args)
+            .stdout(Stdio::null());
+        command
     }
 
     /// Starts a prepared `idemq` command (for tests that set its
