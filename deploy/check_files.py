@@ -38,6 +38,8 @@ COUNTERS = {
     "idemq_intents_waited_total",
     "idemq_intents_in_progress_total",
     "idemq_intents_key_reused_total",
+    "idemq_intents_overloaded_total",
+    "idemq_outcomes_unstored_total",
     "idemq_intents_invalid_total",
     "idemq_transient_failures_total",
     "idemq_store_errors_total",
@@ -52,7 +54,7 @@ HISTOGRAMS = {"idemq_handler_duration_seconds", "idemq_intent_duration_seconds"}
 CONFIG_KEYS = {
     "nats-url", "subject", "queue-group", "bucket", "ttl", "replicas",
     "forward", "handler-timeout", "wait", "lease", "concurrency",
-    "max-payload", "stream", "durable", "dead-letter-subject", "ack-wait",
+    "max-payload", "intake-bytes", "stream", "durable", "dead-letter-subject", "ack-wait",
     "max-deliver", "backoff", "max-ack-pending", "cache", "grace",
     "metrics-addr", "log-format",
     "token", "user", "password", "nkey", "creds",

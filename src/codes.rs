@@ -17,6 +17,8 @@ pub const IN_PROGRESS: &str = "IN_PROGRESS";
 pub const NO_HANDLER: &str = "NO_HANDLER";
 /// The bucket could not be read or written.
 pub const STORE_UNAVAILABLE: &str = "STORE_UNAVAILABLE";
+/// The core intake already holds `--intake-bytes` of waiting intents (v1.2).
+pub const OVERLOADED: &str = "OVERLOADED";
 /// Stored: the outcome was too large for the store (PROTOCOL.md v1.1).
 pub const RESULT_TOO_LARGE: &str = "RESULT_TOO_LARGE";
 /// Stored: the upstream's reply could not be read as an outcome.

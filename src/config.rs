@@ -29,8 +29,15 @@ pub struct WorkerConfig {
     pub wait: Duration,
     /// The claim's lease, renewed every third of it while the handler runs.
     pub lease: Duration,
-    /// Most intents in flight at once; intake pauses at the bound.
+    /// Most intents in flight at once; what arrives past it waits in the
+    /// intake (core mode) or in the stream (JetStream mode).
     pub concurrency: usize,
+    /// Core mode: bytes of waiting intents the intake holds (`--intake-bytes`,
+    /// PROTOCOL.md v1.2 §6). A delivery that does not fit is answered
+    /// `OVERLOADED` at once, never dropped. Counted per message as its
+    /// subject, reply subject, headers and payload, plus
+    /// [`INTAKE_OVERHEAD`] for what holding it costs.
+    pub intake_bytes: usize,
     /// Largest accepted payload in bytes.
     pub max_payload: usize,
     /// How long shutdown waits for in-flight intents.
@@ -112,23 +119,12 @@ impl JetStreamConfig {
     }
 }
 
-/// Fewest messages a worker's subscriptions buffer, whatever `--concurrency`:
-/// room for discovery requests, purge notices and wake-ups beside intents.
-pub const MIN_SUBSCRIPTION_CAPACITY: usize = 64;
+/// What the intake counts for holding one message beside its bytes: the
+/// message's own struct, its allocations and its queue slot, so that a
+/// flood of tiny intents is bounded too.
+pub const INTAKE_OVERHEAD: usize = 256;
 
 impl WorkerConfig {
-    /// How many messages each of the worker connection's subscriptions may
-    /// buffer: the in-flight bound (at least [`MIN_SUBSCRIPTION_CAPACITY`]).
-    /// A core-mode worker at its bound stops reading intents; without this
-    /// cap the client would buffer up to 65,536 of them (at 1 MiB each,
-    /// gigabytes). Past it the client drops intents (the worker warns, at
-    /// most every 10 s, with how many), and their senders retry, as core
-    /// request/reply expects. Embedders pass it to
-    /// `ConnectOptions::subscription_capacity`.
-    pub fn subscription_capacity(&self) -> usize {
-        self.concurrency.max(MIN_SUBSCRIPTION_CAPACITY)
-    }
-
     /// The claim's settings, as the run-once API takes them.
     pub fn run_options(&self) -> crate::run_once::RunOptions {
         crate::run_once::RunOptions {
@@ -169,6 +165,7 @@ impl Default for WorkerConfig {
             wait: run.wait,
             lease: run.lease,
             concurrency: 256,
+            intake_bytes: 64 << 20,
             max_payload: 1024 * 1024,
             grace: Duration::from_secs(10),
             delivery: Delivery::Core,
@@ -228,6 +225,9 @@ impl WorkerConfig {
         }
         if self.concurrency == 0 {
             problem("--concurrency must be at least 1".to_owned());
+        }
+        if self.intake_bytes == 0 {
+            problem("--intake-bytes must be at least 1".to_owned());
         }
         if self.max_payload == 0 {
             problem("--max-payload must be at least 1".to_owned());

@@ -146,6 +146,23 @@ impl Default for Limits {
     }
 }
 
+/// The reply target a message names, read without decoding the intent:
+/// `Idem-Reply-To`, else the body's `reply_to` (its other fields are only
+/// skipped over). For answering a message refused before it is decoded
+/// (`OVERLOADED`); the caller vets the target as for any intent.
+pub(crate) fn named_reply_target(headers: Option<&HeaderMap>, payload: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Named<'a> {
+        #[serde(borrow, default)]
+        reply_to: Option<std::borrow::Cow<'a, str>>,
+    }
+    if let Some(header) = headers.and_then(|h| h.get(REPLY_TO_HEADER)) {
+        return Some(header.as_str().to_owned());
+    }
+    let named: Named<'_> = serde_json::from_slice(payload).ok()?;
+    named.reply_to.map(std::borrow::Cow::into_owned)
+}
+
 impl Intent {
     /// Decodes and validates one message into an intent.
     pub fn decode(

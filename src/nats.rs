@@ -2,12 +2,13 @@
 //! subcommand shares ([`NatsArgs`]), [`connect`], and telling a permission
 //! the server refused from other server errors ([`first_refusal`]).
 
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Args;
 
 use crate::auth::{AuthArgs, AuthError};
+use crate::stats::Throttle;
 
 /// The default server, when neither `--nats-url`, `IDEMQ_NATS_URL` nor `NATS_URL` is set.
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
@@ -82,68 +83,33 @@ pub enum ConnectError {
 /// How often, at most, messages the client dropped are warned about.
 const DROPS_WARNED_EVERY: Duration = Duration::from_secs(10);
 
-/// Messages the client dropped because a subscription's buffer was full
-/// (a core-mode worker past its in-flight bound and buffer): counted, and
-/// warned about at most once per [`DROPS_WARNED_EVERY`] so a flood cannot
-/// flood the log too.
-#[derive(Debug, Default)]
-struct Drops(Mutex<DropsSince>);
-
-/// What [`Drops`] counts since its last warning.
-#[derive(Debug, Default)]
-struct DropsSince {
-    /// Dropped since the last warning.
-    unwarned: u64,
-    /// When the last warning was given.
-    warned: Option<Instant>,
-}
-
-impl Drops {
-    /// Counts one dropped message; the number to warn about now, if a
-    /// warning is due.
-    fn dropped(&self) -> Option<u64> {
-        let mut since = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        since.unwarned += 1;
-        let now = Instant::now();
-        if since
-            .warned
-            .is_some_and(|at| now.duration_since(at) < DROPS_WARNED_EVERY)
-        {
-            return None;
-        }
-        since.warned = Some(now);
-        Some(std::mem::take(&mut since.unwarned))
-    }
-}
-
 /// Connects to the servers of `nats` with its authentication, a bounded
 /// timeout and a connection name the server shows. Errors the server
 /// reports later (a permission violation, say) are logged, and so are
 /// messages the client drops because a subscription's buffer is full.
 pub async fn connect(nats: &NatsArgs, name: &str) -> Result<async_nats::Client, ConnectError> {
-    connect_reporting(nats, name, None, None).await
+    connect_reporting(nats, name, None).await
 }
 
 /// Like [`connect`], and also hands every error the server reports on the
 /// connection to `server_errors` (dropped when the channel is full): `serve`
 /// refuses to run with permissions it lacks instead of idling. With
-/// `subscription_capacity` every subscription buffers at most that many
-/// messages (see [`WorkerConfig::subscription_capacity`](crate::config::WorkerConfig::subscription_capacity)).
+/// Subscriptions keep the client's own buffer (65,536 messages): a
+/// worker reads its intent subscriptions at once into its byte-bounded
+/// intake, so that buffer only absorbs a scheduling hiccup.
 pub async fn connect_reporting(
     nats: &NatsArgs,
     name: &str,
     server_errors: Option<tokio::sync::mpsc::Sender<async_nats::ServerError>>,
-    subscription_capacity: Option<usize>,
 ) -> Result<async_nats::Client, ConnectError> {
     // Credentials in the URLs become connect options; the client, its
     // logs and our errors see only the servers, and a masked list.
     let given = nats.url();
     let (servers, from_url) = crate::auth::split_url_credentials(&given)?;
     let url = crate::auth::mask_url(&given);
-    let drops = Arc::new(Drops::default());
+    // Messages the client dropped because a subscription's buffer was full:
+    // warned about at most once per period, so a flood cannot flood the log.
+    let drops = Arc::new(Throttle::new(DROPS_WARNED_EVERY));
     let options = async_nats::ConnectOptions::new()
         .name(name)
         .connection_timeout(CONNECT_TIMEOUT)
@@ -160,7 +126,7 @@ pub async fn connect_reporting(
                         }
                     }
                     async_nats::Event::SlowConsumer(sid) => {
-                        if let Some(dropped) = drops.dropped() {
+                        if let Some(dropped) = drops.count() {
                             tracing::warn!(
                                 subscription = sid,
                                 dropped,
@@ -174,10 +140,6 @@ pub async fn connect_reporting(
         });
     let options = match &nats.inbox_prefix {
         Some(prefix) => options.custom_inbox_prefix(prefix.clone()),
-        None => options,
-    };
-    let options = match subscription_capacity {
-        Some(capacity) => options.subscription_capacity(capacity),
         None => options,
     };
     let options = nats.auth.apply_with(options, from_url.as_ref())?;
@@ -230,22 +192,4 @@ pub async fn first_refusal(
         }
     }
     None
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn dropped_messages_are_warned_about_once_per_period_with_their_count() {
-        let drops = Drops::default();
-        assert_eq!(drops.dropped(), Some(1), "the first drop is warned about");
-        for _ in 0..5 {
-            assert_eq!(drops.dropped(), None, "not again within the period");
-        }
-        let past = Instant::now().checked_sub(DROPS_WARNED_EVERY + Duration::from_secs(1));
-        drops.0.lock().expect("lock").warned = past;
-        assert_eq!(drops.dropped(), Some(6), "the next warning counts them all");
-        assert_eq!(drops.dropped(), None);
-    }
 }

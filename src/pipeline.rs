@@ -18,7 +18,9 @@ use tracing::{field, Instrument};
 use crate::cache::{fingerprint_bits, Fingerprint, InFlightKeys, Lookup, OutcomeCache, Turn};
 use crate::config::WorkerConfig;
 use crate::handler::{Call, Handler};
-use crate::intent::{copy_digest, Intent, Limits, REPLY_TO_HEADER};
+use crate::intent::{
+    copy_digest, is_publish_subject, named_reply_target, Intent, Limits, REPLY_TO_HEADER,
+};
 use crate::key::IdempotencyKey;
 use crate::outcome::{Answer, EncodedReply, Outcome, Record, Reply};
 use crate::reply_policy::ReplyPolicy;
@@ -272,6 +274,36 @@ impl Pipeline {
         }
     }
 
+    /// The answer to a delivery refused before it is decoded (core mode's
+    /// `OVERLOADED`, a delivery that reached a stopping worker): its reply
+    /// targets are vetted as any intent's (a refused own reply subject
+    /// means no answer at all), and the named one is read from the header,
+    /// else from the body's `reply_to` alone.
+    pub(crate) fn refuse_undecoded(
+        &self,
+        own_reply: Option<&str>,
+        headers: Option<&HeaderMap>,
+        payload: &[u8],
+        rejection: Rejection,
+    ) -> Handled {
+        self.stats.received.inc();
+        let vetted =
+            |target: &str| is_publish_subject(target) && self.replies.check(target).is_ok();
+        let (answer_own, reply_to) = match own_reply {
+            Some(own) => (vetted(own), None),
+            None => (
+                false,
+                named_reply_target(headers, payload).filter(|named| vetted(named)),
+            ),
+        };
+        Handled {
+            verdict: self.refusal(None, None, rejection),
+            answer_own,
+            reply_to: reply_to.map(Subject::from),
+            fingerprint: None,
+        }
+    }
+
     /// Claims the key (or waits for its holder) and decides.
     async fn execute(
         &self,
@@ -452,7 +484,12 @@ impl Pipeline {
         intent_id: Option<String>,
         rejection: Rejection,
     ) -> Verdict {
-        tracing::info!(code = rejection.code(), reason = %rejection, "intent refused");
+        // An overloaded worker refuses many at once: counted, not a line each.
+        if matches!(rejection, Rejection::Overloaded { .. }) {
+            tracing::debug!(code = rejection.code(), "intent refused");
+        } else {
+            tracing::info!(code = rejection.code(), reason = %rejection, "intent refused");
+        }
         let reply: Answer = Reply::unstored(idem_key, intent_id, rejection.outcome()).into();
         let retry = |counter: &Counter, after| {
             counter.inc();
@@ -471,6 +508,7 @@ impl Pipeline {
                 Verdict::Settled(reply)
             }
             Rejection::InProgress { retry_after } => retry(&self.stats.in_progress, *retry_after),
+            Rejection::Overloaded { retry_after } => retry(&self.stats.overloaded, *retry_after),
             Rejection::StoreUnavailable(_) => {
                 retry(&self.stats.store_errors, TRANSIENT_RETRY_AFTER)
             }

@@ -43,6 +43,12 @@ pub struct Stats {
     pub in_progress: Counter,
     /// Copies answered `KEY_REUSED`.
     pub key_reused: Counter,
+    /// Core deliveries answered `OVERLOADED`: the intake already held
+    /// `--intake-bytes` of waiting intents.
+    pub overloaded: Counter,
+    /// Executed outcomes answered without being stored (`Idem-Stored: false`):
+    /// the store did not take them before the lease was lost.
+    pub unstored: Counter,
     /// Messages refused as invalid, one counter per code in [`INVALID_CODES`].
     invalid: [Counter; 3],
     /// Transient failures: claim released, nothing stored.
@@ -74,6 +80,8 @@ pub struct Snapshot {
     pub waited: u64,
     pub in_progress: u64,
     pub key_reused: u64,
+    pub overloaded: u64,
+    pub unstored: u64,
     pub invalid: u64,
     pub transient: u64,
     pub takeovers: u64,
@@ -85,7 +93,7 @@ pub struct Snapshot {
 impl Snapshot {
     /// Every counter with its column name, in the order tables show them:
     /// the one list of the counters that tables and sums walk.
-    pub fn counters_mut(&mut self) -> [(&'static str, &mut u64); 13] {
+    pub fn counters_mut(&mut self) -> [(&'static str, &mut u64); 15] {
         [
             ("RECEIVED", &mut self.received),
             ("EXECUTED", &mut self.executed),
@@ -94,9 +102,11 @@ impl Snapshot {
             ("WAITED", &mut self.waited),
             ("IN_PROGRESS", &mut self.in_progress),
             ("KEY_REUSED", &mut self.key_reused),
+            ("OVERLOADED", &mut self.overloaded),
             ("INVALID", &mut self.invalid),
             ("TRANSIENT", &mut self.transient),
             ("STORE_ERR", &mut self.store_errors),
+            ("UNSTORED", &mut self.unstored),
             ("TAKEOVERS", &mut self.takeovers),
             ("DEAD", &mut self.dead_lettered),
             ("IN_FLIGHT", &mut self.in_flight),
@@ -104,7 +114,7 @@ impl Snapshot {
     }
 
     /// The counters with their column names, by value.
-    pub fn counters(mut self) -> [(&'static str, u64); 13] {
+    pub fn counters(mut self) -> [(&'static str, u64); 15] {
         self.counters_mut().map(|(name, value)| (name, *value))
     }
 }
@@ -118,6 +128,50 @@ impl std::ops::Add for Snapshot {
             *sum = sum.saturating_add(*more);
         }
         self
+    }
+}
+
+/// Counts events that are worth a log line, but not one each: [`count`](Self::count)
+/// says how many to report when a report is due, at most once per period.
+#[derive(Debug)]
+pub(crate) struct Throttle {
+    period: Duration,
+    since: std::sync::Mutex<ThrottleState>,
+}
+
+/// What a [`Throttle`] counted since its last report.
+#[derive(Debug, Default)]
+struct ThrottleState {
+    unreported: u64,
+    reported: Option<std::time::Instant>,
+}
+
+impl Throttle {
+    /// Reports at most once per `period`.
+    pub(crate) fn new(period: Duration) -> Throttle {
+        Throttle {
+            period,
+            since: std::sync::Mutex::default(),
+        }
+    }
+
+    /// Counts one event; the number to report now (this one included), if
+    /// a report is due.
+    pub(crate) fn count(&self) -> Option<u64> {
+        let mut since = self
+            .since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        since.unreported += 1;
+        let now = std::time::Instant::now();
+        if since
+            .reported
+            .is_some_and(|at| now.duration_since(at) < self.period)
+        {
+            return None;
+        }
+        since.reported = Some(now);
+        Some(std::mem::take(&mut since.unreported))
     }
 }
 
@@ -168,6 +222,16 @@ impl Default for Stats {
             &mut registry,
             "intents_key_reused",
             "Copies answered KEY_REUSED",
+        );
+        let overloaded = counter(
+            &mut registry,
+            "intents_overloaded",
+            "Core deliveries answered OVERLOADED: the intake held --intake-bytes of waiting intents",
+        );
+        let unstored = counter(
+            &mut registry,
+            "outcomes_unstored",
+            "Executed outcomes answered without being stored (Idem-Stored: false)",
         );
         let invalid_family = Family::<CodeLabel, Counter>::default();
         registry.register(
@@ -230,6 +294,8 @@ impl Default for Stats {
             waited,
             in_progress,
             key_reused,
+            overloaded,
+            unstored,
             invalid,
             transient,
             takeovers,
@@ -280,6 +346,8 @@ impl Stats {
             waited: self.waited.get(),
             in_progress: self.in_progress.get(),
             key_reused: self.key_reused.get(),
+            overloaded: self.overloaded.get(),
+            unstored: self.unstored.get(),
             invalid: self.invalid.iter().map(Counter::get).sum(),
             transient: self.transient.get(),
             takeovers: self.takeovers.get(),
@@ -287,5 +355,23 @@ impl Stats {
             dead_lettered: self.dead_lettered.get(),
             in_flight: u64::try_from(self.in_flight.get()).unwrap_or_default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_throttle_reports_once_per_period_with_the_count_since_the_last_report() {
+        let throttle = Throttle::new(Duration::from_secs(10));
+        assert_eq!(throttle.count(), Some(1), "the first event is reported");
+        for _ in 0..5 {
+            assert_eq!(throttle.count(), None, "not again within the period");
+        }
+        let past = std::time::Instant::now().checked_sub(Duration::from_secs(11));
+        throttle.since.lock().expect("lock").reported = past;
+        assert_eq!(throttle.count(), Some(6), "the next report counts them all");
+        assert_eq!(throttle.count(), None);
     }
 }

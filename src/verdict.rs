@@ -25,6 +25,13 @@ pub enum Rejection {
         /// When to retry.
         retry_after: Duration,
     },
+    /// Core mode: the intake already holds `--intake-bytes` of waiting
+    /// intents; nothing was decoded, claimed or run.
+    #[error("the worker's intake is full; retry later")]
+    Overloaded {
+        /// When to retry.
+        retry_after: Duration,
+    },
     /// No handler can run the intent now.
     #[error("{0}")]
     NoHandler(String),
@@ -45,6 +52,7 @@ impl Rejection {
             Rejection::Invalid(_) => codes::INVALID_INTENT,
             Rejection::KeyReused => codes::KEY_REUSED,
             Rejection::InProgress { .. } => codes::IN_PROGRESS,
+            Rejection::Overloaded { .. } => codes::OVERLOADED,
             Rejection::NoHandler(_) | Rejection::ShuttingDown => codes::NO_HANDLER,
             Rejection::StoreUnavailable(_) => codes::STORE_UNAVAILABLE,
         }
@@ -53,7 +61,7 @@ impl Rejection {
     /// The `Error` outcome that carries this rejection.
     pub fn outcome(&self) -> Outcome {
         let retry_after_ms = match self {
-            Rejection::InProgress { retry_after } => {
+            Rejection::InProgress { retry_after } | Rejection::Overloaded { retry_after } => {
                 Some(u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX))
             }
             _ => None,

@@ -250,10 +250,12 @@ mod tests {
         let text = render(&report, "B");
         let lines: Vec<&str> = text.lines().collect();
         let header: Vec<&str> = lines[2].split_whitespace().collect();
-        assert_eq!(header.len(), 14, "{text}");
+        assert_eq!(header.len(), 16, "{text}");
         assert_eq!(header[0], "WORKER");
         assert_eq!(header[4], "BY_DIGEST");
-        assert_eq!(header[10], "STORE_ERR");
+        assert_eq!(header[8], "OVERLOADED");
+        assert_eq!(header[11], "STORE_ERR");
+        assert_eq!(header[12], "UNSTORED");
         assert!(
             lines[3].trim_start().starts_with("a "),
             "sorted by id: {text}"
@@ -262,6 +264,6 @@ mod tests {
         assert_eq!(total_row[0], "total", "{text}");
         assert_eq!(total_row[1], u64::MAX.to_string());
         assert_eq!(total_row[2], "4");
-        assert_eq!(total_row[13], "2");
+        assert_eq!(total_row[15], "2");
     }
 }

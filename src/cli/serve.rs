@@ -67,6 +67,10 @@ pub struct ServeArgs {
     /// Most intents in flight at once.
     #[arg(long, env = "IDEMQ_CONCURRENCY", default_value_t = 256)]
     pub concurrency: usize,
+    /// Core mode: bytes of waiting intents the worker holds; a delivery
+    /// past them is answered OVERLOADED at once (e.g. `64MiB`).
+    #[arg(long, env = "IDEMQ_INTAKE_BYTES", default_value = "64MiB")]
+    pub intake_bytes: bytesize::ByteSize,
     /// Largest accepted payload, in bytes.
     #[arg(long, env = "IDEMQ_MAX_PAYLOAD", default_value_t = 1024 * 1024)]
     pub max_payload: usize,
@@ -138,6 +142,7 @@ impl ServeArgs {
             wait: self.wait,
             lease: self.lease,
             concurrency: self.concurrency,
+            intake_bytes: usize::try_from(self.intake_bytes.as_u64()).unwrap_or(usize::MAX),
             max_payload: self.max_payload,
             grace: self.grace,
             delivery: self.delivery(),
@@ -179,9 +184,7 @@ pub(super) async fn run(args: ServeArgs) -> Result<ExitCode, CliError> {
     }
     let url = args.nats.url();
     let (errors, mut server_errors) = tokio::sync::mpsc::channel(16);
-    let capacity = Some(config.worker.subscription_capacity());
-    let client =
-        crate::nats::connect_reporting(&args.nats, "idemq", Some(errors), capacity).await?;
+    let client = crate::nats::connect_reporting(&args.nats, "idemq", Some(errors)).await?;
     let handler: Arc<dyn Handler> = match &args.forward {
         Some(template) => Arc::new(
             Forward::new(client.clone(), template, args.handler_timeout)
