@@ -20,6 +20,10 @@ pub const REPLAYED_HEADER: &str = "Idem-Replayed";
 pub const STATUS_HEADER: &str = "Idem-Status";
 /// Reply header: the error code of an `Error` outcome.
 pub const ERROR_CODE_HEADER: &str = "Idem-Error-Code";
+/// Reply header, `false` on an executed outcome the store did not take
+/// before the lease was lost (PROTOCOL.md v1.2 §3): a retry may run the
+/// key again.
+pub const STORED_HEADER: &str = "Idem-Stored";
 
 /// The deepest a `Success` value may nest and be stored. A record wraps
 /// the value two levels deeper, a reply too, and JSON readers stop at 128
@@ -151,6 +155,10 @@ pub struct Reply {
     pub stored_at: Option<DateTime<Utc>>,
     /// When the stored outcome expires; `null` when it was not stored.
     pub expires_at: Option<DateTime<Utc>>,
+    /// An executed outcome the store did not take (`Idem-Stored: false`);
+    /// false for stored outcomes and for refusals, which never run anything.
+    #[serde(skip)]
+    pub executed_unstored: bool,
 }
 
 /// The wire layout of a [`Reply`], over borrowed parts. A `Reply` and a
@@ -210,10 +218,25 @@ impl Reply {
             result,
             stored_at: Some(record.stored_at),
             expires_at: Some(record.expires_at),
+            executed_unstored: false,
         })
     }
 
-    /// A reply carrying an outcome that was not stored.
+    /// An executed outcome the store did not take before the lease was
+    /// lost: answered as it is, with `Idem-Stored: false`.
+    pub fn executed_unstored(
+        idem_key: Option<IdempotencyKey>,
+        intent_id: Option<String>,
+        result: Outcome,
+    ) -> Reply {
+        Reply {
+            executed_unstored: true,
+            ..Reply::unstored(idem_key, intent_id, result)
+        }
+    }
+
+    /// A reply carrying an outcome that was not stored: a refusal, or a
+    /// transient error.
     pub fn unstored(
         idem_key: Option<IdempotencyKey>,
         intent_id: Option<String>,
@@ -226,18 +249,24 @@ impl Reply {
             result,
             stored_at: None,
             expires_at: None,
+            executed_unstored: false,
         }
     }
 
-    /// The reply headers: `Idem-Key`, `Idem-Replayed`, `Idem-Status`, and
-    /// `Idem-Error-Code` on errors.
+    /// The reply headers: `Idem-Key`, `Idem-Replayed`, `Idem-Status`,
+    /// `Idem-Error-Code` on errors, and `Idem-Stored: false` on an
+    /// executed outcome that was not stored.
     pub fn headers(&self) -> HeaderMap {
-        reply_headers(
+        let mut headers = reply_headers(
             self.idem_key.as_ref(),
             self.replayed,
             self.result.status(),
             self.result.error_code(),
-        )
+        );
+        if self.executed_unstored {
+            headers.insert(HeaderName::from_static(STORED_HEADER), "false");
+        }
+        headers
     }
 
     /// The reply as JSON bytes.

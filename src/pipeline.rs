@@ -411,8 +411,13 @@ impl Pipeline {
             // (the documented window of a lost lease), or finds an outcome
             // after all.
             Err(RunError::Unstored { outcome, .. }) => {
+                let reply = Reply::executed_unstored(
+                    Some(intent.key.clone()),
+                    Some(intent.intent_id.clone()),
+                    outcome,
+                );
                 return Verdict::Retry {
-                    reply: self.unstored(intent, outcome).into(),
+                    reply: reply.into(),
                     after: TRANSIENT_RETRY_AFTER,
                 };
             }

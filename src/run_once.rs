@@ -220,9 +220,12 @@ pub enum RunError {
     /// The closure said nothing can run it now; the claim was released.
     #[error("no handler: {0}")]
     NoHandler(String),
-    /// The closure ran, but the store did not take its outcome for as
-    /// long as the lease held. Nothing is settled: a retry finds the key
-    /// free once the lease ends, and runs again.
+    /// The closure ran, but the store did not take its outcome while the
+    /// lease could hold (PROTOCOL.md v1.2 §4: the owner kept writing it
+    /// until the store said the lease was lost, or until a lease past its
+    /// last acknowledged one). Nothing is settled: a retry finds the key
+    /// free once the lease ends, and runs again. The worker answers it with
+    /// `Idem-Stored: false`.
     #[error("executed, but the outcome could not be stored: {error}")]
     Unstored {
         /// What the closure returned.
@@ -438,29 +441,39 @@ impl Idempotent {
             let outcome = storable(outcome);
             executed(&execution, outcome.status(), outcome.error_code(), false);
             let ttl = request.ttl.unwrap_or(self.options.ttl);
-            match self.store.complete(&mut lease, outcome.clone(), ttl).await {
+            let error = match self.store.complete(&mut lease, outcome.clone(), ttl).await {
                 Ok(record) => {
                     self.stats.executed.inc();
                     let mut done =
                         Done::stored(record, false).ok_or_else(|| corrupt(request.key))?;
                     done.replayed = false;
                     done.execution = Some(execution);
-                    Ok(done)
+                    return Ok(done);
                 }
-                Err(StoreError::LeaseLost) => {
-                    tracing::warn!("lease lost before the outcome was stored; it is dropped");
-                    self.after_lost_lease(request).await
-                }
-                Err(error) => {
-                    self.stats.store_errors.inc();
-                    tracing::error!(%error, "outcome executed but not stored");
-                    Err(RunError::Unstored {
-                        outcome,
-                        error,
-                        execution,
-                    })
-                }
-            }
+                // Another owner's outcome is the key's answer, if it has one.
+                Err(StoreError::LeaseLost) => match self.store.get(request.key).await {
+                    Ok(Some(record))
+                        if record.result.is_some() && record.fingerprint == request.fingerprint =>
+                    {
+                        tracing::warn!(
+                            "lease lost before the outcome was stored; answering the new owner's"
+                        );
+                        return Done::stored(record, false).ok_or_else(|| corrupt(request.key));
+                    }
+                    _ => StoreError::LeaseLost,
+                },
+                Err(error) => error,
+            };
+            // The store did not take it while the lease could hold: the
+            // outcome is answered as it is, marked unstored (PROTOCOL.md
+            // v1.2 §3, §4), and a retry may run the key again.
+            self.stats.unstored.inc();
+            tracing::warn!(%error, "the outcome was executed but not stored; answered unstored");
+            Err(RunError::Unstored {
+                outcome,
+                error,
+                execution,
+            })
         }
     }
 

@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{ConfigError, WorkerConfig};
+use crate::config::{ConfigError, Delivery, WorkerConfig};
 use crate::handler::Handler;
 use crate::stats::Stats;
 use crate::store::kv::{check_server_version, BucketConfig, KvStore};
@@ -86,7 +86,12 @@ impl Server {
         config.worker.validate().map_err(ServeError::Config)?;
         check_server_version(&client)?;
         let js = async_nats::jetstream::new(client.clone());
-        let store = KvStore::open(js, &config.bucket).await?;
+        let mut store = KvStore::open(js, &config.bucket).await?;
+        // A redelivery may come this late: until then, a marker must say
+        // the key ran (its attempt number, PROTOCOL.md v1.2 §4).
+        if let Delivery::JetStream(delivery) = &config.worker.delivery {
+            store.keep_markers_for(delivery.redelivery_horizon()).await;
+        }
         Server::start_on(
             client,
             Arc::new(store),

@@ -326,7 +326,9 @@ async fn a_cancelled_run_releases_its_claim_at_once(store: Store) {
         .await
         .expect("the key is free");
     assert!(!done.replayed);
-    assert_eq!(done.execution.map(|e| e.attempt), Some(1));
+    // The release's marker says a run of the key started (PROTOCOL.md
+    // v1.2 §4): this one is attempt 2.
+    assert_eq!(done.execution.map(|e| e.attempt), Some(2));
 }
 
 async fn the_seed_helpers_run_once_and_replay(store: Store) {

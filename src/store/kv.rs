@@ -24,10 +24,7 @@ use super::{ttl_secs, IdempotencyStore, Slot, StoreError, Versioned, Watch};
 use crate::key::IdempotencyKey;
 use crate::outcome::Record;
 
-/// TTL of the markers the server leaves when a value expires, and of the
-/// delete markers a release writes. Long enough for watchers to see them,
-/// short enough that freed keys leave nothing behind.
-pub const MARKER_TTL: Duration = Duration::from_secs(1);
+pub use super::MARKER_TTL;
 
 /// Room for a record's JSON without regrowing: a claim is about 330
 /// bytes, an outcome that plus its result.
@@ -69,6 +66,9 @@ pub struct KvStore {
     kv: kv::Store,
     /// `$KV.<bucket>.`: where writes are published.
     put_prefix: String,
+    /// How long the markers of releases and purges are kept (at least
+    /// [`MARKER_TTL`]; see [`KvStore::keep_markers_for`]).
+    marker_ttl: Duration,
 }
 
 /// Fails unless the connected server is at least [`MIN_SERVER_VERSION`].
@@ -112,7 +112,44 @@ impl KvStore {
                 })?,
             },
         };
-        Self::from_bucket(js, kv)
+        let mut store = Self::from_bucket(js, kv)?;
+        store.keep_markers_for(MARKER_TTL).await;
+        Ok(store)
+    }
+
+    /// Makes the bucket keep the markers that expiries, releases and purges
+    /// leave for at least `at_least` (and [`MARKER_TTL`]): as long as a
+    /// marker is there, a claim knows the key ran before, and its attempt
+    /// number says so (PROTOCOL.md v1.2 §4). JetStream mode asks for its
+    /// redelivery horizon. A bucket made with shorter markers (by an
+    /// earlier idemq) is updated; where the server refuses, the worker warns
+    /// and goes on: attempt numbers then restart at 1 sooner.
+    pub async fn keep_markers_for(&mut self, at_least: Duration) {
+        let wanted = Duration::from_secs(super::ttl_secs(at_least.max(MARKER_TTL)));
+        self.marker_ttl = wanted;
+        let mut config = self.kv.stream.cached_info().config.clone();
+        if config
+            .subject_delete_marker_ttl
+            .is_some_and(|ttl| ttl >= wanted)
+        {
+            return;
+        }
+        let had = config.subject_delete_marker_ttl;
+        config.subject_delete_marker_ttl = Some(wanted);
+        match self.js.update_stream(&config).await {
+            Ok(_) => tracing::info!(
+                bucket = %self.kv.name,
+                markers = %humantime::format_duration(wanted),
+                "the bucket now keeps expiry markers longer"
+            ),
+            Err(error) => tracing::warn!(
+                bucket = %self.kv.name,
+                %error,
+                had = ?had,
+                "the bucket's expiry markers could not be made to last longer; \
+                 attempt numbers after a lost lease may restart at 1 sooner"
+            ),
+        }
     }
 
     /// Opens an existing bucket without creating it (for `idemq get`).
@@ -141,7 +178,12 @@ impl KvStore {
             );
         }
         let put_prefix = kv.put_prefix.clone().unwrap_or_else(|| kv.prefix.clone());
-        Ok(KvStore { js, kv, put_prefix })
+        Ok(KvStore {
+            js,
+            kv,
+            put_prefix,
+            marker_ttl: MARKER_TTL,
+        })
     }
 
     /// `$KV.<bucket>.<key>`: the key's subject in the bucket's stream.
@@ -291,7 +333,7 @@ impl IdempotencyStore for KvStore {
     async fn remove(&self, key: &IdempotencyKey, expected: u64) -> Result<(), StoreError> {
         let message = Publish::build()
             .header("KV-Operation", "DEL")
-            .ttl(MARKER_TTL);
+            .ttl(self.marker_ttl);
         self.publish(key, message, Some(expected)).await.map(drop)
     }
 
@@ -302,7 +344,7 @@ impl IdempotencyStore for KvStore {
         let message = Publish::build()
             .header("KV-Operation", "PURGE")
             .header("Nats-Rollup", "sub")
-            .ttl(MARKER_TTL);
+            .ttl(self.marker_ttl);
         self.publish(key, message, Some(expected)).await.map(drop)
     }
 

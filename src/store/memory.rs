@@ -19,8 +19,7 @@ use super::{IdempotencyStore, Slot, StoreError, Versioned, Watch};
 use crate::key::IdempotencyKey;
 use crate::outcome::Record;
 
-/// How long an expiry or delete marker stays, like the bucket's limit-marker TTL.
-pub const MARKER_TTL: Duration = Duration::from_secs(1);
+pub use super::MARKER_TTL;
 
 #[derive(Debug, Clone)]
 struct Entry {

@@ -42,6 +42,14 @@ const MIN_WRITE_BOUND: Duration = Duration::from_millis(200);
 const READ_PAST_TRIES: u32 = 4;
 /// First pause between those reads; it doubles.
 const READ_PAST_PAUSE: Duration = Duration::from_millis(5);
+/// How long the marker that an expiry, a release or a purge leaves under a
+/// key is kept, at least (the bucket's limit-marker TTL and the TTL of the
+/// markers idemq writes). While it is there, a claim over it knows the key
+/// ran before, and its attempt number is at least 2 (PROTOCOL.md v1.2 §4:
+/// an upstream can rely on `Idem-Attempt: 1` meaning that no earlier
+/// execution of the key started within this window). Watchers see it, and
+/// a freed key costs the bucket one small message for this long.
+pub const MARKER_TTL: Duration = Duration::from_secs(300);
 /// The outcome stored in place of one whose record the store cannot hold.
 pub use crate::codes::RESULT_TOO_LARGE;
 
@@ -241,8 +249,9 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     /// `in_progress` record, each answered by a read when it loses.
     ///
     /// `attempt` is the execution attempt to record (1, or one more than the
-    /// attempt of an owner we saw lose its lease); `expected` the revision
-    /// we believe is latest (0: none).
+    /// attempt of an owner we saw lose its lease; at least 2 over a marker,
+    /// which says the key ran within [`MARKER_TTL`]); `expected` the
+    /// revision we believe is latest (0: none).
     async fn claim(
         &self,
         request: &ClaimRequest,
@@ -250,7 +259,7 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         mut expected: u64,
     ) -> Result<Claim, StoreError> {
         let now = now();
-        let record = Record {
+        let mut record = Record {
             v: RECORD_VERSION,
             idem_key: request.key.clone(),
             intent_id: request.intent_id.clone(),
@@ -286,10 +295,14 @@ pub trait IdempotencyStore: Send + Sync + 'static {
             }
             match self.read_past(&request.key, expected).await? {
                 None => expected = 0,
+                // The key ran before (MARKER_TTL): attempt 2 at least.
                 Some(Versioned {
                     revision,
                     slot: Slot::Free { .. },
-                }) => expected = revision,
+                }) => {
+                    expected = revision;
+                    record.attempt = record.attempt.max(2);
+                }
                 Some(Versioned {
                     revision,
                     slot: Slot::Record(found),
@@ -335,22 +348,23 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Acquire, StoreError>> {
         // Decided here, not inside the future: a record kept by value in
         // every claim's future would take it past 1 KiB.
-        let (expected, taken) = match seen {
-            None => (0, None),
+        let (expected, attempt, taken) = match seen {
+            None => (0, 1, None),
+            // The key ran before (MARKER_TTL): attempt 2 at least.
             Some(Versioned {
                 revision,
                 slot: Slot::Free { .. },
-            }) => (revision, None),
+            }) => (revision, 2, None),
             Some(Versioned {
                 revision,
                 slot: Slot::Record(record),
-            }) => (revision, Some((revision, Box::new(record)))),
+            }) => (revision, 1, Some((revision, Box::new(record)))),
         };
         Box::pin(acquire(
             self,
             request,
             Instant::now() + wait,
-            expected,
+            (expected, attempt),
             taken,
         ))
     }
@@ -380,8 +394,9 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     /// [`StoreError::Conflict`] when a write of ours may have landed but
     /// could not be read back) when nothing settled within the lease.
     ///
-    /// Until the lease ends nobody else can write the key, so the outcome
-    /// is retried that long through an unavailable store. An outcome whose
+    /// Until the lease is surely lost nobody else can write the key, so
+    /// the outcome is retried that long through an unavailable store
+    /// (`outcome_patience`). An outcome whose
     /// record the store cannot hold is stored as the definite
     /// `Error{code: RESULT_TOO_LARGE}`: it must never be retried until the
     /// lease runs out and then executed again.
@@ -402,13 +417,15 @@ pub trait IdempotencyStore: Send + Sync + 'static {
             }
         };
         let record = done(lease, outcome);
-        let patience = lease_left(lease.held_until);
-        match self.write_as_owner(lease, &record, ttl, patience).await {
+        match self
+            .write_as_owner(lease, &record, ttl, outcome_patience(lease))
+            .await
+        {
             Ok(landed) => Ok(landed.unwrap_or(record)),
             Err(too_large @ StoreError::TooLarge { .. }) => {
                 let outcome = Outcome::error(RESULT_TOO_LARGE, too_large.to_string());
                 let record = done(lease, outcome);
-                let patience = lease_left(lease.held_until);
+                let patience = outcome_patience(lease);
                 let landed = self.write_as_owner(lease, &record, ttl, patience).await?;
                 Ok(landed.unwrap_or(record))
             }
@@ -589,10 +606,12 @@ pub trait IdempotencyStore: Send + Sync + 'static {
                     _ => {}
                 }
             }
-            if Instant::now() + pause > deadline {
+            // The last try is made at the deadline, not a pause before it.
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
                 return Err(failure);
             }
-            tokio::time::sleep(pause).await;
+            tokio::time::sleep(pause.min(left)).await;
             pause = (pause * 2).min(MAX_RETRY_PAUSE);
         }
     }
@@ -607,10 +626,9 @@ async fn acquire<S: IdempotencyStore + ?Sized>(
     store: &S,
     request: &ClaimRequest,
     deadline: Instant,
-    mut expected: u64,
+    (mut expected, mut attempt): (u64, u32),
     mut taken: Option<(u64, Box<Record>)>,
 ) -> Result<Acquire, StoreError> {
-    let mut attempt = 1;
     let mut takeover = false;
     for _ in 0..MAX_CLAIM_ROUNDS {
         let (revision, record) = match taken.take() {
@@ -713,9 +731,17 @@ async fn follow<S: IdempotencyStore + ?Sized>(
     }
 }
 
-/// What is left of a lease held until `held_until`, at least one write's bound.
-fn lease_left(held_until: Instant) -> Duration {
-    held_until
+/// How long an owner keeps writing its outcome (PROTOCOL.md v1.2 §4):
+/// until its lease is surely lost, one lease past the end of the last one
+/// acknowledged. Every try is fenced by the claim's revision, so one that
+/// lands is the owner's to make, however late; one of ours that landed
+/// unheard (its acknowledgement lost with the connection) is found once
+/// the store answers again; and a lease the store let expire meanwhile is
+/// reported as lost. Giving up at the lease's end by this worker's clock
+/// answered outcomes that had landed, or that the store would still have
+/// taken, as unstored.
+fn outcome_patience(lease: &Lease) -> Duration {
+    (lease.held_until + lease.ttl)
         .saturating_duration_since(Instant::now())
         .max(MIN_WRITE_BOUND)
 }
