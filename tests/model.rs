@@ -69,7 +69,7 @@ use idemq::outcome::{Outcome, Record, RecordState};
 use idemq::store::kv::{BucketConfig, KvStore};
 use idemq::store::memory::MemoryStore;
 use idemq::store::{
-    Acquire, ClaimRequest, IdempotencyStore, Lease, Slot, StoreError, Versioned, Watch,
+    Acquire, ClaimRequest, IdempotencyStore, Lease, Slot, StoreError, Versioned, Wakeups,
 };
 use idemq::IdempotencyKey;
 use proptest::collection::vec;
@@ -679,8 +679,8 @@ impl IdempotencyStore for Faulty {
         self.inner.purge(key, expected).await
     }
 
-    async fn watch(&self, key: &IdempotencyKey, from_revision: u64) -> Result<Watch, StoreError> {
-        self.inner.watch(key, from_revision).await
+    async fn wakeups(&self, key: &IdempotencyKey) -> Result<Wakeups, StoreError> {
+        self.inner.wakeups(key).await
     }
 }
 

@@ -582,12 +582,11 @@ impl idemq::store::IdempotencyStore for CountingReads {
     ) -> Result<(), idemq::store::StoreError> {
         self.inner.purge(key, expected).await
     }
-    async fn watch(
+    async fn wakeups(
         &self,
         key: &idemq::IdempotencyKey,
-        from: u64,
-    ) -> Result<idemq::store::Watch, idemq::store::StoreError> {
-        self.inner.watch(key, from).await
+    ) -> Result<idemq::store::Wakeups, idemq::store::StoreError> {
+        self.inner.wakeups(key).await
     }
 }
 

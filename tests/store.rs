@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use idemq::outcome::{Outcome, RecordState};
 use idemq::store::kv::{BucketConfig, KvStore};
-use idemq::store::{Acquire, Claim, ClaimRequest, IdempotencyStore, StoreError, Versioned, Watch};
+use idemq::store::{
+    Acquire, Claim, ClaimRequest, IdempotencyStore, StoreError, Versioned, Wakeups,
+};
 use idemq::IdempotencyKey;
 use serde_json::json;
 
@@ -373,8 +375,8 @@ impl IdempotencyStore for LossyAcks {
         self.inner.purge(key, expected).await
     }
 
-    async fn watch(&self, key: &IdempotencyKey, from_revision: u64) -> Result<Watch, StoreError> {
-        self.inner.watch(key, from_revision).await
+    async fn wakeups(&self, key: &IdempotencyKey) -> Result<Wakeups, StoreError> {
+        self.inner.wakeups(key).await
     }
 }
 

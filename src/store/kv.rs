@@ -20,7 +20,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 
-use super::{ttl_secs, IdempotencyStore, Slot, StoreError, Versioned, Watch};
+use super::{ttl_secs, IdempotencyStore, Slot, StoreError, Versioned, Wakeups};
 use crate::key::IdempotencyKey;
 use crate::outcome::Record;
 
@@ -29,11 +29,6 @@ pub use super::MARKER_TTL;
 /// Room for a record's JSON without regrowing: a claim is about 330
 /// bytes, an outcome that plus its result.
 const RECORD_CAPACITY: usize = 512;
-
-/// Longest a watch goes without reading the key it follows.
-const WATCH_POLL: Duration = Duration::from_secs(2);
-/// Past a record's lifetime, when a watch looks for its expiry.
-const EXPIRY_MARGIN: Duration = Duration::from_millis(100);
 
 /// The oldest nats-server that can hold per-message TTLs.
 pub const MIN_SERVER_VERSION: (u64, u64) = (2, 11);
@@ -364,84 +359,21 @@ impl IdempotencyStore for KvStore {
         }
     }
 
-    /// Follows `key` without a server consumer: a core subscription to the
-    /// key's subject wakes the watch on every write attempt (a renewal, an
-    /// outcome, a release, a losing claim), and a read then says what is
-    /// stored. Expiries are not published, so the watch also reads when
-    /// the record it last saw must have run out, and at least every
-    /// `WATCH_POLL`. A KV watch would be one consumer per waiting key,
-    /// and a server refuses consumers past its limit (error 10026) when
-    /// thousands of keys are waited for at once.
-    ///
-    /// A key whose message is gone altogether (its expiry marker aged out
-    /// before the watch looked) is reported free at `from_revision`: a
-    /// claim there loses once, reads, and claims at 0.
-    async fn watch(&self, key: &IdempotencyKey, from_revision: u64) -> Result<Watch, StoreError> {
+    /// A core subscription to the key's subject: it wakes a follower on
+    /// every write attempt (a renewal, an outcome, a release, a losing
+    /// claim), with no server consumer. A KV watch would be one consumer
+    /// per waiting key, and a server refuses consumers past its limit
+    /// (error 10026) when thousands of keys are waited for at once.
+    /// Expiries are not published: the follower also reads when the record
+    /// it saw must have run out.
+    async fn wakeups(&self, key: &IdempotencyKey) -> Result<Wakeups, StoreError> {
         let wakeups = self
             .js
             .client()
             .subscribe(self.subject_of(key))
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        // The subscription is on the connection before any read below is
-        // sent: a write after the read cannot be missed.
-        let state = (
-            self.clone(),
-            key.clone(),
-            wakeups,
-            from_revision.max(1),
-            None,
-        );
-        let stream = futures::stream::unfold(
-            state,
-            |(store, key, mut wakeups, from, mut seen): (_, _, _, u64, Option<u64>)| async move {
-                loop {
-                    let view = match seen {
-                        None => store.read(&key).await,
-                        Some(seen) => store.read_past(&key, seen).await,
-                    };
-                    let view = match view {
-                        Ok(view) => view,
-                        Err(error) => return Some((Err(error), (store, key, wakeups, from, seen))),
-                    };
-                    let latest = view.as_ref().map_or(0, |v| v.revision);
-                    let expiry = match &view {
-                        Some(Versioned {
-                            slot: Slot::Record(record),
-                            ..
-                        }) => (record.expires_at - record.stored_at)
-                            .to_std()
-                            .map_or(WATCH_POLL, |lifetime| lifetime + EXPIRY_MARGIN),
-                        _ => WATCH_POLL,
-                    };
-                    let next = match view {
-                        Some(versioned) if versioned.revision >= from => Some(versioned),
-                        None if from > 1 => Some(Versioned {
-                            revision: from,
-                            slot: Slot::Free { expired: true },
-                        }),
-                        _ => None,
-                    };
-                    if let Some(next) = next {
-                        let from = next.revision + 1;
-                        let seen = Some(next.revision);
-                        return Some((Ok(next), (store, key, wakeups, from, seen)));
-                    }
-                    seen = Some(latest);
-                    let sleep = tokio::time::sleep(expiry.min(WATCH_POLL));
-                    tokio::select! {
-                        woken = wakeups.next() => if woken.is_none() {
-                            return Some((
-                                Err(StoreError::Unavailable(format!("watch of {key} ended"))),
-                                (store, key, wakeups, from, seen),
-                            ));
-                        },
-                        () = sleep => {}
-                    }
-                }
-            },
-        );
-        Ok(Box::pin(stream))
+        Ok(Box::pin(wakeups.map(drop)))
     }
 }
 

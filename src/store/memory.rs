@@ -4,7 +4,7 @@
 //! It models JetStream KV closely enough that the shared store suite passes
 //! unchanged on both: one global sequence of revisions, history 1, TTLs that
 //! turn an entry into an expiry marker (which itself lives for
-//! [`MARKER_TTL`]), and watches that see expiries without anyone reading.
+//! [`MARKER_TTL`]), and wake-ups at expiries as well as writes.
 //! Time is tokio's, so tests can pause it.
 
 use std::collections::HashMap;
@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::{IdempotencyStore, Slot, StoreError, Versioned, Watch};
+use super::{IdempotencyStore, Slot, StoreError, Versioned, Wakeups};
 use crate::key::IdempotencyKey;
 use crate::outcome::Record;
 
@@ -199,46 +199,25 @@ impl IdempotencyStore for MemoryStore {
         .map(drop)
     }
 
-    async fn watch(&self, key: &IdempotencyKey, from_revision: u64) -> Result<Watch, StoreError> {
-        let store = self.clone();
-        let key = key.clone();
-        let changed = self.changed.subscribe();
-        let stream = futures::stream::unfold(
-            (store, key, changed, from_revision),
-            |(store, key, mut changed, mut from)| async move {
-                loop {
-                    // Mark the current version seen before reading, so a write
-                    // after the read wakes us.
-                    changed.borrow_and_update();
-                    let entry = store.snapshot(&key);
-                    if let Some(entry) = &entry {
-                        if entry.revision >= from {
-                            from = entry.revision + 1;
-                            let item = Versioned {
-                                revision: entry.revision,
-                                slot: entry.slot.clone(),
-                            };
-                            return Some((Ok(item), (store, key, changed, from)));
-                        }
-                    }
-                    let wake_at = entry.map(|entry| entry.expires);
-                    let expiry = async {
-                        match wake_at {
-                            Some(at) => tokio::time::sleep_until(at).await,
-                            None => std::future::pending().await,
-                        }
-                    };
-                    tokio::select! {
-                        result = changed.changed() => {
-                            if result.is_err() {
-                                return None;
-                            }
-                        }
-                        () = expiry => {}
-                    }
+    /// Wakes on every write to the store, and at the instant the key's
+    /// value (or marker) expires: a follower sees an expiry exactly when
+    /// it happens, as tests with paused time need.
+    async fn wakeups(&self, key: &IdempotencyKey) -> Result<Wakeups, StoreError> {
+        let state = (self.clone(), key.clone(), self.changed.subscribe());
+        let stream = futures::stream::unfold(state, |(store, key, mut changed)| async move {
+            let expires = store.snapshot(&key).map(|entry| entry.expires);
+            let expiry = async {
+                match expires {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
                 }
-            },
-        );
+            };
+            tokio::select! {
+                changed = changed.changed() => changed.ok()?,
+                () = expiry => {}
+            }
+            Some(((), (store, key, changed)))
+        });
         Ok(Box::pin(stream))
     }
 }

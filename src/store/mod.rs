@@ -38,6 +38,10 @@ const RETRY_PAUSE: Duration = Duration::from_millis(100);
 const MAX_RETRY_PAUSE: Duration = Duration::from_secs(1);
 /// Least time one owner's write attempt is given, however little patience is left.
 const MIN_WRITE_BOUND: Duration = Duration::from_millis(200);
+/// Longest a follower of a key goes without reading it.
+pub const FOLLOW_POLL: Duration = Duration::from_secs(2);
+/// Past a record's lifetime, when a follower looks for its expiry.
+const EXPIRY_MARGIN: Duration = Duration::from_millis(100);
 /// Reads after a conflict before the view is taken as it is (see [`IdempotencyStore::read_past`]).
 const READ_PAST_TRIES: u32 = 4;
 /// First pause between those reads; it doubles.
@@ -117,8 +121,9 @@ pub enum StoreError {
     Setup(String),
 }
 
-/// A stream of a key's revisions, as a backend's watch yields them.
-pub type Watch = BoxStream<'static, Result<Versioned, StoreError>>;
+/// Wake-ups of a key's follower: an item whenever the key may have changed
+/// (see [`IdempotencyStore::wakeups`]).
+pub type Wakeups = BoxStream<'static, ()>;
 
 /// What a worker asks for when it claims a key.
 #[derive(Debug, Clone)]
@@ -223,9 +228,12 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     /// never removed unseen. [`StoreError::Conflict`] otherwise.
     async fn purge(&self, key: &IdempotencyKey, expected: u64) -> Result<(), StoreError>;
 
-    /// Watches `key`, yielding every revision at or after `from_revision`
-    /// (including the latest one, if it is that new).
-    async fn watch(&self, key: &IdempotencyKey, from_revision: u64) -> Result<Watch, StoreError>;
+    /// Wakes a follower of `key` whenever the key may have changed: an item
+    /// per write attempt (spurious ones are fine), and ends only when the
+    /// store goes away. A write made after this returns always wakes it.
+    /// Expiries may go unannounced: a follower also reads when the record
+    /// it saw must have run out, and every [`FOLLOW_POLL`].
+    async fn wakeups(&self, key: &IdempotencyKey) -> Result<Wakeups, StoreError>;
 
     /// The JetStream KV bucket this store lives in, if it is one: `idemq
     /// purge` announces purges on the bucket's purge subject, and the
@@ -679,6 +687,18 @@ enum Followed {
 
 /// Follows the holder of a key, last seen as `record` at `revision`, until
 /// it finishes, frees the key, or `deadline` passes.
+///
+/// No server consumer and no polling loop: the store's [`wakeups`]
+/// start before the first read, so a write after that read cannot be
+/// missed, and each wake-up is answered by a read. Expiries are not
+/// always announced, so the key is also read just after the record seen
+/// must have run out, and at least every [`FOLLOW_POLL`].
+///
+/// A key whose message is gone altogether (its expiry marker aged out
+/// before the follower looked) is reported free at the revision after the
+/// holder's: a claim there loses once, reads, and claims at 0.
+///
+/// [`wakeups`]: IdempotencyStore::wakeups
 async fn follow<S: IdempotencyStore + ?Sized>(
     store: &S,
     request: &ClaimRequest,
@@ -686,7 +706,7 @@ async fn follow<S: IdempotencyStore + ?Sized>(
     mut revision: u64,
     mut record: Record,
 ) -> Result<Followed, StoreError> {
-    let mut watch: Option<Watch> = None;
+    let mut wakeups: Option<Wakeups> = None;
     loop {
         if record.fingerprint != request.fingerprint {
             return Ok(Followed::Decided(Acquire::Reused(record)));
@@ -694,39 +714,56 @@ async fn follow<S: IdempotencyStore + ?Sized>(
         if record.state == RecordState::Done {
             return Ok(Followed::Decided(Acquire::Stored {
                 record,
-                waited: watch.is_some(),
+                waited: wakeups.is_some(),
             }));
         }
         if Instant::now() >= deadline {
             return Ok(Followed::Decided(Acquire::Busy(record)));
         }
-        let stream = match watch.as_mut() {
-            Some(stream) => stream,
-            None => watch.insert(store.watch(&request.key, revision + 1).await?),
-        };
-        let next = match tokio::time::timeout_at(deadline, stream.next()).await {
-            Err(_elapsed) => return Ok(Followed::Decided(Acquire::Busy(record))),
-            Ok(None) => {
-                return Err(StoreError::Unavailable(format!(
-                    "watch of {} ended",
-                    request.key
-                )))
+        let view = match wakeups.as_mut() {
+            None => {
+                wakeups = Some(store.wakeups(&request.key).await?);
+                store.read(&request.key).await?
             }
-            Ok(Some(next)) => next?,
+            Some(wakeups) => {
+                let lifetime = (record.expires_at - record.stored_at)
+                    .to_std()
+                    .map_or(FOLLOW_POLL, |lifetime| lifetime + EXPIRY_MARGIN);
+                tokio::select! {
+                    woken = wakeups.next() => if woken.is_none() {
+                        return Err(StoreError::Unavailable(format!(
+                            "the wake-ups of {} ended",
+                            request.key
+                        )));
+                    },
+                    () = tokio::time::sleep(lifetime.min(FOLLOW_POLL)) => {}
+                    () = tokio::time::sleep_until(deadline) => continue,
+                }
+                store.read_past(&request.key, revision).await?
+            }
         };
-        if next.revision <= revision {
-            continue;
-        }
-        revision = next.revision;
-        match next.slot {
-            Slot::Record(found) => record = found,
-            Slot::Free { expired } => {
+        match view {
+            Some(next) if next.revision > revision => {
+                revision = next.revision;
+                match next.slot {
+                    Slot::Record(found) => record = found,
+                    Slot::Free { expired } => {
+                        return Ok(Followed::Freed {
+                            revision,
+                            expired,
+                            attempt: record.attempt + 1,
+                        })
+                    }
+                }
+            }
+            None => {
                 return Ok(Followed::Freed {
-                    revision,
-                    expired,
+                    revision: revision + 1,
+                    expired: true,
                     attempt: record.attempt + 1,
                 })
             }
+            Some(_) => {}
         }
     }
 }
