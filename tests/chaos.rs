@@ -311,7 +311,8 @@ type Answer = (Value, bool);
 /// (PROTOCOL.md v1.2 §3).
 fn settled((reply, unstored): &Answer) -> bool {
     let code = reply["result"]["data"]["code"].as_str().unwrap_or_default();
-    !*unstored && !(reply["result"]["status"] == "Error" && UNSETTLED.contains(&code))
+    let refused = reply["result"]["status"] == "Error" && UNSETTLED.contains(&code);
+    !(*unstored || refused)
 }
 
 /// Sends one intent as a core request until a settled answer (bounded),
