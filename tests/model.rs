@@ -9,11 +9,18 @@
 //! short, or longer than a lease), two workers claim one key at once
 //! (`tokio::join!`), an owner renews, completes (stores an outcome),
 //! releases, or crashes (drops its lease, possibly in the middle of a
-//! renewal or completion), or time jumps (a tick, past a lease, past an
-//! outcome). Any step can carry a fault for one primitive write of the
+//! renewal or completion), a worker claims while the key's owner renews or
+//! completes (`tokio::join!`, so a follower sees the holder's next write),
+//! or time jumps (a tick, past a lease, past an outcome). Any step can
+//! carry a fault for one primitive write of the
 //! store underneath ([`Faulty`]): it lands but its acknowledgement is
 //! lost, or it fails without landing (`Unacknowledged` or `Unavailable`);
-//! and reads can fail for the whole step. A step meant for a worker that
+//! reads can fail for the whole step; and a step's plain reads can be
+//! stale: each returns what the key held a bounded time before (a record,
+//! a marker, or no message), as a replica behind the writes answers
+//! (`CLAIM.md`, "Stale replicas"), while the leader's reads stay current.
+//! With stale reads an acquire may be busy where it could have decided, or
+//! replay an outcome alive within the lag; every safety invariant holds. A step meant for a worker that
 //! cannot do it (a claim by one holding a lease, a renewal by one holding
 //! none) is done by the next worker that can; the trace says so.
 //!
@@ -92,6 +99,8 @@ struct Timing {
     wait: [Duration; 3],
     /// Time jumps: [`Jump::Tick`], [`Jump::PastLease`], [`Jump::PastOutcome`].
     jump: [Duration; 3],
+    /// How far behind a stale read may be: [`Lag::Short`], [`Lag::Long`].
+    lag: [Duration; 2],
     /// How far the model's clock and the store's may disagree.
     tolerance: Duration,
     /// How long past its TTL a store may still show a value.
@@ -117,6 +126,7 @@ const MEMORY: Timing = Timing {
         Duration::from_secs(4),
         Duration::from_secs(9),
     ],
+    lag: [Duration::from_millis(50), Duration::from_millis(1500)],
     tolerance: Duration::ZERO,
     grace: Duration::ZERO,
     watch_lag: Duration::ZERO,
@@ -141,6 +151,7 @@ const JETSTREAM: Timing = Timing {
         Duration::from_millis(2100),
         Duration::from_millis(3100),
     ],
+    lag: [Duration::from_millis(100), Duration::from_millis(600)],
     tolerance: Duration::from_millis(50),
     // Four times the lag measured, for a loaded machine.
     grace: Duration::from_secs(1),
@@ -171,6 +182,13 @@ enum Jump {
     PastOutcome,
 }
 
+/// How far behind the stale reads of a step are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lag {
+    Short,
+    Long,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Midway {
     Renew,
@@ -195,6 +213,17 @@ enum Action {
         b: usize,
         key: usize,
         wait: Wait,
+    },
+    /// An `acquire` by a worker holding nothing while the key's owner
+    /// renews or completes, `after_ms` into the wait: a copy that follows
+    /// the holder sees its next write.
+    ClaimDuring {
+        w: usize,
+        key: usize,
+        wait: Wait,
+        owner: usize,
+        call: Midway,
+        after_ms: u64,
     },
     Renew {
         w: usize,
@@ -238,6 +267,10 @@ struct Step {
     fault: Option<Fault>,
     /// Every read of the step fails (`Unavailable`).
     reads_fail: bool,
+    /// Every plain read of the step (not the leader's) returns what the
+    /// key held this long ago: a replica that has not applied the latest
+    /// writes (`CLAIM.md`, "Stale replicas").
+    stale: Option<Lag>,
 }
 
 impl Step {
@@ -261,6 +294,9 @@ impl fmt::Debug for Step {
         }
         if self.reads_fail {
             write!(f, " + reads fail")?;
+        }
+        if let Some(lag) = self.stale {
+            write!(f, " + reads {lag:?} stale")?;
         }
         Ok(())
     }
@@ -294,12 +330,14 @@ struct Profile {
     max_workers: usize,
     max_keys: usize,
     max_steps: usize,
-    /// Advance, Claim, ClaimBoth, Renew, Complete, Release, Crash.
-    weights: [u32; 7],
+    /// Advance, Claim, ClaimBoth, ClaimDuring, Renew, Complete, Release, Crash.
+    weights: [u32; 8],
     /// Out of 8 steps, how many carry a write fault.
     faulty_in_8: u32,
     /// Chance that every read of a step fails.
     reads_fail: f64,
+    /// Chance that a step's plain reads are stale.
+    stale: f64,
 }
 
 /// In memory a step costs nothing: long schedules, all kinds alike.
@@ -307,9 +345,10 @@ const MEMORY_PROFILE: Profile = Profile {
     max_workers: 5,
     max_keys: 3,
     max_steps: 40,
-    weights: [3, 6, 2, 3, 3, 1, 2],
+    weights: [3, 6, 2, 3, 3, 3, 1, 2],
     faulty_in_8: 3,
     reads_fail: 0.12,
+    stale: 0.25,
 };
 
 /// On nats-server time is real: few time jumps, and the steps that do
@@ -318,23 +357,39 @@ const JETSTREAM_PROFILE: Profile = Profile {
     max_workers: 3,
     max_keys: 2,
     max_steps: 10,
-    weights: [1, 5, 1, 4, 4, 1, 1],
+    weights: [1, 5, 1, 2, 4, 4, 1, 1],
     faulty_in_8: 4,
     reads_fail: 0.12,
+    stale: 0.25,
 };
 
 fn step(profile: Profile, workers: usize, keys: usize) -> impl Strategy<Value = Step> {
     let w = 0..workers;
     let k = 0..keys;
-    let [advance, claim, claim_both, renew, complete, release, crash] = profile.weights;
+    let [advance, claim, claim_both, claim_during, renew, complete, release, crash] =
+        profile.weights;
     let action = prop_oneof![
         advance => prop_oneof![Just(Jump::Tick), Just(Jump::PastLease), Just(Jump::PastOutcome)]
             .prop_map(Action::Advance),
         claim => (w.clone(), k.clone(), wait(), proptest::bool::weighted(0.1))
             .prop_map(|(w, key, wait, other_fp)| Action::Claim { w, key, wait, other_fp }),
-        claim_both => (w.clone(), 1..workers, k, wait()).prop_map(move |(a, off, key, wait)| {
+        claim_both => (w.clone(), 1..workers, k.clone(), wait()).prop_map(move |(a, off, key, wait)| {
             Action::ClaimBoth { a, b: (a + off) % workers, key, wait }
         }),
+        claim_during => (
+            (w.clone(), k.clone(), wait()),
+            w.clone(),
+            prop_oneof![Just(Midway::Renew), Just(Midway::Complete)],
+            prop_oneof![Just(0u64), Just(10), Just(100)],
+        )
+            .prop_map(|((w, key, wait), owner, call, after_ms)| Action::ClaimDuring {
+                w,
+                key,
+                wait,
+                owner,
+                call,
+                after_ms,
+            }),
         renew => w.clone().prop_map(|w| Action::Renew { w }),
         complete => (w.clone(), prop_oneof![Just(Ttl::Short), Just(Ttl::Long)])
             .prop_map(|(w, ttl)| Action::Complete { w, ttl }),
@@ -357,13 +412,19 @@ fn step(profile: Profile, workers: usize, keys: usize) -> impl Strategy<Value = 
         8 - profile.faulty_in_8 => Just(None),
         profile.faulty_in_8 => (kind, 0u8..3).prop_map(|(kind, nth)| Some(Fault { kind, nth })),
     ];
-    (action, fault, proptest::bool::weighted(profile.reads_fail)).prop_map(
-        |(action, fault, reads_fail)| Step {
+    let stale = prop_oneof![Just(Lag::Short), Just(Lag::Long)];
+    (
+        action,
+        fault,
+        proptest::bool::weighted(profile.reads_fail),
+        proptest::option::weighted(profile.stale, stale),
+    )
+        .prop_map(|(action, fault, reads_fail, stale)| Step {
             action,
             fault,
             reads_fail,
-        },
-    )
+            stale,
+        })
 }
 
 fn schedule(profile: Profile) -> impl Strategy<Value = Schedule> {
@@ -416,6 +477,16 @@ impl Landed {
     }
 }
 
+/// What a key held from `at` on, for stale reads: a write that landed, or
+/// what a read found.
+#[derive(Debug, Clone)]
+struct Seen {
+    at: Instant,
+    view: Option<Versioned>,
+    /// When a record in it may expire, if known.
+    until: Option<Instant>,
+}
+
 struct Shared {
     /// When the case started: trace lines say how long after.
     origin: Instant,
@@ -424,6 +495,10 @@ struct Shared {
     fault: Option<Fault>,
     writes: u8,
     reads_fail: bool,
+    /// How far behind this step's plain reads are.
+    stale: Option<Duration>,
+    /// Per key, what it held over time (see [`Seen`]).
+    timeline: HashMap<usize, Vec<Seen>>,
     step: usize,
     trace: Vec<String>,
     /// Writes sent and not yet answered.
@@ -521,6 +596,44 @@ impl Faulty {
         Ok(())
     }
 
+    /// Remembers what `key` held from now on, as a read found it.
+    fn observe(&self, key: &IdempotencyKey, view: &Option<Versioned>) {
+        let index = self.key_index(key);
+        let mut shared = lock(&self.shared);
+        let until = view.as_ref().and_then(|v| match v.slot {
+            Slot::Record(_) => {
+                at_revision(&shared.log, index, v.revision).map(Landed::earliest_expiry)
+            }
+            Slot::Free { .. } => None,
+        });
+        let line = shared.timeline.entry(index).or_default();
+        if line.last().map(|seen| &seen.view) != Some(view) {
+            line.push(Seen {
+                at: Instant::now(),
+                view: view.clone(),
+                until,
+            });
+        }
+    }
+
+    /// What `key` held `lag` ago, by what landed and what reads found: a
+    /// record that had run out by then reads as no message.
+    fn as_of(&self, key: &IdempotencyKey, lag: Duration) -> Option<Versioned> {
+        let index = self.key_index(key);
+        let shared = lock(&self.shared);
+        let then = Instant::now().checked_sub(lag).unwrap_or(shared.origin);
+        let seen = shared
+            .timeline
+            .get(&index)?
+            .iter()
+            .rev()
+            .find(|seen| seen.at <= then)?;
+        match seen.until {
+            Some(until) if until <= then => None,
+            _ => seen.view.clone(),
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn landed(
         &self,
@@ -544,6 +657,19 @@ impl Faulty {
         shared.trace(format!(
             "    [{step}] {owner} wrote k{key} {what} over rev {expected} -> rev {revision}{ack}"
         ));
+        let end = Instant::now();
+        let seen = Seen {
+            at: end,
+            until: record.as_ref().map(|_| start + whole_secs(ttl)),
+            view: Some(Versioned {
+                revision,
+                slot: match &record {
+                    Some(record) => Slot::Record(record.clone()),
+                    None => Slot::Free { expired: false },
+                },
+            }),
+        };
+        shared.timeline.entry(key).or_default().push(seen);
         shared.log.push(Landed {
             key,
             owner,
@@ -552,7 +678,7 @@ impl Faulty {
             revision,
             ttl,
             start,
-            end: Instant::now(),
+            end,
             acked,
             step,
         });
@@ -586,12 +712,43 @@ fn lost_ack() -> StoreError {
 impl IdempotencyStore for Faulty {
     async fn read(&self, key: &IdempotencyKey) -> Result<Option<Versioned>, StoreError> {
         self.reads_fail("read", key)?;
-        self.inner.read(key).await
+        let current = self.inner.read(key).await?;
+        self.observe(key, &current);
+        let Some(lag) = lock(&self.shared).stale else {
+            return Ok(current);
+        };
+        let then = self.as_of(key, lag);
+        if then != current {
+            self.coverage.hit("store: a stale read (injected)");
+            let brief = |view: &Option<Versioned>| match view {
+                None => "no message".to_owned(),
+                Some(Versioned {
+                    revision,
+                    slot: Slot::Free { .. },
+                }) => format!("a marker at rev {revision}"),
+                Some(Versioned {
+                    revision,
+                    slot: Slot::Record(r),
+                }) => {
+                    format!("{}'s {:?} at rev {revision}", r.owner, r.state)
+                }
+            };
+            self.note(format!(
+                "read k{} -> {} (stale; the key holds {})",
+                self.key_index(key),
+                brief(&then),
+                brief(&current)
+            ));
+        }
+        Ok(then)
     }
 
+    /// The leader's answer is never stale.
     async fn read_leader(&self, key: &IdempotencyKey) -> Result<Option<Versioned>, StoreError> {
         self.reads_fail("read_leader", key)?;
-        self.inner.read_leader(key).await
+        let current = self.inner.read_leader(key).await?;
+        self.observe(key, &current);
+        Ok(current)
     }
 
     async fn write(
@@ -871,13 +1028,26 @@ impl Ctx {
         timing: Timing,
         coverage: Arc<Coverage>,
     ) -> Ctx {
+        let origin = Instant::now();
         let shared = Arc::new(Mutex::new(Shared {
-            origin: Instant::now(),
+            origin,
             keys: keys.iter().cloned().zip(0..).collect(),
             log: Vec::new(),
             fault: None,
             writes: 0,
             reads_fail: false,
+            stale: None,
+            // Every key starts with no message.
+            timeline: (0..keys.len())
+                .map(|key| {
+                    let seen = Seen {
+                        at: origin,
+                        view: None,
+                        until: None,
+                    };
+                    (key, vec![seen])
+                })
+                .collect(),
             step: 0,
             trace: Vec::new(),
             in_flight: 0,
@@ -923,12 +1093,14 @@ impl Ctx {
         shared.fault = step.fault;
         shared.writes = 0;
         shared.reads_fail = step.reads_fail;
+        shared.stale = step.stale.map(|lag| self.clock.timing.lag[lag as usize]);
     }
 
     fn disarm(&self) {
         let mut shared = lock(&self.shared);
         shared.fault = None;
         shared.reads_fail = false;
+        shared.stale = None;
     }
 
     /// Waits (bounded) until every write a step sent has landed or
@@ -1077,6 +1249,37 @@ impl Model {
                     .or_else(|| self.pick(a + 1, idle).filter(|&b| b != a))?;
                 Action::ClaimBoth { a, b, key, wait }
             }
+            Action::ClaimDuring {
+                w,
+                key,
+                wait,
+                owner,
+                call,
+                after_ms,
+            } => {
+                let owns_key = |worker: &Worker| {
+                    worker.held.as_ref().is_some_and(|held| {
+                        held.key == key && (call == Midway::Complete || !held.completing)
+                    })
+                };
+                let w = self.pick(w, idle)?;
+                match self.pick(owner, owns_key) {
+                    Some(owner) => Action::ClaimDuring {
+                        w,
+                        key,
+                        wait,
+                        owner,
+                        call,
+                        after_ms,
+                    },
+                    None => Action::Claim {
+                        w,
+                        key,
+                        wait,
+                        other_fp: false,
+                    },
+                }
+            }
             Action::Renew { w } => Action::Renew {
                 w: self.pick(w, owns)?,
             },
@@ -1168,7 +1371,11 @@ impl Model {
                     .count();
                 let log = ctx.log();
                 let pre = ctx.clock.view(&log[..before.log_len], key, before.at);
-                if matches!(pre, View::Free) && owners == 0 && !step.may_fail_acquire() {
+                if matches!(pre, View::Free)
+                    && owners == 0
+                    && !step.may_fail_acquire()
+                    && step.stale.is_none()
+                {
                     return Err(violation(
                         5,
                         i,
@@ -1187,6 +1394,45 @@ impl Model {
                     self.check_acquire(ctx, i, step, w, key, &request, &before, acquired)?;
                 }
                 Ok(())
+            }
+            Action::ClaimDuring {
+                w,
+                key,
+                wait,
+                owner,
+                call,
+                after_ms,
+            } => {
+                let request = self.request(ctx, w, key, false);
+                let before = Before {
+                    at: Instant::now(),
+                    log_len: ctx.log_len(),
+                    wait: ctx.timing().wait[wait as usize],
+                    joined: true,
+                };
+                let acquire = ACTOR.scope(
+                    request.owner.clone(),
+                    ctx.store.acquire(&request, before.wait),
+                );
+                let owner_call = async {
+                    tokio::time::sleep(Duration::from_millis(after_ms)).await;
+                    match call {
+                        Midway::Renew => self.renew(ctx, i, step, owner).await,
+                        Midway::Complete => {
+                            let ttl = ctx.timing().outcome_ttl[0];
+                            self.complete(ctx, i, step, owner, ttl).await
+                        }
+                    }
+                };
+                let (acquired, called) = tokio::join!(acquire, owner_call);
+                ctx.hit("acquire: during an owner's call");
+                ctx.note(format!(
+                    "  {i}: w{w} {} (during w{owner}'s {call:?}) -> {}",
+                    request.owner,
+                    brief(&acquired)
+                ));
+                called?;
+                self.check_acquire(ctx, i, step, w, key, &request, &before, acquired)
             }
             Action::Renew { w } => self.renew(ctx, i, step, w).await,
             Action::Complete { w, ttl } => {
@@ -1225,16 +1471,35 @@ impl Model {
         let clock = &ctx.clock;
         let pre = clock.view(&log[..before.log_len], key, before.at);
         let who = format!("w{w} ({})", request.owner);
+        // With stale reads an acquire may see the key as it was up to `lag`
+        // before: it may answer an outcome stored (and alive) then, or be
+        // busy where it could have decided; it never takes a key that is
+        // not free (1, 3) nor answers anything else (2).
+        let lag = step.stale.map(|lag| ctx.timing().lag[lag as usize]);
+        let recently_stored = |record: &Record| {
+            lag.is_some_and(|lag| {
+                let since = before.at.checked_sub(lag).unwrap_or(before.at);
+                log.iter().any(|e| {
+                    e.key == key
+                        && e.is_done()
+                        && e.record.as_ref() == Some(record)
+                        && !clock.surely_gone(e, since)
+                })
+            })
+        };
 
         // 2: an outcome alive throughout is what the acquire answers.
         if let View::Live(stored) = pre {
             if stored.is_done() && clock.surely_live(stored, now) {
                 let expected = stored.record.as_ref();
                 let fine = match &acquired {
-                    Ok(Acquire::Stored { record, .. }) => Some(record) == expected,
+                    Ok(Acquire::Stored { record, .. }) => {
+                        Some(record) == expected || recently_stored(record)
+                    }
                     Ok(Acquire::Reused(_)) => {
                         expected.is_some_and(|r| r.fingerprint != request.fingerprint)
                     }
+                    Ok(Acquire::Busy(_)) => lag.is_some(),
                     Err(_) => step.may_fail_acquire(),
                     _ => false,
                 };
@@ -1254,6 +1519,7 @@ impl Model {
         // 5: a free key is claimed (unless the other of two took it).
         if matches!(pre, View::Free)
             && !before.joined
+            && lag.is_none()
             && !step.may_fail_acquire()
             && !matches!(acquired, Ok(Acquire::Owner(_)))
         {
@@ -1277,6 +1543,7 @@ impl Model {
                     .as_ref()
                     .is_some_and(|r| r.fingerprint == request.fingerprint)
                 && !before.joined
+                && lag.is_none()
                 && !step.may_fail_acquire()
                 && clock.latest_expiry(holder) + ctx.timing().watch_lag < deadline
             {
@@ -1399,9 +1666,9 @@ impl Model {
             Ok(Acquire::Stored { record, .. }) => {
                 let stored = latest(&log, key).filter(|e| e.is_done());
                 let fine = record.fingerprint == request.fingerprint
-                    && stored.is_some_and(|d| {
+                    && (stored.is_some_and(|d| {
                         d.record.as_ref() == Some(&record) && !clock.surely_gone(d, before.at)
-                    });
+                    }) || recently_stored(&record));
                 if !fine {
                     return Err(violation(
                         2,
@@ -1493,7 +1760,18 @@ impl Model {
         if result.is_ok() && landed_now.iter().any(|e| !e.acked) {
             ctx.hit("owner: a write whose ack was lost, settled in the same call");
         }
+        // A completion that finds its own outcome, landed in an earlier call
+        // (its ack lost) and run out since, reports it: it was stored.
+        let own_outcome_found = !renewal
+            && result.is_ok()
+            && landed_now.is_empty()
+            && log[..log_len]
+                .iter()
+                .any(|e| e.key == key && e.owner == held.owner && e.is_done());
         match alive {
+            Alive::No if own_outcome_found => {
+                ctx.hit("complete: finds its own outcome, run out since");
+            }
             Alive::No => {
                 // 3: a fenced or expired owner's call fails and writes nothing.
                 if result.is_ok() || !landed_now.is_empty() {
@@ -2065,7 +2343,9 @@ fn cases(var: &str, default: u32) -> u32 {
 
 /// Paths a property must have taken, so that a model that stopped reaching
 /// them fails instead of passing vacuously.
-const MUST_COVER: [&str; 14] = [
+const MUST_COVER: [&str; 16] = [
+    "store: a stale read (injected)",
+    "acquire: during an owner's call",
     "acquire: Owner",
     "acquire: Owner, takeover",
     "acquire: Stored",

@@ -493,22 +493,27 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     }
 
     /// Reads `key` after a write expected `seen` to be its latest revision
-    /// and failed: until the view has moved past `seen` (another revision,
-    /// or no message where `seen` had one), up to `READ_PAST_TRIES` times,
-    /// the later ones from the writes' authority ([`read_leader`](Self::read_leader)).
-    /// A cluster answers a conflict while the winning write is still being
-    /// proposed (error 10164), and a follower may answer the first read:
-    /// acting on that stale view would claim again and lose again.
+    /// and failed: until the view has moved past `seen`, up to
+    /// `READ_PAST_TRIES` times, the later ones paused.
+    ///
+    /// A plain read (which a replica may answer) counts only when it shows
+    /// a revision newer than `seen`: a replica behind the writes may show
+    /// an older revision or no message at all, and neither is evidence
+    /// (`CLAIM.md`, "Stale replicas"). Anything else is asked of the
+    /// writes' authority ([`read_leader`](Self::read_leader)), whose answer
+    /// is the key's state, "no message" included. A cluster answers a
+    /// conflict while the winning write is still being proposed (error
+    /// 10164), so while the authority still shows `seen`, it is asked
+    /// again after a pause.
     async fn read_past(
         &self,
         key: &IdempotencyKey,
         seen: u64,
     ) -> Result<Option<Versioned>, StoreError> {
-        let moved = |view: &Option<Versioned>| view.as_ref().map_or(0, |v| v.revision) != seen;
-        let mut view = self.read(key).await?;
+        let mut view = self.read_current(key, seen).await?;
         let mut pause = READ_PAST_PAUSE;
         for _ in 1..READ_PAST_TRIES {
-            if moved(&view) {
+            if view.as_ref().map_or(0, |v| v.revision) != seen {
                 break;
             }
             tokio::time::sleep(pause).await;
@@ -516,6 +521,20 @@ pub trait IdempotencyStore: Send + Sync + 'static {
             view = self.read_leader(key).await?;
         }
         Ok(view)
+    }
+
+    /// The key's state as of now, for one who has seen revision `seen`: a
+    /// plain read when it shows something newer, else the authority's
+    /// answer (see [`read_past`](Self::read_past)).
+    async fn read_current(
+        &self,
+        key: &IdempotencyKey,
+        seen: u64,
+    ) -> Result<Option<Versioned>, StoreError> {
+        match self.read(key).await? {
+            Some(newer) if newer.revision > seen => Ok(Some(newer)),
+            _ => self.read_leader(key).await,
+        }
     }
 
     /// Reads `key` from the authority that orders its writes (a stream's
@@ -694,9 +713,13 @@ enum Followed {
 /// always announced, so the key is also read just after the record seen
 /// must have run out, and at least every [`FOLLOW_POLL`].
 ///
-/// A key whose message is gone altogether (its expiry marker aged out
-/// before the follower looked) is reported free at the revision after the
-/// holder's: a claim there loses once, reads, and claims at 0.
+/// Every read is [`read_current`](IdempotencyStore::read_current): a
+/// replica behind the writes is never taken at its word when it shows
+/// the holder's revision or older, or no message. A key the authority
+/// holds no message for (the holder's expiry marker aged out before the
+/// follower looked) is free at revision 0; no revision is ever made up
+/// (`CLAIM.md`, "Stale replicas": the holder's revision + 1 could be its
+/// very next write, and a claim there would overwrite it).
 ///
 /// [`wakeups`]: IdempotencyStore::wakeups
 async fn follow<S: IdempotencyStore + ?Sized>(
@@ -709,7 +732,34 @@ async fn follow<S: IdempotencyStore + ?Sized>(
     let mut wakeups: Option<Wakeups> = None;
     loop {
         if record.fingerprint != request.fingerprint {
-            return Ok(Followed::Decided(Acquire::Reused(record)));
+            // A final refusal (in JetStream mode the intent is acked away):
+            // never on a replica's word, which may show an earlier lifetime
+            // of the key, claimed by another intent.
+            match store.read_leader(&request.key).await? {
+                Some(latest) if latest.revision == revision => {
+                    return Ok(Followed::Decided(Acquire::Reused(record)))
+                }
+                Some(Versioned {
+                    revision: latest,
+                    slot: Slot::Record(found),
+                }) => {
+                    revision = latest;
+                    record = found;
+                    if record.fingerprint != request.fingerprint {
+                        return Ok(Followed::Decided(Acquire::Reused(record)));
+                    }
+                    continue;
+                }
+                // Free: the record seen was an earlier lifetime's, no
+                // holder of ours whose lease ran out (no takeover).
+                latest => {
+                    return Ok(Followed::Freed {
+                        revision: latest.map_or(0, |free| free.revision),
+                        expired: false,
+                        attempt: record.attempt + 1,
+                    })
+                }
+            }
         }
         if record.state == RecordState::Done {
             return Ok(Followed::Decided(Acquire::Stored {
@@ -723,7 +773,7 @@ async fn follow<S: IdempotencyStore + ?Sized>(
         let view = match wakeups.as_mut() {
             None => {
                 wakeups = Some(store.wakeups(&request.key).await?);
-                store.read(&request.key).await?
+                store.read_current(&request.key, revision).await?
             }
             Some(wakeups) => {
                 let lifetime = (record.expires_at - record.stored_at)
@@ -739,7 +789,7 @@ async fn follow<S: IdempotencyStore + ?Sized>(
                     () = tokio::time::sleep(lifetime.min(FOLLOW_POLL)) => {}
                     () = tokio::time::sleep_until(deadline) => continue,
                 }
-                store.read_past(&request.key, revision).await?
+                store.read_current(&request.key, revision).await?
             }
         };
         match view {
@@ -756,9 +806,10 @@ async fn follow<S: IdempotencyStore + ?Sized>(
                     }
                 }
             }
+            // The authority holds nothing: free, to be claimed at 0.
             None => {
                 return Ok(Followed::Freed {
-                    revision: revision + 1,
+                    revision: 0,
                     expired: true,
                     attempt: record.attempt + 1,
                 })
