@@ -7,7 +7,7 @@ sends by a spy subscription beside the workers' queue group.
 import asyncio
 import json
 import subprocess
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 from nats.aio.client import Client as NatsClient
@@ -244,3 +244,92 @@ async def test_overloaded_is_retried_after_retry_after_ms(
     checked = sum(check_retry_hints(spy, encode_intent(i), "OVERLOADED") for i in intents)
     assert checked >= 1
     await upstream.stop()
+
+
+async def scripted_worker(nc: NatsClient, answers: list[dict[str, Any]]) -> Spy:
+    """A stand-in worker on ``intents.scripted`` that answers each request with
+    the next of ``answers`` (in the contract's reply shape); the returned spy
+    holds the requests it got."""
+    spy = Spy()
+
+    async def answer(msg: Any) -> None:
+        await spy._on(msg)
+        body = answers[min(len(spy.seen), len(answers)) - 1]
+        await nc.publish(msg.reply, json.dumps(body).encode())
+
+    await nc.subscribe("intents.scripted", cb=answer)
+    await nc.flush()
+    return spy
+
+
+def refusal(code: str, retry_after_ms: Optional[int] = None) -> dict[str, Any]:
+    data: dict[str, Any] = {"code": code, "message": code.lower()}
+    if retry_after_ms is not None:
+        data["retry_after_ms"] = retry_after_ms
+    return {
+        "idem_key": None,
+        "intent_id": "s-1",
+        "replayed": False,
+        "result": {"status": "Error", "data": data},
+        "stored_at": None,
+        "expires_at": None,
+    }
+
+
+async def test_every_retry_later_answer_is_resent_and_retry_after_ms_honoured(
+    nc: NatsClient,
+) -> None:
+    success = {
+        "idem_key": "idem_0000000000000001",
+        "intent_id": "s-1",
+        "replayed": False,
+        "result": {"status": "Success", "data": 1},
+        "stored_at": "2026-12-06T00:00:00Z",
+        "expires_at": "2026-12-07T00:00:00Z",
+    }
+    answers = [
+        refusal("OVERLOADED", 300),
+        refusal("NO_HANDLER"),
+        refusal("STORE_UNAVAILABLE"),
+        refusal("IN_PROGRESS", 200),
+        refusal("503"),
+        success,
+    ]
+    requests = await scripted_worker(nc, answers)
+    client = idemq.Client(nc, timeout=2.0, retries=5, backoff=0.05)
+
+    result = await client.submit("intents.scripted", charge("s-1"))
+
+    assert result.ok
+    assert result.attempts == 6 == len(requests.seen)
+    assert len({r.data for r in requests.seen}) == 1  # the same bytes every time
+    gaps = [b.at - a.at for a, b in zip(requests.seen, requests.seen[1:])]
+    assert gaps[0] >= 0.3 - 0.02  # after OVERLOADED's retry_after_ms
+    assert gaps[3] >= 0.2 - 0.02  # after IN_PROGRESS's retry_after_ms
+    assert gaps[1] < 0.3  # without a hint: the back-off, from 0.05 s doubling
+
+
+async def test_unavailable_when_the_retries_run_out(nc: NatsClient) -> None:
+    requests = await scripted_worker(nc, [refusal("NO_HANDLER")])
+    client = idemq.Client(nc, timeout=2.0, retries=2, backoff=0.01)
+
+    with pytest.raises(idemq.Unavailable) as gave_up:
+        await client.submit("intents.scripted", charge("s-2"))
+
+    assert gave_up.value.attempts == 3 == len(requests.seen)
+    assert gave_up.value.last is not None
+    assert gave_up.value.last.error_code == "NO_HANDLER"
+
+
+async def test_unavailable_when_the_deadline_runs_out(nc: NatsClient) -> None:
+    client = idemq.Client(nc, timeout=0.2, retries=100, deadline=1.0, backoff=0.05)
+    spy = await Spy.on(nc, "intents.>")
+    started = asyncio.get_running_loop().time()
+
+    with pytest.raises(idemq.Unavailable) as gave_up:
+        await client.submit("intents.nobody", charge("s-3"))  # no worker at all
+
+    assert asyncio.get_running_loop().time() - started < 1.5
+    assert gave_up.value.last is None  # the last try got no answer
+    assert "deadline" in gave_up.value.reason
+    assert gave_up.value.attempts == len(spy.matching("intents.nobody")) >= 2
