@@ -226,12 +226,12 @@ async def test_overloaded_is_retried_after_retry_after_ms(
     nc: NatsClient, start_worker: StartWorker
 ) -> None:
     recorder = Recorder()
-    upstream = await counting_upstream(nc, recorder, delay=0.3)
+    upstream = await counting_upstream(nc, recorder, delay=0.2)
     await start_worker(*FAST, *FORWARD, "--concurrency", "2", "--intake-bytes", "1KiB")
     await wait_ready(nc)
     spy = await Spy.on(nc, "intents.>", "_INBOX.>")
     client = idemq.Client(nc, timeout=5.0, retries=30, deadline=30.0)
-    intents = [charge(f"burst-{i}", amount=i, note="n" * 100) for i in range(16)]
+    intents = [charge(f"burst-{i}", amount=i, note="n" * 100) for i in range(10)]
 
     results = await asyncio.gather(*(client.submit("intents.charge", i) for i in intents))
 
