@@ -246,16 +246,18 @@ async def test_overloaded_is_retried_after_retry_after_ms(
     await upstream.stop()
 
 
-async def scripted_worker(nc: NatsClient, answers: list[dict[str, Any]]) -> Spy:
+async def scripted_worker(
+    nc: NatsClient, answers: list[dict[str, Any]], headers: Optional[dict[str, str]] = None
+) -> Spy:
     """A stand-in worker on ``intents.scripted`` that answers each request with
-    the next of ``answers`` (in the contract's reply shape); the returned spy
-    holds the requests it got."""
+    the next of ``answers`` (in the contract's reply shape, with ``headers``);
+    the returned spy holds the requests it got."""
     spy = Spy()
 
     async def answer(msg: Any) -> None:
         await spy._on(msg)
         body = answers[min(len(spy.seen), len(answers)) - 1]
-        await nc.publish(msg.reply, json.dumps(body).encode())
+        await nc.publish(msg.reply, json.dumps(body).encode(), headers=headers)
 
     await nc.subscribe("intents.scripted", cb=answer)
     await nc.flush()
@@ -333,3 +335,16 @@ async def test_unavailable_when_the_deadline_runs_out(nc: NatsClient) -> None:
     assert gave_up.value.last is None  # the last try got no answer
     assert "deadline" in gave_up.value.reason
     assert gave_up.value.attempts == len(spy.matching("intents.nobody")) >= 2
+
+
+async def test_an_executed_outcome_answered_unstored_is_final(nc: NatsClient) -> None:
+    # v1.2: the worker ran the intent but could not store the outcome.
+    unstored = refusal("NO_HANDLER")  # whatever the outcome, it ran: no resend
+    requests = await scripted_worker(nc, [unstored], headers={"Idem-Stored": "false"})
+    client = idemq.Client(nc, timeout=2.0, retries=3)
+
+    result = await client.submit("intents.scripted", charge("s-4"))
+
+    assert result.stored is False
+    assert result.error_code == "NO_HANDLER"
+    assert result.attempts == 1 == len(requests.seen)

@@ -14,7 +14,7 @@ from nats.aio.msg import Msg
 from .errors import InvalidIntent, KeyReused, Unavailable, is_transient_code
 from .intent import IntentLike, as_mapping, encode_intent
 from .keys import intent_key, parse_key
-from .result import Result
+from .result import Result, header
 
 __all__ = ["RETRY_LATER_CODES", "Client"]
 
@@ -50,6 +50,12 @@ def _raise_refusal(result: Result) -> None:
         raise KeyReused(message, result)
     if code in INVALID_CODES:
         raise InvalidIntent(code, message, result)
+
+
+def _executed_unstored(msg: Msg) -> bool:
+    """v1.2: ``Idem-Stored: false`` marks an outcome that was executed but
+    could not be stored: an answer, never a refusal or a retry-later."""
+    return (header(msg.headers, "Idem-Stored") or "").strip().lower() == "false"
 
 
 def is_retry_later(result: Result) -> bool:
@@ -167,8 +173,10 @@ class Client:
                 reason = f"request failed: {type(error).__name__}"
             else:
                 result = self._read(msg, attempt)
-                _raise_refusal(result)
-                if not is_retry_later(result):
+                executed = _executed_unstored(msg)
+                if not executed:
+                    _raise_refusal(result)
+                if executed or not is_retry_later(result):
                     logger.debug(
                         "idemq: %s answered %s (key %s, replayed %s, try %d)",
                         subject,
@@ -334,8 +342,10 @@ class Client:
                 except nats.errors.TimeoutError:
                     break
                 result = self._read(msg, 1)
-                _raise_refusal(result)
-                if not is_retry_later(result):
+                executed = _executed_unstored(msg)
+                if not executed:
+                    _raise_refusal(result)
+                if executed or not is_retry_later(result):
                     return result
                 # A JetStream worker does not answer deliveries it retries;
                 # should one say "later" anyway, the redelivery answers.
