@@ -52,6 +52,15 @@ def _raise_refusal(result: Result) -> None:
         raise InvalidIntent(code, message, result)
 
 
+def _derived_key(intent: IntentLike) -> Optional[str]:
+    """The key the worker will derive, for logs; ``None`` when it cannot
+    (the worker then refuses the intent and says why)."""
+    try:
+        return intent_key(as_mapping(intent))
+    except InvalidIntent:
+        return None
+
+
 def _executed_unstored(msg: Msg) -> bool:
     """v1.2: ``Idem-Stored: false`` marks an outcome that was executed but
     could not be stored: an answer, never a refusal or a retry-later."""
@@ -146,6 +155,7 @@ class Client:
         """
         payload = encode_intent(intent)
         headers = {"Idempotency-Key": parse_key(key)} if key is not None else None
+        log_key = headers["Idempotency-Key"] if headers else _derived_key(intent)
         per_try, tries, total = self._budget(timeout, retries, deadline)
         loop = asyncio.get_running_loop()
         end = loop.time() + total
@@ -196,7 +206,7 @@ class Client:
             logger.info(
                 "idemq: %s (key %s); resending the same intent in %.2fs (try %d of %d)",
                 reason,
-                last.idem_key if last is not None else (key or "derived"),
+                log_key,
                 pause,
                 attempt + 1,
                 tries + 1,
