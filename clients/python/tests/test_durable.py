@@ -44,20 +44,6 @@ async def stream_drained(nc: NatsClient) -> tuple[int, int]:
     return state[0], state[1]
 
 
-def worker_answers(spy: Spy, intent_id: str) -> list[Any]:
-    """The worker's answers to ``intent_id`` among the messages the spy saw
-    (other inbox traffic: PubAcks, JetStream API and upstream replies)."""
-    answers = []
-    for seen in spy.seen:
-        try:
-            body = seen.json()
-        except ValueError:
-            continue
-        if isinstance(body, dict) and "result" in body and body.get("intent_id") == intent_id:
-            answers.append(body)
-    return answers
-
-
 async def test_submit_durable_answers_and_publish_retries_are_deduplicated(
     nc: NatsClient, start_worker: StartWorker
 ) -> None:
@@ -115,8 +101,7 @@ async def test_a_worker_killed_between_publish_and_answer_is_answered_once(
     upstream = await idemq.serve_upstream(nc, "exec.*", handle)
     first = await start_worker(*FAST, *JETSTREAM, *FORWARD)
     await wait_ready(nc)
-    replies = Spy()
-    await nc.subscribe("_INBOX.>", cb=replies._on)
+    spy = await Spy.on(nc, "intents.>", "_INBOX.>")
     client = idemq.Client(nc, timeout=3.0)
     submit = asyncio.create_task(client.submit_durable("intents.order", order("d-4"), timeout=25))
     await until("the first worker forwards the intent", lambda: len(recorder.calls) == 1)
@@ -131,6 +116,14 @@ async def test_a_worker_killed_between_publish_and_answer_is_answered_once(
     assert len(recorder.completed) == 1  # executed to completion once
     assert len(recorder.calls) == 2  # the lost call and the redelivery's
     assert (await stream_drained(nc))[0] == 0  # acked: no further delivery
-    assert len(worker_answers(replies, "d-4")) == 1
+    # One answer on the private reply subject that travelled as Idem-Reply-To.
+    # (The spy on _INBOX.> also sees the stream's deliveries to the workers.)
+    published = [p for p in spy.matching("intents.order") if not p.reply.startswith("$JS.ACK.")]
+    assert len(published) == 1
+    reply_to = published[0].headers["Idem-Reply-To"]
+    assert reply_to.startswith("_INBOX.")
+    answers = [s for s in spy.seen if s.subject == reply_to]
+    assert len(answers) == 1
+    assert answers[0].json()["result"] == {"status": "Success", "data": {"order": "d-4"}}
     release.set()
     await upstream.stop(grace=1.0)
