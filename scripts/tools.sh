@@ -9,6 +9,11 @@
 #   ensure_nats_py      makes `python3` on PATH one that imports nats-py
 #                       (examples/python/requirements.txt), installing it
 #                       into .tools/venv when the machine's cannot
+#   ensure_python_client
+#                       installs the Python client's pinned check and test
+#                       tools (clients/python/requirements-dev.txt) and the
+#                       package itself (editable) into .tools/venv; exports
+#                       IDEMQ_PY_VENV, that virtualenv
 
 IDEMQ_NATS_VERSION=2.15.1
 IDEMQ_TOOLS_VENV="${IDEMQ_TOOLS_VENV:-$PWD/.tools/venv}"
@@ -77,4 +82,22 @@ ensure_nats_py() {
         tools_pip_install -r examples/python/requirements.txt
     fi
     export PATH="$venv/bin:$PATH"
+}
+
+# The Python client's tools and the package, in .tools/venv. Skipped when
+# that venv already has exactly these pins and this package definition
+# (a stamp of both files is kept in the venv).
+ensure_python_client() {
+    local venv stamp want
+    venv=$(tools_venv)
+    stamp="$venv/.idemq-python-client"
+    want=$(cat clients/python/requirements-dev.txt clients/python/pyproject.toml | cksum)
+    if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]] ||
+        ! "$venv/bin/python3" -c 'import idemq, pytest, pytest_asyncio, mypy, build' 2>/dev/null; then
+        echo "tools: installing clients/python/requirements-dev.txt and the idemq package into $venv" >&2
+        tools_pip_install -r clients/python/requirements-dev.txt
+        tools_pip_install --no-build-isolation -e ./clients/python
+        echo "$want" >"$stamp"
+    fi
+    export IDEMQ_PY_VENV=$venv
 }
