@@ -88,7 +88,8 @@ pub enum Lookup {
 
 /// An entry: keyed by the key's 64 bits, with the fingerprint as 256
 /// bits, so the key's text lives once (in the reply) and nothing else
-/// is allocated per entry.
+/// is allocated per entry. The bits find it; the key in its reply, the
+/// whole scoped key, is what a hit is compared with.
 struct Entry {
     fingerprint: Fingerprint,
     replay: Arc<EncodedReply>,
@@ -296,7 +297,7 @@ impl OutcomeCache {
         let bits = key.bits();
         let mut inner = self.lock();
         match inner.entries.get(&bits) {
-            Some(entry) if entry.fingerprint == fingerprint => {
+            Some(entry) if entry.fingerprint == fingerprint && entry.replay.idem_key == *key => {
                 if entry.alias == Some(digest) {
                     return;
                 }
@@ -331,6 +332,11 @@ impl OutcomeCache {
         let Some(entry) = inner.entries.get(&bits) else {
             return Lookup::Miss;
         };
+        // The bits are a map key, not an identity: another tenant can make
+        // any key's bits (PROTOCOL.md v1.2 §5). Only the whole key is.
+        if entry.replay.idem_key != *key {
+            return Lookup::Miss;
+        }
         if entry.until <= self.tick(Instant::now()) {
             inner.evict(bits);
             return Lookup::Miss;
@@ -419,7 +425,15 @@ impl OutcomeCache {
 
     /// Forgets a key (purged).
     pub fn remove(&self, key: &IdempotencyKey) {
-        self.lock().evict(key.bits());
+        let mut inner = self.lock();
+        let bits = key.bits();
+        if inner
+            .entries
+            .get(&bits)
+            .is_some_and(|entry| entry.replay.idem_key == *key)
+        {
+            inner.evict(bits);
+        }
     }
 
     /// Entries held and the bytes they are counted at.
@@ -440,8 +454,9 @@ impl OutcomeCache {
 /// K JetStream watch consumers per key into one.
 #[derive(Default)]
 pub struct InFlightKeys {
-    /// By [`IdempotencyKey::bits`], as the outcome cache keys its entries.
-    keys: Mutex<HashMap<u64, watch::Receiver<()>>>,
+    /// By [`IdempotencyKey::bits`], as the outcome cache keys its entries,
+    /// with the whole key each is compared with.
+    keys: Mutex<HashMap<u64, (IdempotencyKey, watch::Receiver<()>)>>,
 }
 
 /// This delivery's turn on a key.
@@ -455,14 +470,16 @@ pub enum Turn<'a> {
 /// Held by the leading delivery of a key.
 pub struct LeadGuard<'a> {
     keys: &'a InFlightKeys,
-    key: u64,
+    /// The slot this guard holds in the map; `None` when another key with
+    /// the same bits holds it (this delivery then leads alone).
+    key: Option<u64>,
     // Dropped after `Drop::drop` has removed the entry: followers wake to
     // find the key no longer in flight and the outcome (if any) cached.
     _done: watch::Sender<()>,
 }
 
 impl InFlightKeys {
-    fn lock(&self) -> MutexGuard<'_, HashMap<u64, watch::Receiver<()>>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, (IdempotencyKey, watch::Receiver<()>)>> {
         // A plain map with single inserts and removes: usable after a panic.
         self.keys
             .lock()
@@ -471,16 +488,22 @@ impl InFlightKeys {
 
     /// Leads on `key`, or follows the delivery that already does.
     pub fn enter(&self, key: &IdempotencyKey) -> Turn<'_> {
-        let key = key.bits();
+        let bits = key.bits();
         let mut keys = self.lock();
-        if let Some(done) = keys.get(&key) {
-            return Turn::Follow(done.clone());
-        }
         let (sender, receiver) = watch::channel(());
-        keys.insert(key, receiver);
+        let slot = match keys.get(&bits) {
+            Some((held, done)) if held == key => return Turn::Follow(done.clone()),
+            // Another key with the same bits (another tenant's, perhaps
+            // crafted): no waiting on it; this one goes to the store.
+            Some(_) => None,
+            None => {
+                keys.insert(bits, (key.clone(), receiver));
+                Some(bits)
+            }
+        };
         Turn::Lead(LeadGuard {
             keys: self,
-            key,
+            key: slot,
             _done: sender,
         })
     }
@@ -488,7 +511,9 @@ impl InFlightKeys {
 
 impl Drop for LeadGuard<'_> {
     fn drop(&mut self) {
-        self.keys.lock().remove(&self.key);
+        if let Some(bits) = self.key {
+            self.keys.lock().remove(&bits);
+        }
     }
 }
 

@@ -12,6 +12,28 @@ use common::{include_path, NatsServer};
 use idemq::IdempotencyKey;
 use serde_json::{json, Value};
 
+/// The `Idempotency-Key` whose bits, scoped to `tenant`, are `target`'s
+/// (the tenant hash is FNV-1a, run backwards here): what a tenant could
+/// craft against another's key.
+fn colliding_key(target: &IdempotencyKey, tenant: &str) -> IdempotencyKey {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    // PRIME's inverse modulo 2^64, by Newton's iteration from PRIME itself.
+    let mut inverse = PRIME;
+    for _ in 0..6 {
+        inverse = inverse.wrapping_mul(2u64.wrapping_sub(PRIME.wrapping_mul(inverse)));
+    }
+    let mut bits = target.bits();
+    for byte in tenant.bytes().rev() {
+        bits = bits.wrapping_mul(inverse) ^ u64::from(byte);
+    }
+    let key = IdempotencyKey::parse(&format!("idem_{:016x}", bits ^ OFFSET)).expect("a key");
+    let scoped = key.in_tenant(tenant).expect("a tenant");
+    assert_eq!(scoped.bits(), target.bits(), "a collision");
+    assert_ne!(scoped, *target);
+    key
+}
+
 fn intent(params: Value) -> String {
     json!({ "intent_id": "same", "actor": "agent", "episode": "ep", "params": params }).to_string()
 }
@@ -32,16 +54,14 @@ async fn tenants_sending_identical_intents_each_execute_once_and_never_see_each_
     let worker = start_worker(&server, config, Some(FORWARD)).await;
     let bare = IdempotencyKey::from_intent_metadata("same", "agent", "ep", None);
 
-    let acme = ask(&client, "intents.acme.ok", intent(json!("acme's"))).await;
-    // Same key fields, another fingerprint: no KEY_REUSED across tenants.
-    let globex = ask(&client, "intents.globex.ok", intent(json!("globex's"))).await;
-    for (reply, data) in [(&acme, "acme's"), (&globex, "globex's")] {
+    // The very same intent from two tenants: each runs it (replayed:
+    // false), neither is answered with the other's outcome.
+    let acme = ask(&client, "intents.acme.ok", intent(json!("same params"))).await;
+    let globex = ask(&client, "intents.globex.ok", intent(json!("same params"))).await;
+    for reply in [&acme, &globex] {
         assert_eq!(reply["result"]["status"], "Success", "{reply}");
-        assert_eq!(
-            reply["result"]["data"]["done"], data,
-            "its own outcome: {reply}"
-        );
-        assert_eq!(reply["replayed"], false);
+        assert_eq!(reply["result"]["data"]["done"], "same params", "{reply}");
+        assert_eq!(reply["replayed"], false, "its own execution: {reply}");
         assert_eq!(
             reply["idem_key"],
             bare.as_str(),
@@ -49,16 +69,22 @@ async fn tenants_sending_identical_intents_each_execute_once_and_never_see_each_
         );
     }
     // Copies replay their own tenant's outcome.
-    let again = ask(&client, "intents.acme.ok", intent(json!("acme's"))).await;
-    assert_eq!(again["replayed"], true);
-    assert_eq!(again["stored_at"], acme["stored_at"]);
+    for (subject, first) in [("intents.acme.ok", &acme), ("intents.globex.ok", &globex)] {
+        let again = ask(&client, subject, intent(json!("same params"))).await;
+        assert_eq!(again["replayed"], true);
+        assert_eq!(again["stored_at"], first["stored_at"], "{subject}");
+    }
+    // Same key fields, another fingerprint, another tenant: no KEY_REUSED.
+    let other = ask(&client, "intents.initech.ok", intent(json!("initech's"))).await;
+    assert_eq!(other["replayed"], false, "{other}");
+    assert_eq!(other["result"]["data"]["done"], "initech's", "{other}");
     let reused = ask(&client, "intents.acme.ok", intent(json!("changed"))).await;
     assert_eq!(
         code(&reused),
         "KEY_REUSED",
         "within a tenant the key is still one intent's"
     );
-    for tenant in ["acme", "globex"] {
+    for tenant in ["acme", "globex", "initech"] {
         let scoped = bare.in_tenant(tenant).expect("tenant");
         assert_eq!(
             upstream.executions(scoped.as_str()),
@@ -66,7 +92,7 @@ async fn tenants_sending_identical_intents_each_execute_once_and_never_see_each_
             "{tenant} executed once"
         );
     }
-    assert_eq!(upstream.total(), 2);
+    assert_eq!(upstream.total(), 3);
 
     // A subject whose tenant token is not a KV key token.
     let refused = ask(&client, "intents.ac+me.ok", intent(json!(1))).await;
@@ -74,7 +100,7 @@ async fn tenants_sending_identical_intents_each_execute_once_and_never_see_each_
     assert!(refused["result"]["data"]["message"]
         .as_str()
         .is_some_and(|m| m.contains("tenant")));
-    assert_eq!(upstream.total(), 2, "nothing ran for it");
+    assert_eq!(upstream.total(), 3, "nothing ran for it");
 
     // get and purge take --tenant; stats counts keys per tenant.
     let url = server.url();
@@ -86,7 +112,12 @@ async fn tenants_sending_identical_intents_each_execute_once_and_never_see_each_
     .await;
     assert!(got.status.success(), "{got:?}");
     let record: Value = serde_json::from_slice(&got.stdout).expect("record");
-    assert_eq!(record["result"]["data"]["done"], "acme's");
+    assert_eq!(record["result"]["data"]["done"], "same params");
+    assert_eq!(
+        record["idem_key"],
+        bare.in_tenant("acme").expect("tenant").as_str(),
+        "the record keeps the scoped key (v1.2 §5)"
+    );
     let unscoped = run_idemq(&["get", bare.as_str(), "--nats-url", &url], &env).await;
     assert_eq!(unscoped.status.code(), Some(1), "no bare key was stored");
     let stats = run_idemq(&["stats", "--json", "--tenants", "--nats-url", &url], &env).await;
@@ -94,7 +125,7 @@ async fn tenants_sending_identical_intents_each_execute_once_and_never_see_each_
     let report: Value = serde_json::from_slice(&stats.stdout).expect("stats");
     assert_eq!(
         report["tenants"],
-        json!({"acme": 1, "globex": 1}),
+        json!({"acme": 1, "globex": 1, "initech": 1}),
         "{report}"
     );
     let purged = run_idemq(
@@ -110,12 +141,12 @@ async fn tenants_sending_identical_intents_each_execute_once_and_never_see_each_
     )
     .await;
     assert!(purged.status.success(), "{purged:?}");
-    let after = ask(&client, "intents.globex.ok", intent(json!("globex's"))).await;
+    let after = ask(&client, "intents.globex.ok", intent(json!("same params"))).await;
     assert_eq!(
         after["replayed"], false,
         "globex's key was purged: it runs again"
     );
-    let kept = ask(&client, "intents.acme.ok", intent(json!("acme's"))).await;
+    let kept = ask(&client, "intents.acme.ok", intent(json!("same params"))).await;
     assert_eq!(kept["replayed"], true, "acme's outcome is untouched");
     worker.stop().await;
 }
@@ -198,4 +229,101 @@ async fn under_the_shipped_tenant_permissions_a_tenant_cannot_publish_another_te
         .wait(std::time::Duration::from_secs(20))
         .await
         .success());
+}
+
+/// Sends one intent as a core request, or publishes it into the stream
+/// (`Idem-Reply-To: results.<tenant>`) and reads its reply.
+async fn send_as_tenant(
+    client: &async_nats::Client,
+    js: &async_nats::jetstream::Context,
+    replies: &mut async_nats::Subscriber,
+    jetstream: bool,
+    subject: &'static str,
+    body: String,
+    key: Option<IdempotencyKey>,
+) -> Value {
+    use futures::StreamExt;
+    let mut headers = HeaderMap::new();
+    if let Some(key) = key {
+        headers.insert("Idempotency-Key", key.as_str());
+    }
+    if !jetstream {
+        return request(client, subject, body, headers).await.0;
+    }
+    let tenant = subject.split('.').nth(1).expect("a tenant token");
+    headers.insert("Idem-Reply-To", format!("results.{tenant}").as_str());
+    js.publish_with_headers(subject, headers, body.into())
+        .await
+        .expect("publish")
+        .await
+        .expect("stream ack");
+    let reply = tokio::time::timeout(std::time::Duration::from_secs(15), replies.next())
+        .await
+        .expect("a reply within 15 s")
+        .expect("subscribed");
+    serde_json::from_slice(&reply.payload).expect("JSON")
+}
+
+/// A tenant sends an intent under a key it crafted so that its bits equal
+/// another tenant's key (PROTOCOL.md v1.2 §5); then that tenant's own
+/// intent must run, in core mode and in JetStream mode.
+async fn a_crafted_key_cannot_touch_another_tenants_intent(jetstream: bool) {
+    let server = NatsServer::start();
+    let client = server.connect().await;
+    let upstream = Upstream::start(&client).await;
+    let mut config = idemq::WorkerConfig {
+        tenant_token: Some(2),
+        ..test_config()
+    };
+    if jetstream {
+        config.delivery = idemq::config::Delivery::JetStream(idemq::config::JetStreamConfig::new(
+            "INTENTS", "workers",
+        ));
+    }
+    let worker = start_worker(&server, config, Some(FORWARD)).await;
+    let mut replies = client.subscribe("results.>").await.expect("subscribe");
+    let victim = IdempotencyKey::from_intent_metadata("same", "agent", "ep", None)
+        .in_tenant("acme")
+        .expect("tenant");
+    let crafted = colliding_key(&victim, "evil");
+    let js = async_nats::jetstream::new(client.clone());
+    let (js, r) = (&js, &mut replies);
+    let evil = send_as_tenant(
+        &client,
+        js,
+        r,
+        jetstream,
+        "intents.evil.ok",
+        intent(json!("evil's")),
+        Some(crafted),
+    )
+    .await;
+    assert_eq!(evil["result"]["status"], "Success", "{evil}");
+    for copy in 0..2 {
+        let acme = send_as_tenant(
+            &client,
+            js,
+            r,
+            jetstream,
+            "intents.acme.ok",
+            intent(json!("acme's")),
+            None,
+        )
+        .await;
+        assert_eq!(acme["result"]["status"], "Success", "copy {copy}: {acme}");
+        assert_eq!(acme["result"]["data"]["done"], "acme's", "{acme}");
+        assert_eq!(acme["replayed"], copy == 1, "{acme}");
+    }
+    assert_eq!(upstream.executions(victim.as_str()), 1, "acme's intent ran");
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_crafted_key_cannot_make_another_tenants_intent_reused_in_core_mode() {
+    a_crafted_key_cannot_touch_another_tenants_intent(false).await;
+}
+
+#[tokio::test]
+async fn a_crafted_key_cannot_make_another_tenants_intent_reused_in_jetstream_mode() {
+    a_crafted_key_cannot_touch_another_tenants_intent(true).await;
 }
