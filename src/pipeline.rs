@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{field, Instrument};
 
 use crate::cache::{fingerprint_bits, Fingerprint, InFlightKeys, Lookup, OutcomeCache, Turn};
-use crate::config::WorkerConfig;
+use crate::config::{Delivery, WorkerConfig};
 use crate::handler::{Call, Handler};
 use crate::intent::{
     copy_digest, is_publish_subject, named_reply_target, Intent, Limits, REPLY_TO_HEADER,
@@ -69,16 +69,22 @@ impl Pipeline {
         let stats = Arc::<Stats>::default();
         let instance = nuid::next().to_string();
         let options = config.run_options();
+        let replies = reply_policy(&client, handler.as_ref(), &config);
         Pipeline {
             client,
-            once: Idempotent::with_stats(store, options, Arc::clone(&stats), instance.clone()),
-            handler,
+            once: Idempotent::with_stats(
+                Arc::clone(&store),
+                options,
+                Arc::clone(&stats),
+                instance.clone(),
+            ),
             stats,
             instance,
             cache: OutcomeCache::new(config.cache_bytes),
             in_flight: InFlightKeys::default(),
             odds: ReplayOdds::default(),
-            replies: ReplyPolicy::new(&config.subjects, &config.reply_allow),
+            replies,
+            handler,
             config,
         }
     }
@@ -87,6 +93,43 @@ impl Pipeline {
     pub fn store(&self) -> &Arc<dyn IdempotencyStore> {
         self.once.store()
     }
+}
+
+/// The subjects idemq itself publishes under: `idemq.purge.<bucket>`,
+/// `idemq.status.<instance>`, `idemq.dlq.<stream>`.
+const OWN_NAMESPACE: &str = "idemq.>";
+
+/// Where this worker's replies may go (PROTOCOL.md v1.2 §2): never to a
+/// subject it takes intents from or publishes to on its own behalf: what
+/// the handler calls, the dead-letter subject, purge notices, the status
+/// endpoints (all of `idemq.>`), and its own inboxes (when they have a prefix of their own:
+/// `idemq serve` gives them one, `_INBOX.<id>`; with the shared default
+/// `_INBOX` every client's inboxes would be refused with it).
+fn reply_policy(
+    client: &async_nats::Client,
+    handler: &dyn Handler,
+    config: &WorkerConfig,
+) -> ReplyPolicy {
+    let mut policy = ReplyPolicy::new(&config.subjects, &config.reply_allow);
+    if let Some(pattern) = handler.publishes_to() {
+        policy.reserve(&pattern, "it is one of the subjects the handler sends to");
+    }
+    if let Delivery::JetStream(js) = &config.delivery {
+        policy.reserve(&js.dead_letter_subject, "it is the dead-letter subject");
+    }
+    // Purge notices, status endpoints and the default dead-letter subjects.
+    policy.reserve(
+        OWN_NAMESPACE,
+        "it is in the workers' own namespace (purge notices, status, dead letters)",
+    );
+    let inbox = client.new_inbox();
+    if let Some((prefix, _)) = inbox.rsplit_once('.').filter(|(p, _)| *p != "_INBOX") {
+        policy.reserve(
+            &format!("{prefix}.>"),
+            "it is one of the worker's own inboxes",
+        );
+    }
+    policy
 }
 
 /// How often claims lately found their key already stored or claimed: a

@@ -4,18 +4,21 @@
 //! must not be able to choose where it lands: a reply subject of
 //! `$KV.<bucket>.<key>` would overwrite another intent's stored record, one
 //! under `$JS.API` would drive the JetStream API, one on the worker's own
-//! intent subjects would feed it intents. Every reply target (a core
-//! message's own reply subject, `Idem-Reply-To`, `reply_to`) is checked
-//! here before anything runs; a refused one is `INVALID_INTENT` and is
-//! never published to.
+//! intent subjects would feed it intents, one on its `--forward` subjects
+//! would call an upstream, one on its purge, dead-letter or status
+//! subjects or its own inboxes would speak for the worker (v1.2). Every
+//! reply target (a core message's own reply subject, `Idem-Reply-To`,
+//! `reply_to`) is checked here before anything runs; a refused one is
+//! `INVALID_INTENT` and is never published to.
 
 use crate::intent::IntentError;
 
 /// The reply targets a worker accepts.
 #[derive(Debug, Clone, Default)]
 pub struct ReplyPolicy {
-    /// The worker's own intent subjects (`--subject`): never reply targets.
-    own: Vec<String>,
+    /// Subjects the worker takes from or publishes to on its own behalf
+    /// (patterns), each with why: never reply targets.
+    reserved: Vec<(String, &'static str)>,
     /// `--reply-allow`: when not empty, a target must match one of these.
     allow: Vec<String>,
 }
@@ -24,10 +27,20 @@ impl ReplyPolicy {
     /// A policy for a worker on `own` subjects, narrowed to `allow` when
     /// that is not empty.
     pub fn new(own: &[String], allow: &[String]) -> ReplyPolicy {
-        ReplyPolicy {
-            own: own.to_vec(),
+        let mut policy = ReplyPolicy {
+            reserved: Vec::new(),
             allow: allow.to_vec(),
+        };
+        for subject in own {
+            policy.reserve(subject, "it is one of the worker's own intent subjects");
         }
+        policy
+    }
+
+    /// Refuses every subject matching `pattern` as a reply target, saying
+    /// `why` (a subject the worker publishes to on its own behalf).
+    pub fn reserve(&mut self, pattern: &str, why: &'static str) {
+        self.reserved.push((pattern.to_owned(), why));
     }
 
     /// Whether the worker may publish a reply to `subject`; the error says
@@ -51,8 +64,12 @@ impl ReplyPolicy {
         if subject.split('.').any(str::is_empty) {
             return refuse("a subject has no empty tokens");
         }
-        if self.own.iter().any(|own| subject_matches(own, subject)) {
-            return refuse("it is one of the worker's own intent subjects");
+        if let Some((_, why)) = self
+            .reserved
+            .iter()
+            .find(|(pattern, _)| subject_matches(pattern, subject))
+        {
+            return refuse(why);
         }
         if !self.allow.is_empty()
             && !self
@@ -137,5 +154,27 @@ mod tests {
         assert_eq!(policy.check("_INBOX.x.y"), Ok(()));
         assert!(policy.check("exec.charge").is_err());
         assert!(policy.check("$KV.B.k").is_err(), "the floor still holds");
+    }
+}
+
+#[cfg(test)]
+mod reserved {
+    use super::*;
+
+    #[test]
+    fn reserved_subjects_are_refused_with_their_reason() {
+        let mut policy = ReplyPolicy::new(&["intents.>".to_owned()], &["exec.>".to_owned()]);
+        policy.reserve("exec.*", "it is one of the subjects --forward sends to");
+        assert!(
+            matches!(
+                policy.check("exec.charge"),
+                Err(IntentError::ReplyTargetRefused { reason, .. }) if reason.contains("--forward")
+            ),
+            "reserved outranks --reply-allow"
+        );
+        assert!(
+            policy.check("exec.a.b").is_ok(),
+            "only what the pattern matches"
+        );
     }
 }

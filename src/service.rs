@@ -27,6 +27,9 @@ pub struct Registration {
     stats: Arc<Stats>,
 }
 
+/// Where each worker answers for its status: `idemq.status.<instance>`.
+const STATUS_PREFIX: &str = "idemq.status";
+
 /// Registers the service. `metadata` shows in `$SRV.INFO` (subjects,
 /// bucket, queue group); `instance` makes the status subject unique.
 pub async fn register(
@@ -48,7 +51,7 @@ pub async fn register(
     let endpoint = service
         .endpoint_builder()
         .name("status")
-        .add(format!("idemq.status.{instance}"))
+        .add(format!("{STATUS_PREFIX}.{instance}"))
         .await?;
     Ok(Registration {
         service,

@@ -262,3 +262,65 @@ async fn jetstream_mode_dead_letters_a_hostile_reply_target_and_never_answers_it
     assert_eq!(worker.stats.snapshot().invalid, 2);
     worker.stop().await;
 }
+
+#[tokio::test]
+async fn the_workers_own_subjects_are_refused_as_reply_targets_by_every_carrier() {
+    let server = NatsServer::start();
+    let client = server.connect().await;
+    let upstream = Upstream::start(&client).await;
+    // Inboxes of the worker's own, as `idemq serve` gives it.
+    let worker_client = async_nats::ConnectOptions::new()
+        .custom_inbox_prefix("_INBOX_worker")
+        .connect(server.url())
+        .await
+        .expect("connect");
+    let worker =
+        common::workers::start_worker_on(worker_client, test_config(), Some(FORWARD)).await;
+    // What the worker publishes to on its own behalf (PROTOCOL.md v1.2 §2):
+    // the --forward subjects, purge notices, dead letters, status
+    // endpoints, and its own inboxes.
+    let targets = [
+        "exec.charge",
+        "idemq.purge.IDEMPOTENCY",
+        "idemq.dlq.INTENTS",
+        "idemq.status.someone",
+        "_INBOX_worker.abc.1",
+    ];
+    let mut spies = Vec::new();
+    for target in targets {
+        spies.push((target, spy(&client, target).await));
+    }
+    for (n, target) in targets.into_iter().enumerate() {
+        // 1. The request's own reply subject: no reply at all.
+        client
+            .publish_with_reply(
+                "intents.work",
+                target.to_owned(),
+                intent(&format!("own-{n}")).to_string().into(),
+            )
+            .await
+            .expect("publish");
+        // 2. Idem-Reply-To, and 3. the body's reply_to: refused, answered
+        // on the request's inbox, naming the target.
+        let mut headers = HeaderMap::new();
+        headers.insert("Idem-Reply-To", target);
+        let body = intent(&format!("header-{n}")).to_string();
+        let (reply, _) = request(&client, "intents.work", body, headers).await;
+        invalid_naming(&reply, target);
+        let mut body = intent(&format!("body-{n}"));
+        body["reply_to"] = json!(target);
+        let (reply, _) = request(&client, "intents.work", body.to_string(), HeaderMap::new()).await;
+        invalid_naming(&reply, target);
+    }
+    client.flush().await.expect("flush");
+    for (target, spy) in &mut spies {
+        saw_nothing(spy, target).await;
+    }
+    assert_eq!(upstream.total(), 0, "nothing executed");
+    assert_eq!(
+        worker.stats.snapshot().invalid,
+        15,
+        "every refusal counted as invalid"
+    );
+    worker.stop().await;
+}

@@ -184,7 +184,12 @@ pub(super) async fn run(args: ServeArgs) -> Result<ExitCode, CliError> {
     }
     let url = args.nats.url();
     let (errors, mut server_errors) = tokio::sync::mpsc::channel(16);
-    let client = crate::nats::connect_reporting(&args.nats, "idemq", Some(errors)).await?;
+    // Inboxes of the worker's own, so that no reply can be aimed at them
+    // (PROTOCOL.md v1.2 §2); still under `_INBOX.>` for permission sets.
+    let mut nats = args.nats.clone();
+    nats.inbox_prefix
+        .get_or_insert_with(|| format!("_INBOX.{}", nuid::next()));
+    let client = crate::nats::connect_reporting(&nats, "idemq", Some(errors)).await?;
     let handler: Arc<dyn Handler> = match &args.forward {
         Some(template) => Arc::new(
             Forward::new(client.clone(), template, args.handler_timeout)

@@ -74,6 +74,22 @@ impl Forward {
     pub fn subject(&self, capability: &str) -> String {
         self.template.replace(CAPABILITY_PLACEHOLDER, capability)
     }
+
+    /// Every subject the template can produce, as a pattern: each token
+    /// that holds the placeholder becomes `*` (a capability is one token).
+    pub fn pattern(&self) -> String {
+        self.template
+            .split('.')
+            .map(|token| {
+                if token.contains(CAPABILITY_PLACEHOLDER) {
+                    "*"
+                } else {
+                    token
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(".")
+    }
 }
 
 #[async_trait]
@@ -108,6 +124,10 @@ impl Handler for Forward {
                 ))),
             },
         }
+    }
+
+    fn publishes_to(&self) -> Option<String> {
+        Some(self.pattern())
     }
 }
 

@@ -52,4 +52,13 @@ pub enum HandlerError {
 pub trait Handler: Send + Sync + 'static {
     /// Executes one intent and returns the outcome to store.
     async fn handle(&self, call: Call<'_>) -> Result<Outcome, HandlerError>;
+
+    /// The subjects this handler publishes to with the worker's
+    /// credentials, as a NATS pattern (`exec.*` for `--forward
+    /// 'exec.{capability}'`): the worker never accepts them as reply
+    /// targets (PROTOCOL.md v1.2 §2). `None` for a handler that publishes
+    /// nothing.
+    fn publishes_to(&self) -> Option<String> {
+        None
+    }
 }
