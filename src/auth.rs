@@ -315,6 +315,30 @@ fn check_private_key(path: &Path) -> Result<(), AuthError> {
     Ok(())
 }
 
+/// Credentials a server URL carried, the way other NATS clients take them:
+/// `nats://user:password@host:port` or `nats://token@host:port`.
+#[derive(Clone, PartialEq, Eq)]
+pub enum UrlCredentials {
+    /// `user:password@`.
+    UserPassword {
+        /// The user.
+        user: String,
+        /// The password.
+        password: String,
+    },
+    /// `token@`.
+    Token(String),
+}
+
+impl fmt::Debug for UrlCredentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UrlCredentials::UserPassword { user, .. } => write!(f, "{user}:***"),
+            UrlCredentials::Token(_) => f.write_str("***"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -446,135 +470,6 @@ mod tests {
         assert!(!AuthArgs::default().wants_tls());
         assert!(parse(&["--tls-required"]).wants_tls());
         assert!(parse(&["--tls-ca", "ca.pem"]).wants_tls());
-    }
-}
-
-/// Credentials a server URL carried, the way other NATS clients take them:
-/// `nats://user:password@host:port` or `nats://token@host:port`.
-#[derive(Clone, PartialEq, Eq)]
-pub enum UrlCredentials {
-    /// `user:password@`.
-    UserPassword {
-        /// The user.
-        user: String,
-        /// The password.
-        password: String,
-    },
-    /// `token@`.
-    Token(String),
-}
-
-impl fmt::Debug for UrlCredentials {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            UrlCredentials::UserPassword { user, .. } => write!(f, "{user}:***"),
-            UrlCredentials::Token(_) => f.write_str("***"),
-        }
-    }
-}
-
-/// Splits a comma-separated `--nats-url` list into the servers to dial,
-/// without credentials (the client would otherwise ignore them, or log
-/// them), and the credentials they carried. Every entry that carries
-/// credentials must carry the same.
-pub fn split_url_credentials(
-    list: &str,
-) -> Result<(Vec<String>, Option<UrlCredentials>), AuthError> {
-    let mut servers = Vec::new();
-    let mut found: Option<UrlCredentials> = None;
-    for entry in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let Some((scheme_end, at)) = userinfo_span(entry) else {
-            servers.push(entry.to_owned());
-            continue;
-        };
-        let userinfo = &entry[scheme_end..at];
-        let decode = |part: &str| {
-            percent_encoding::percent_decode_str(part)
-                .decode_utf8()
-                .map(|text| text.into_owned())
-                .map_err(|e| AuthError::BadUrl {
-                    url: mask_url(entry),
-                    reason: format!("credentials are not UTF-8 once decoded: {e}"),
-                })
-        };
-        let credentials = match userinfo.split_once(':') {
-            Some((user, password)) => UrlCredentials::UserPassword {
-                user: decode(user)?,
-                password: decode(password)?,
-            },
-            None => UrlCredentials::Token(decode(userinfo)?),
-        };
-        match &found {
-            Some(earlier) if *earlier != credentials => return Err(AuthError::MixedUrlCredentials),
-            _ => found = Some(credentials),
-        }
-        servers.push(format!("{}{}", &entry[..scheme_end], &entry[at + 1..]));
-    }
-    Ok((servers, found))
-}
-
-/// Where an entry's credentials are: `(start, end)`, from just after the
-/// scheme's `://` (or the start) to the `@` before the host.
-fn userinfo_span(entry: &str) -> Option<(usize, usize)> {
-    let start = entry.find("://").map_or(0, |i| i + 3);
-    let authority_end = entry[start..]
-        .find(['/', '?', '#'])
-        .map_or(entry.len(), |i| start + i);
-    entry[start..authority_end]
-        .rfind('@')
-        .map(|i| (start, start + i))
-}
-
-/// A `--nats-url` list as it may be shown: `nats://user:***@host:port`,
-/// `nats://***@host:port` for a token. Every log line, error message and
-/// `--print-config` shows URLs through this.
-pub fn mask_url(list: &str) -> String {
-    list.split(',')
-        .map(|entry| {
-            let Some((scheme_end, at)) = userinfo_span(entry) else {
-                return entry.to_owned();
-            };
-            let userinfo = &entry[scheme_end..at];
-            let shown = match userinfo.split_once(':') {
-                Some((user, _)) => format!("{user}:***"),
-                None => "***".to_owned(),
-            };
-            format!("{}{shown}{}", &entry[..scheme_end], &entry[at..])
-        })
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-#[cfg(test)]
-mod url_tests {
-    use super::*;
-
-    #[test]
-    fn credentials_come_out_of_every_entry_and_are_masked_everywhere() {
-        let (servers, found) =
-            split_url_credentials("nats://u:p%40ss@h1:4222, nats://u:p%40ss@h2:4223,h3:4224")
-                .expect("split");
-        assert_eq!(servers, ["nats://h1:4222", "nats://h2:4223", "h3:4224"]);
-        assert_eq!(
-            found,
-            Some(UrlCredentials::UserPassword {
-                user: "u".to_owned(),
-                password: "p@ss".to_owned()
-            })
-        );
-        let (servers, found) = split_url_credentials("tls://s3cr3t@h:4222").expect("split");
-        assert_eq!(servers, ["tls://h:4222"]);
-        assert_eq!(found, Some(UrlCredentials::Token("s3cr3t".to_owned())));
-        assert_eq!(
-            split_url_credentials("nats://a:b@h1,nats://a:c@h2"),
-            Err(AuthError::MixedUrlCredentials)
-        );
-        assert_eq!(
-            mask_url("nats://u:secret@h:1,nats://tok@h:2,nats://h:3"),
-            "nats://u:***@h:1,nats://***@h:2,nats://h:3"
-        );
-        assert_eq!(mask_url("u:secret@h:1"), "u:***@h:1");
-        assert!(!format!("{:?}", found).contains("s3cr3t"));
     }
 
     #[test]

@@ -237,7 +237,7 @@ pub fn render(
         // set on `--token` and `--password`) is a secret here too.
         let secret = arg.is_hide_env_values_set();
         // A server URL with credentials in it: shown masked, commented out.
-        let masked: Vec<String> = values.iter().map(|v| crate::auth::mask_url(v)).collect();
+        let masked: Vec<String> = values.iter().map(|v| crate::nats::mask_url(v)).collect();
         let url_credentials = masked != values;
         // Writing to a String cannot fail.
         let _ = match values.as_slice() {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use crate::auth::{AuthArgs, AuthError};
+use crate::auth::{AuthArgs, AuthError, UrlCredentials};
 use crate::stats::Throttle;
 
 /// The default server, when neither `--nats-url`, `IDEMQ_NATS_URL` nor `NATS_URL` is set.
@@ -105,8 +105,8 @@ pub async fn connect_reporting(
     // Credentials in the URLs become connect options; the client, its
     // logs and our errors see only the servers, and a masked list.
     let given = nats.url();
-    let (servers, from_url) = crate::auth::split_url_credentials(&given)?;
-    let url = crate::auth::mask_url(&given);
+    let (servers, from_url) = split_url_credentials(&given)?;
+    let url = mask_url(&given);
     // Messages the client dropped because a subscription's buffer was full:
     // warned about at most once per period, so a flood cannot flood the log.
     let drops = Arc::new(Throttle::new(DROPS_WARNED_EVERY));
@@ -192,4 +192,216 @@ pub async fn first_refusal(
         }
     }
     None
+}
+
+// ---------------------------------------------------------------------------
+// Credentials in `--nats-url` (PROTOCOL.md v1.1 and v1.2 §7)
+
+/// The entries of a comma-separated `--nats-url` list. A comma ends an
+/// entry, except inside its credentials, which may hold any character
+/// (`,` and `@` included): an entry goes on across commas as long as an
+/// `@` is still to come before the next entry with a scheme
+/// (`nats://...`), so its credentials end at the last one. An entry
+/// without a scheme ends at a comma once it reads as `host` or
+/// `host:port`. Where a list mixes entries without a scheme that carry
+/// credentials, this may join two; they are then masked as one, never
+/// shown: write a scheme on each entry of such a list.
+fn url_entries(list: &str) -> Vec<&str> {
+    let mut entries = Vec::new();
+    let mut start = 0;
+    let pieces: Vec<(usize, &str)> = list
+        .split(',')
+        .scan(0, |at, piece| {
+            let begins = *at;
+            *at += piece.len() + 1;
+            Some((begins, piece))
+        })
+        .collect();
+    for (i, (at, _)) in pieces.iter().enumerate().skip(1) {
+        let entry = &list[start..at - 1];
+        let rest = &pieces[i..];
+        let next_is_entry = has_scheme(rest[0].1);
+        // Up to the next entry with a scheme: is there an `@` to come?
+        let to_come = rest
+            .iter()
+            .take_while(|(_, piece)| !has_scheme(piece))
+            .any(|(_, piece)| piece.contains('@'));
+        let plain_host = !has_scheme(entry) && looks_like_host(entry.trim());
+        if next_is_entry || !to_come || plain_host {
+            entries.push(entry);
+            start = *at;
+        }
+    }
+    entries.push(&list[start..]);
+    entries
+        .into_iter()
+        .map(str::trim)
+        .filter(|entry| !entry.is_empty())
+        .collect()
+}
+
+/// Whether `entry` starts with a URL scheme (`nats://`, `tls://`, ...).
+fn has_scheme(entry: &str) -> bool {
+    let entry = entry.trim_start();
+    entry.find("://").is_some_and(|end| {
+        let scheme = &entry[..end];
+        scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+    })
+}
+
+/// What follows an entry's scheme (all of it, without one).
+fn after_scheme(entry: &str) -> &str {
+    match entry.find("://") {
+        Some(end) if has_scheme(entry) => &entry[end + 3..],
+        _ => entry,
+    }
+}
+
+/// `host` or `host:port`, nothing that could be credentials.
+fn looks_like_host(text: &str) -> bool {
+    let (host, port) = text.rsplit_once(':').unwrap_or((text, "0"));
+    !host.is_empty()
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '[' | ']'))
+        && !port.is_empty()
+        && port.chars().all(|c| c.is_ascii_digit())
+}
+
+/// Where an entry's credentials are: from just after its `://` (or its
+/// start) to the last `@`, whatever lies between.
+fn userinfo_span(entry: &str) -> Option<(usize, usize)> {
+    let start = entry.len() - after_scheme(entry).len();
+    entry[start..].rfind('@').map(|at| (start, start + at))
+}
+
+/// Splits a comma-separated `--nats-url` list into the servers to dial,
+/// without credentials (the client would otherwise ignore them, or log
+/// them), and the credentials they carried, percent-decoded as nats.go
+/// does (`pa%2Fss` is `pa/ss`). Every entry that carries credentials must
+/// carry the same.
+pub fn split_url_credentials(
+    list: &str,
+) -> Result<(Vec<String>, Option<UrlCredentials>), AuthError> {
+    let mut servers = Vec::new();
+    let mut found: Option<UrlCredentials> = None;
+    for entry in url_entries(list) {
+        let Some((start, at)) = userinfo_span(entry) else {
+            servers.push(entry.to_owned());
+            continue;
+        };
+        let userinfo = &entry[start..at];
+        let decode = |part: &str| {
+            percent_encoding::percent_decode_str(part)
+                .decode_utf8()
+                .map(|text| text.into_owned())
+                .map_err(|e| AuthError::BadUrl {
+                    url: mask_url(entry),
+                    reason: format!("credentials are not UTF-8 once decoded: {e}"),
+                })
+        };
+        let credentials = match userinfo.split_once(':') {
+            Some((user, password)) => UrlCredentials::UserPassword {
+                user: decode(user)?,
+                password: decode(password)?,
+            },
+            None => UrlCredentials::Token(decode(userinfo)?),
+        };
+        match &found {
+            Some(earlier) if *earlier != credentials => return Err(AuthError::MixedUrlCredentials),
+            _ => found = Some(credentials),
+        }
+        servers.push(format!("{}{}", &entry[..start], &entry[at + 1..]));
+    }
+    Ok((servers, found))
+}
+
+/// A `--nats-url` list as it may be shown: `nats://user:***@host:port`,
+/// `nats://***@host:port` for a token: everything between an entry's
+/// `://` and its last `@` is masked but the user, whatever it holds. Every
+/// log line, error message and `--print-config` shows URLs through this.
+pub fn mask_url(list: &str) -> String {
+    url_entries(list)
+        .into_iter()
+        .map(|entry| {
+            let Some((start, at)) = userinfo_span(entry) else {
+                return entry.to_owned();
+            };
+            let shown = match entry[start..at].split_once(':') {
+                Some((user, _)) => format!("{user}:***"),
+                None => "***".to_owned(),
+            };
+            format!("{}{shown}{}", &entry[..start], &entry[at..])
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[cfg(test)]
+mod url_tests {
+    use super::*;
+
+    #[test]
+    fn any_character_in_credentials_stays_in_them_and_is_masked() {
+        let list = "nats://u:pa/ss,wo?rd#1+=%zz@h1:4222,nats://h2:4223, tls://t/o,k@h3:1";
+        assert_eq!(
+            url_entries(list),
+            [
+                "nats://u:pa/ss,wo?rd#1+=%zz@h1:4222",
+                "nats://h2:4223",
+                "tls://t/o,k@h3:1"
+            ]
+        );
+        assert_eq!(
+            mask_url(list),
+            "nats://u:***@h1:4222,nats://h2:4223,tls://***@h3:1"
+        );
+        // An `@` in the password: the last one ends the credentials.
+        let (servers, found) = split_url_credentials("nats://u:p@s,s@h:1").expect("split");
+        assert_eq!(servers, ["nats://h:1"]);
+        assert_eq!(
+            found,
+            Some(UrlCredentials::UserPassword {
+                user: "u".to_owned(),
+                password: "p@s,s".to_owned()
+            })
+        );
+        // Entries without a scheme end at a comma once they read as a host.
+        assert_eq!(
+            url_entries("h1:4222,u:p@h2,h3"),
+            ["h1:4222", "u:p@h2", "h3"]
+        );
+        assert_eq!(mask_url("h1:4222,u:p@h2"), "h1:4222,u:***@h2");
+    }
+
+    #[test]
+    fn credentials_come_out_of_every_entry_and_are_masked_everywhere() {
+        let (servers, found) =
+            split_url_credentials("nats://u:p%40ss@h1:4222, nats://u:p%40ss@h2:4223,h3:4224")
+                .expect("split");
+        assert_eq!(servers, ["nats://h1:4222", "nats://h2:4223", "h3:4224"]);
+        assert_eq!(
+            found,
+            Some(UrlCredentials::UserPassword {
+                user: "u".to_owned(),
+                password: "p@ss".to_owned()
+            })
+        );
+        let (servers, found) = split_url_credentials("tls://s3cr3t@h:4222").expect("split");
+        assert_eq!(servers, ["tls://h:4222"]);
+        assert_eq!(found, Some(UrlCredentials::Token("s3cr3t".to_owned())));
+        assert_eq!(
+            split_url_credentials("nats://a:b@h1,nats://a:c@h2"),
+            Err(AuthError::MixedUrlCredentials)
+        );
+        assert_eq!(
+            mask_url("nats://u:secret@h:1,nats://tok@h:2,nats://h:3"),
+            "nats://u:***@h:1,nats://***@h:2,nats://h:3"
+        );
+        assert_eq!(mask_url("u:secret@h:1"), "u:***@h:1");
+        assert!(!format!("{:?}", found).contains("s3cr3t"));
+    }
 }

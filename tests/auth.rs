@@ -906,22 +906,58 @@ async fn traced(args: &[&str], env: &[(&str, Option<&str>)]) -> (bool, String) {
     (output.status.success(), text)
 }
 
+/// Fails if `text` shows `secret`, or, for a secret with characters a URL
+/// parser might cut it at, any piece of it between them (5 or more long).
 fn never_shows(secret: &str, what: &str, text: &str) {
     assert!(!text.contains(secret), "{what} printed the secret:\n{text}");
+    let cuts = |c: char| "/,?#@+=%:".contains(c);
+    if !secret.contains(cuts) {
+        return;
+    }
+    for piece in secret.split(cuts).filter(|piece| piece.len() >= 5) {
+        assert!(
+            !text.contains(piece),
+            "{what} printed a piece of the secret ({piece}):\n{text}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credentials_in_urls_work_for_every_command_and_never_print() {
-    const SECRET: &str = "pw-in-url-7f3a91";
-    const WRONG: &str = "wrong-in-url-c2d4e8";
+    url_credentials_work_and_never_print("pw-in-url-7f3a91", "wrong-in-url-c2d4e8", None).await;
+}
+
+/// Passwords with every character a URL parser might stop at, typed into
+/// --nats-url as they are (PROTOCOL.md v1.2 §7), and one percent-encoded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_with_url_characters_in_urls_work_and_never_print() {
+    url_credentials_work_and_never_print(
+        "Pw7f3a/91x2kq,c2d4e8?zz81bb#b5a1q9+xx77yy=pp44%qq",
+        "Wr6c2d/4e8yy,aa91bb?cc12dd#ee34ff",
+        None,
+    )
+    .await;
+    url_credentials_work_and_never_print(
+        "Enc7f3a/91x2kq,c2d4e8",
+        "Bad7f3a/91x2kq,c2d4e8",
+        Some("Enc7f3a%2F91x2kq%2Cc2d4e8"),
+    )
+    .await;
+}
+
+/// Runs every command with `secret` as the password in its URL (typed
+/// `as_typed`, or as it is), and `wrong` for the failures: they
+/// authenticate, and neither ever prints.
+async fn url_credentials_work_and_never_print(secret: &str, wrong: &str, as_typed: Option<&str>) {
+    let secret_typed = as_typed.unwrap_or(secret);
     let server = NatsServer::start_with_config(&format!(
-        r#"authorization {{ users: [ {{ user: idemq, password: "{SECRET}" }} ] }}"#
+        r#"authorization {{ users: [ {{ user: idemq, password: "{secret}" }} ] }}"#
     ));
     let port = server.port();
-    let good = format!("nats://idemq:{SECRET}@127.0.0.1:{port}");
+    let good = format!("nats://idemq:{secret_typed}@127.0.0.1:{port}");
     // A cluster list: the credentials ride on one entry, the other has none.
     let listed = format!("{good},nats://127.0.0.1:{port}");
-    let bad = format!("nats://idemq:{WRONG}@127.0.0.1:{port}");
+    let bad = format!("nats://idemq:{wrong}@127.0.0.1:{port}");
 
     let dir = tempfile::tempdir().expect("tempdir");
     let log_path = dir.path().join("serve.log");
@@ -938,7 +974,7 @@ async fn credentials_in_urls_work_for_every_command_and_never_print() {
     let mut reply = None;
     for _ in 0..100 {
         let (ok, text) = traced(&["send", "intents.echo", &body, "--nats-url", &good], &[]).await;
-        never_shows(SECRET, "send", &text);
+        never_shows(secret, "send", &text);
         if ok {
             reply = text
                 .lines()
@@ -958,7 +994,7 @@ async fn credentials_in_urls_work_for_every_command_and_never_print() {
     ] {
         let (ok, text) = traced(&args, &[]).await;
         assert!(ok, "{what} through URL credentials:\n{text}");
-        never_shows(SECRET, what, &text);
+        never_shows(secret, what, &text);
     }
     // Failed connections name the URL, masked.
     for (what, args) in [
@@ -971,7 +1007,7 @@ async fn credentials_in_urls_work_for_every_command_and_never_print() {
     ] {
         let (ok, text) = traced(&args, &[]).await;
         assert!(!ok, "{what} with a wrong password in the URL must fail");
-        never_shows(WRONG, what, &text);
+        never_shows(wrong, what, &text);
         assert!(
             text.contains("idemq:***@"),
             "{what} shows the URL masked:\n{text}"
@@ -980,7 +1016,7 @@ async fn credentials_in_urls_work_for_every_command_and_never_print() {
     // NATS_URL, and a URL credential beside an auth flag (a usage error).
     let (ok, text) = traced(&["serve", "--print-config"], &[("NATS_URL", Some(&good))]).await;
     assert!(ok, "{text}");
-    never_shows(SECRET, "--print-config", &text);
+    never_shows(secret, "--print-config", &text);
     assert!(text.contains("idemq:***@127.0.0.1"), "{text}");
     let (ok, text) = traced(
         &[
@@ -996,18 +1032,19 @@ async fn credentials_in_urls_work_for_every_command_and_never_print() {
     )
     .await;
     assert!(!ok && text.contains("two ways to authenticate"), "{text}");
-    never_shows(SECRET, "a conflicting send", &text);
+    never_shows(secret, "a conflicting send", &text);
 
     worker.signal("-TERM");
     assert!(worker.wait(EXIT_BOUND).await.success(), "clean exit");
     let served = std::fs::read_to_string(&log_path).expect("serve log");
     assert!(served.contains("idemq:***@"), "serve logs its URL masked");
-    never_shows(SECRET, "serve at trace", &served);
+    never_shows(secret, "serve at trace", &served);
+    never_shows(secret_typed, "serve at trace", &served);
 }
 
 #[tokio::test]
 async fn a_token_in_the_url_authenticates() {
-    const TOKEN: &str = "url-token-5be0";
+    const TOKEN: &str = "url/token,5be0#x";
     let server = NatsServer::start_with_config(&format!(r#"authorization {{ token: "{TOKEN}" }}"#));
     let url = format!("nats://{TOKEN}@127.0.0.1:{}", server.port());
     let mut worker = WorkerProcess::serve(&url, &[]);

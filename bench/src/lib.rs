@@ -451,7 +451,7 @@ async fn connect(nats: &NatsArgs, name: &str) -> Result<Client, BenchError> {
     idemq::nats::connect(nats, name).await.map_err(|e| match e {
         ConnectError::Auth(auth) => BenchError::Usage(auth.to_string()),
         other => BenchError::Connect {
-            url: idemq::auth::mask_url(&nats.url()),
+            url: idemq::nats::mask_url(&nats.url()),
             reason: other.to_string(),
         },
     })

@@ -197,7 +197,7 @@ pub(super) async fn run(args: ServeArgs) -> Result<ExitCode, CliError> {
         ),
         None => Arc::new(Echo),
     };
-    tracing::info!(url = %crate::auth::mask_url(&url), bucket = %args.bucket, forward = ?args.forward, "idemq serving");
+    tracing::info!(url = %crate::nats::mask_url(&url), bucket = %args.bucket, forward = ?args.forward, "idemq serving");
     let shutdown = CancellationToken::new();
     // A refused JetStream request gets no reply, only a server error: race
     // the two so a missing permission fails now, not after the timeouts.
