@@ -1,12 +1,14 @@
 //! idemq on a 3-node JetStream cluster (bucket and stream at R3): a node
-//! dies mid-run, and every intent is still answered and executed once.
+//! dies mid-run, and every intent is still answered and executed once; a
+//! follower applies writes late while it answers direct gets, and no copy
+//! that waits for a running execution makes the key run twice.
 
 mod common;
 
 use std::time::Duration;
 
 use async_nats::jetstream;
-use common::cluster::NatsCluster;
+use common::cluster::{Lagged, LaggingCluster, NatsCluster, StaleReads};
 use common::upstream::{Upstream, FORWARD};
 use common::workers::{request_within, stream_replies, wait_for_workers, WorkerProcess};
 use serde_json::{json, Value};
@@ -235,4 +237,225 @@ async fn a_core_storm_on_an_r3_bucket_answers_every_copy_with_the_stored_outcome
         "each key executed once"
     );
     assert!(upstream.duplicates().is_empty());
+}
+
+/// How late the lagging follower (`n3`) applies the bucket's writes.
+const FOLLOWER_LAG: Duration = Duration::from_millis(500);
+/// Keys, one after another, and concurrent copies of each.
+const LAG_KEYS: usize = 80;
+const LAG_COPIES: usize = 10;
+/// How long a copy waits for its reply (the workers' `--wait` is 5 s).
+const LAG_REPLY: Duration = Duration::from_secs(20);
+/// Writes and direct gets of each check of the fixture.
+const PROBE_WRITES: usize = 3;
+const PROBE_READS: usize = 20;
+/// Bound on the fixture starting to answer stale: a follower subscribes to
+/// direct gets up to 2 s after it is current.
+const PROBE_PATIENCE: Duration = Duration::from_secs(10);
+
+/// Checks the fixture until it answers a direct get stale, within
+/// [`PROBE_PATIENCE`]; returns the last check.
+async fn probe_until_stale(js: &jetstream::Context, bucket: &str) -> StaleReads {
+    let deadline = tokio::time::Instant::now() + PROBE_PATIENCE;
+    loop {
+        let seen =
+            LaggingCluster::probe_stale_reads(js, bucket, PROBE_WRITES, PROBE_READS, FOLLOWER_LAG)
+                .await;
+        if seen.stale > 0 || tokio::time::Instant::now() >= deadline {
+            return seen;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// One copy of an intent as a core request; the reply JSON, or why none.
+async fn send_copy(client: &async_nats::Client, body: String) -> Result<Value, String> {
+    let request = async_nats::Request::new()
+        .payload(body.into())
+        .timeout(Some(LAG_REPLY));
+    let reply = client
+        .send_request("intents.x".to_owned(), request)
+        .await
+        .map_err(|e| e.to_string())?;
+    serde_json::from_slice(&reply.payload).map_err(|e| format!("reply is not JSON: {e}"))
+}
+
+/// A follower of the R3 bucket (`n3`) applies every write `FOLLOWER_LAG`
+/// late but still answers direct gets at once from what it applied (only
+/// the replication route to it is lagged), so a third of the reads or more
+/// are stale: a key's claim is missing there for a while after the leader
+/// acknowledged it, and then its outcome. Keys run one at a time with a fast
+/// handler; of each key's copies, the ones on the workers that do not run
+/// it wait in the store for the execution (claim lost, read, watch), and
+/// their reads land on the lagging follower now and then. The contract
+/// holds all the same: each key runs once, and every copy is answered
+/// with the one stored outcome, exactly one as the execution's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_follower_never_makes_a_waiting_copy_run_a_key_twice() {
+    use idemq::store::kv::{BucketConfig, KvStore, DEFAULT_BUCKET};
+
+    let started = std::time::Instant::now();
+    let cluster = LaggingCluster::start().await;
+    // The test's connections stay on n1, the workers' on n1 and n2: their
+    // writes are acknowledged over the healthy routes, while their direct
+    // gets go to any replica, n3 among them.
+    let client = cluster.connect_to(0).await;
+    let js = jetstream::new(client.clone());
+    let upstream = Upstream::start(&client).await;
+    // The bucket exactly as a worker creates it, made here first so that
+    // its leader is settled (not n3) and n3 is caught up before the lag.
+    let bucket = BucketConfig {
+        bucket: DEFAULT_BUCKET.to_owned(),
+        replicas: 3,
+    };
+    KvStore::open(js.clone(), &bucket)
+        .await
+        .expect("create the R3 bucket");
+    let stream = format!("KV_{DEFAULT_BUCKET}");
+    let leader = cluster.keep_leader_off_lagging(&js, &stream).await;
+    cluster.wait_lagging_current(&js, &stream).await;
+
+    let urls = format!("{},{}", cluster.url(0), cluster.url(1));
+    let args = [
+        "--replicas",
+        "3",
+        "--forward",
+        FORWARD,
+        "--wait",
+        "5s",
+        "--lease",
+        "5s",
+    ];
+    let _workers = [
+        WorkerProcess::serve(&urls, &args),
+        WorkerProcess::serve(&urls, &args),
+        WorkerProcess::serve(&urls, &args),
+    ];
+    wait_for_workers(&client, 3).await;
+
+    // The control: without the lag, the healthy follower and n3 alike
+    // have applied a write by the time its next write is acknowledged.
+    let unlagged = LaggingCluster::probe_stale_reads(
+        &js,
+        DEFAULT_BUCKET,
+        PROBE_WRITES,
+        PROBE_READS,
+        FOLLOWER_LAG,
+    )
+    .await;
+    let lagged = cluster.lag(Lagged::Replication, FOLLOWER_LAG);
+    assert_eq!(
+        lagged, 2,
+        "one system-account route from n1 and one from n2 to n3 are lagged"
+    );
+    let before = probe_until_stale(&js, DEFAULT_BUCKET).await;
+    println!(
+        "lagging follower: {} routes to n3, all through the proxy; {stream} leader {leader}; \
+         without lag: {unlagged}; replication to n3 {FOLLOWER_LAG:?} late: {before}",
+        cluster.lagging_routes().await
+    );
+    assert!(before.stale > 0, "the fixture answers stale: {before}");
+
+    let keys_started = std::time::Instant::now();
+    let mut by_key: Vec<(String, Vec<Result<Value, String>>)> = Vec::new();
+    for k in 0..LAG_KEYS {
+        let intent_id = format!("lag-{k}");
+        let key = idemq::IdempotencyKey::from_intent_metadata(&intent_id, "agent", "lagging", None);
+        let body = json!({
+            "intent_id": intent_id, "actor": "agent", "episode": "lagging",
+            "capability": "ok", "params": {"k": k},
+        })
+        .to_string();
+        let copies = (0..LAG_COPIES).map(|_| send_copy(&client, body.clone()));
+        by_key.push((
+            key.as_str().to_owned(),
+            futures::future::join_all(copies).await,
+        ));
+    }
+    let keys_took = keys_started.elapsed();
+    let after = LaggingCluster::probe_stale_reads(
+        &js,
+        DEFAULT_BUCKET,
+        PROBE_WRITES,
+        PROBE_READS,
+        FOLLOWER_LAG,
+    )
+    .await;
+    let leader_after = LaggingCluster::leader_of(&js, &stream).await;
+
+    let mut violations = Vec::new();
+    let (mut replies, mut fresh_total, mut replays, mut in_progress, mut lost) = (0, 0, 0, 0, 0);
+    for (k, (key, copies)) in by_key.iter().enumerate() {
+        let executions = upstream.executions(key);
+        if executions != 1 {
+            violations.push(format!("key {k}: executed {executions} times"));
+        }
+        let answered: Vec<&Value> = copies.iter().filter_map(|c| c.as_ref().ok()).collect();
+        lost += copies.len() - answered.len();
+        for error in copies.iter().filter_map(|c| c.as_ref().err()) {
+            violations.push(format!("key {k}: a copy got no reply: {error}"));
+        }
+        replies += answered.len();
+        let fresh = answered.iter().filter(|r| r["replayed"] == false).count();
+        fresh_total += fresh;
+        replays += answered.iter().filter(|r| r["replayed"] == true).count();
+        let busy = answered
+            .iter()
+            .filter(|r| r["result"]["data"]["code"] == "IN_PROGRESS")
+            .count();
+        in_progress += busy;
+        if busy > 0 {
+            violations.push(format!("key {k}: {busy} copies answered IN_PROGRESS"));
+        }
+        if fresh != 1 {
+            violations.push(format!(
+                "key {k}: {fresh} copies answered as the execution's own (replayed: false)"
+            ));
+        }
+        if let Some(first) = answered.first() {
+            for reply in &answered {
+                if reply["result"] != first["result"] || reply["stored_at"] != first["stored_at"] {
+                    violations.push(format!(
+                        "key {k}: two outcomes: {} stored at {} and {} stored at {}",
+                        first["result"], first["stored_at"], reply["result"], reply["stored_at"]
+                    ));
+                    break;
+                }
+            }
+            if !first["stored_at"].is_string() {
+                violations.push(format!("key {k}: not a stored outcome: {first}"));
+            }
+        }
+    }
+    let broken_keys = {
+        let mut keys: Vec<&str> = violations
+            .iter()
+            .filter_map(|v| v.split(':').next())
+            .collect();
+        keys.dedup();
+        keys.len()
+    };
+    println!(
+        "{LAG_KEYS} keys x {LAG_COPIES} copies in {keys_took:?}: {replies} replies ({lost} lost), \
+         {} executions, {fresh_total} as the execution's own, {replays} replayed, \
+         {in_progress} IN_PROGRESS; {broken_keys} keys broke the contract; \
+         leader after: {leader_after:?}; after: {after}; whole test {:?}",
+        upstream.total(),
+        started.elapsed()
+    );
+    assert!(
+        violations.is_empty(),
+        "{broken_keys} of {LAG_KEYS} keys broke the contract with n3 {FOLLOWER_LAG:?} behind:\n{}",
+        violations
+            .iter()
+            .take(20)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert_eq!(
+        upstream.total() as usize,
+        LAG_KEYS,
+        "each key executed once"
+    );
 }

@@ -19,6 +19,10 @@
 //! `start` returns only once JetStream is usable cluster-wide: the account
 //! info answers and an R3 stream (`READY_CHECK`) can be created and deleted,
 //! i.e. a meta leader is elected and every node is a JetStream peer.
+//!
+//! [`LaggingCluster`] is the same cluster with node `n3` reached only
+//! through a [`FaultProxy`], so that it can be made a follower that applies
+//! writes late while it answers direct gets at once (stale reads).
 
 use std::fs;
 use std::net::TcpListener;
@@ -27,6 +31,7 @@ use std::process::Child;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use super::proxy::{Direction, FaultProxy};
 use super::server::{
     check_alive, find_nats_server, log_tail, port_from_url, respawn, spawn, wait_for_ports_file,
     wait_for_tcp, CONNECT_TIMEOUT, POLL_STEP, RESTART_ATTEMPTS,
@@ -482,4 +487,495 @@ async fn probe_jetstream(
         }
         tokio::time::sleep(PROBE_STEP).await;
     }
+}
+
+// ---------------------------------------------------------------------------
+// A cluster with a lagging follower.
+
+/// Index of the node that [`LaggingCluster`] makes lag (`n3`).
+pub const LAGGING: usize = 2;
+
+/// What a soliciting server's first `INFO` on the route dedicated to the
+/// system account says. JetStream replicates (its NRG traffic) in the
+/// system account unless account NRG is turned on, so over that route,
+/// while every other account's traffic (a client's direct get, say) runs
+/// over the pooled routes. [`LaggingCluster::probe_stale_reads`] shows
+/// whether lagging it does make reads stale.
+pub const SYSTEM_ROUTE_MARKER: &str = r#""route_account":"$SYS""#;
+
+/// Bound on the lagging cluster's own waits (routes, leaders, catch-up).
+const LAGGING_WAIT: Duration = Duration::from_secs(20);
+/// Bound on one monitoring HTTP call.
+const MONITOR_CALL: Duration = Duration::from_secs(2);
+
+/// Which traffic toward the lagging node is lagged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lagged {
+    /// Only replication (the system account's route): the node applies
+    /// writes late but answers requests at once, from what it applied.
+    Replication,
+    /// Every byte toward the node: requests to it are late as well, by as
+    /// much as the writes they would miss, which hides most of its lag.
+    Everything,
+}
+
+/// A 3-node JetStream cluster whose node `n3` ([`LAGGING`]) is reached only
+/// through a [`FaultProxy`] on its route port, so that what the others send
+/// it can be made late, e.g. to make it a follower that applies writes late
+/// while it still answers direct gets.
+///
+/// `n1` and `n2` route to each other and to the proxy; `n3` advertises the
+/// proxy as its cluster address and routes only to that (itself: dropped
+/// as a route to self, but JetStream needs a configured route to run
+/// clustered), so it dials nobody and nobody dials it directly. `n1` and
+/// `n2` start first and route to each other; `n3` joins once they do (a
+/// node gossips only routes it adds, so `n3` never learns `n2`'s real
+/// address). Every route connection is then dialed by `n1` or `n2` into the
+/// proxy, and "toward `n3`" is the proxy's [`Direction::Up`].
+/// [`LaggingCluster::start`] checks this on every node's `/routez`.
+///
+/// Needs a multi-threaded runtime (`#[tokio::test(flavor =
+/// "multi_thread")]`): the proxy runs on it while nodes are spawned.
+/// Dropping it kills every node and stops the proxy.
+pub struct LaggingCluster {
+    cluster: NatsCluster,
+    proxy: FaultProxy,
+    /// Monitoring (HTTP) port of each node.
+    monitor_ports: Vec<u16>,
+}
+
+impl std::ops::Deref for LaggingCluster {
+    type Target = NatsCluster;
+
+    fn deref(&self) -> &NatsCluster {
+        &self.cluster
+    }
+}
+
+/// What [`LaggingCluster::probe_stale_reads`] saw.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StaleReads {
+    /// Writes probed.
+    pub writes: usize,
+    /// Direct gets sent right after them.
+    pub reads: usize,
+    /// Of those, answered without the write (no message: each probe key
+    /// is written once).
+    pub stale: usize,
+    /// Of those, slower than the lag (answered through the lagging link).
+    pub slow: usize,
+}
+
+impl std::fmt::Display for StaleReads {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} of {} direct gets after {} writes were stale ({} answered slower than the lag)",
+            self.stale, self.reads, self.writes, self.slow
+        )
+    }
+}
+
+impl LaggingCluster {
+    /// Starts the cluster (no lag yet) and returns once JetStream accepts
+    /// an R3 stream and every route of `n3` runs through the proxy. Panics
+    /// with every node's log tail after [`START_ATTEMPTS`] failures.
+    pub async fn start() -> LaggingCluster {
+        let bin = find_nats_server();
+        let mut failures = Vec::new();
+        for attempt in 1..=START_ATTEMPTS {
+            match LaggingCluster::try_start(&bin).await {
+                Ok(cluster) => return cluster,
+                Err(msg) => {
+                    let first = msg.lines().next().unwrap_or_default();
+                    eprintln!(
+                        "lagging cluster start attempt {attempt}/{START_ATTEMPTS} failed: {first}"
+                    );
+                    failures.push(format!("attempt {attempt}: {msg}"));
+                }
+            }
+        }
+        panic!(
+            "3-node nats-server cluster with a proxied n3 failed to start:\n{}",
+            failures.join("\n")
+        );
+    }
+
+    async fn try_start(bin: &Path) -> Result<LaggingCluster, String> {
+        let root = tempfile::TempDir::new().expect("create temp dir for nats cluster");
+        let route_ports = free_ports(3);
+        let proxy = FaultProxy::start(std::net::SocketAddr::from((
+            [127, 0, 0, 1],
+            route_ports[LAGGING],
+        )))
+        .await;
+        let route = |port: u16| format!("nats-route://127.0.0.1:{port}");
+        let through_proxy = format!("nats-route://{}", proxy.addr());
+        let healthy_routes = format!(
+            "{}, {}, {through_proxy}",
+            route(route_ports[0]),
+            route(route_ports[1])
+        );
+        let nodes = route_ports
+            .iter()
+            .enumerate()
+            .map(|(i, &route_port)| {
+                let name = format!("n{}", i + 1);
+                let dir = root.path().join(&name);
+                fs::create_dir_all(&dir)
+                    .unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+                let conf = dir.join("node.conf");
+                let config = if i == LAGGING {
+                    lagging_node_config(&name, route_port, &through_proxy, Some(proxy.addr()))
+                } else {
+                    lagging_node_config(&name, route_port, &healthy_routes, None)
+                };
+                fs::write(&conf, config)
+                    .unwrap_or_else(|e| panic!("write {}: {e}", conf.display()));
+                Node {
+                    name,
+                    dir,
+                    conf,
+                    client_port: 0,
+                    route_port,
+                    child: None,
+                }
+            })
+            .collect();
+        let mut lagging = LaggingCluster {
+            cluster: NatsCluster {
+                nodes,
+                bin: bin.to_owned(),
+                root,
+            },
+            proxy,
+            monitor_ports: Vec::new(),
+        };
+        match lagging.bring_up().await {
+            Ok(()) => Ok(lagging),
+            Err(msg) => Err(lagging.cluster.failure(&msg)),
+        }
+    }
+
+    async fn bring_up(&mut self) -> Result<(), String> {
+        for i in [0, 1] {
+            self.spawn_node(i)?;
+        }
+        // n3 joins only once n1 and n2 are routed to each other.
+        self.wait_routes(0, |routes| {
+            routes
+                .iter()
+                .any(|r| r["remote_name"] == self.server_name(1))
+        })
+        .await?;
+        self.spawn_node(LAGGING)?;
+        let abort = AtomicBool::new(false);
+        probe_jetstream(
+            &self.cluster.url_list(),
+            Instant::now() + READY_TIMEOUT,
+            &abort,
+        )
+        .await?;
+        self.check_alive()?;
+        self.check_routes_through_proxy().await
+    }
+
+    /// Spawns node `i` (blocking, outside the runtime's way) and reads its
+    /// monitoring port.
+    fn spawn_node(&mut self, i: usize) -> Result<(), String> {
+        tokio::task::block_in_place(|| self.cluster.first_spawn(i))?;
+        let dir = self.cluster.dir(i).to_owned();
+        let port = read_ports(&dir)
+            .and_then(|ports| ports["monitoring"][0].as_str().map(port_from_url))
+            .ok_or_else(|| {
+                format!(
+                    "{}: no monitoring port in its ports file",
+                    self.server_name(i)
+                )
+            })?;
+        if self.monitor_ports.len() <= i {
+            self.monitor_ports.resize(i + 1, 0);
+        }
+        self.monitor_ports[i] = port;
+        Ok(())
+    }
+
+    fn check_alive(&mut self) -> Result<(), String> {
+        for node in &mut self.cluster.nodes {
+            if let Some(child) = node.child.as_mut() {
+                check_alive(child).map_err(|msg| format!("{}: {msg}", node.name))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Node `i`'s `/routez` (`routes`, as JSON).
+    pub async fn routez(&self, i: usize) -> Result<Vec<serde_json::Value>, String> {
+        let body = monitor_get(self.monitor_ports[i], "/routez").await?;
+        Ok(body["routes"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// Polls node `i`'s `/routez` until `done` holds, within [`LAGGING_WAIT`].
+    async fn wait_routes(
+        &self,
+        i: usize,
+        done: impl Fn(&[serde_json::Value]) -> bool,
+    ) -> Result<Vec<serde_json::Value>, String> {
+        let deadline = tokio::time::Instant::now() + LAGGING_WAIT;
+        loop {
+            let last = match self.routez(i).await {
+                Ok(routes) if done(&routes) => return Ok(routes),
+                Ok(routes) => format!("routes: {routes:?}"),
+                Err(e) => e,
+            };
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "{}: routes not as expected after {LAGGING_WAIT:?}; {last}",
+                    self.server_name(i)
+                ));
+            }
+            tokio::time::sleep(PROBE_STEP).await;
+        }
+    }
+
+    /// Every route of `n3` was dialed by its peer (none by `n3`), both
+    /// peers are among them, and every route `n1` and `n2` hold to `n3`
+    /// goes to the proxy's port.
+    async fn check_routes_through_proxy(&self) -> Result<(), String> {
+        let peers = [self.server_name(0), self.server_name(1)];
+        let lagging = self
+            .wait_routes(LAGGING, |routes| {
+                peers
+                    .iter()
+                    .all(|peer| routes.iter().any(|r| r["remote_name"] == *peer))
+            })
+            .await?;
+        if let Some(route) = lagging.iter().find(|r| r["did_solicit"] != false) {
+            return Err(format!("n3 dialed a route itself, past the proxy: {route}"));
+        }
+        let proxy_port = u64::from(self.proxy.addr().port());
+        for i in [0, 1] {
+            for route in self.routez(i).await? {
+                if route["remote_name"] == self.server_name(LAGGING) && route["port"] != proxy_port
+                {
+                    return Err(format!(
+                        "{} reaches n3 past the proxy: {route}",
+                        self.server_name(i)
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of route connections between `n3` and its peers (from `n3`'s
+    /// `/routez`), all through the proxy.
+    pub async fn lagging_routes(&self) -> usize {
+        self.routez(LAGGING).await.map_or(0, |routes| routes.len())
+    }
+
+    /// Lags what `n1` and `n2` send `n3` by `lag` (zero: none), on the
+    /// routes `lagged` selects. Returns how many open connections that
+    /// selects.
+    pub fn lag(&self, lagged: Lagged, lag: Duration) -> usize {
+        match lagged {
+            Lagged::Replication => {
+                self.proxy
+                    .lag_marked(Direction::Up, SYSTEM_ROUTE_MARKER, lag);
+                self.proxy
+                    .openings()
+                    .iter()
+                    .filter(|o| o.contains(SYSTEM_ROUTE_MARKER))
+                    .count()
+            }
+            Lagged::Everything => {
+                self.proxy.lag(Direction::Up, lag);
+                self.proxy.openings().len()
+            }
+        }
+    }
+
+    /// The stream's leader, as its info says (`None`: unknown now).
+    pub async fn leader_of(js: &async_nats::jetstream::Context, stream: &str) -> Option<String> {
+        let mut stream = js.get_stream(stream).await.ok()?;
+        let info = stream.info().await.ok()?;
+        info.cluster.as_ref()?.leader.clone()
+    }
+
+    /// Makes sure `stream`'s leader is not `n3` (asking it to step down in
+    /// favour of `n1` while it is) and returns the leader's name.
+    pub async fn keep_leader_off_lagging(
+        &self,
+        js: &async_nats::jetstream::Context,
+        stream: &str,
+    ) -> String {
+        let deadline = tokio::time::Instant::now() + LAGGING_WAIT;
+        let mut last = None;
+        loop {
+            let leader = Self::leader_of(js, stream).await;
+            match leader.as_deref() {
+                Some(name) if name != self.server_name(LAGGING) => return name.to_owned(),
+                Some(_) => {
+                    let request =
+                        serde_json::json!({"placement": {"preferred": self.server_name(0)}});
+                    // The answer does not matter: the leader is read again.
+                    let _ = tokio::time::timeout(
+                        PROBE_CALL_TIMEOUT,
+                        js.client().request(
+                            format!("$JS.API.STREAM.LEADER.STEPDOWN.{stream}"),
+                            request.to_string().into(),
+                        ),
+                    )
+                    .await;
+                }
+                None => {}
+            }
+            last = leader.or(last);
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{stream}: leader still {last:?} after {LAGGING_WAIT:?}"
+            );
+            tokio::time::sleep(PROBE_STEP).await;
+        }
+    }
+
+    /// Waits until `n3` is a current replica of `stream`, caught up.
+    pub async fn wait_lagging_current(&self, js: &async_nats::jetstream::Context, stream: &str) {
+        let deadline = tokio::time::Instant::now() + LAGGING_WAIT;
+        let name = self.server_name(LAGGING);
+        loop {
+            let mut replicas = None;
+            if let Ok(mut handle) = js.get_stream(stream).await {
+                if let Ok(info) = handle.info().await {
+                    replicas = info.cluster.as_ref().map(|c| c.replicas.clone());
+                }
+            }
+            let current = replicas.iter().flatten().any(|peer| {
+                peer.name == name && peer.current && !peer.offline && peer.lag.unwrap_or(0) == 0
+            });
+            if current {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{stream}: {name} not current after {LAGGING_WAIT:?}: {replicas:?}"
+            );
+            tokio::time::sleep(PROBE_STEP).await;
+        }
+    }
+
+    /// The fixture's own check: `writes` times, writes a fresh key of
+    /// `bucket`, then another (whose append tells the healthy follower the
+    /// first is committed, so it applies it), then sends `reads` direct
+    /// gets of the first key at once, as a KV client reads
+    /// (`Store::entry`). Only a replica that has not applied the write
+    /// answers without it: with the lag on, `n3`, about one get in three.
+    pub async fn probe_stale_reads(
+        js: &async_nats::jetstream::Context,
+        bucket: &str,
+        writes: usize,
+        reads: usize,
+        lag: Duration,
+    ) -> StaleReads {
+        let kv = js.get_key_value(bucket).await.expect("open the bucket");
+        assert!(
+            kv.stream.cached_info().config.allow_direct,
+            "{bucket} answers direct gets"
+        );
+        let mut seen = StaleReads::default();
+        let tag = std::process::id();
+        for w in 0..writes {
+            let key = format!("lag-probe.{tag}.{w}");
+            let revision = kv.put(&key, "fresh".into()).await.expect("probe write");
+            kv.put(format!("lag-probe.{tag}.next"), "next".into())
+                .await
+                .expect("probe's second write");
+            let gets = (0..reads).map(|_| {
+                let (kv, key) = (kv.clone(), key.clone());
+                async move {
+                    let started = tokio::time::Instant::now();
+                    let entry = tokio::time::timeout(PROBE_CALL_TIMEOUT + lag, kv.entry(key))
+                        .await
+                        .expect("a direct get within its bound")
+                        .expect("a direct get");
+                    (entry.map(|e| e.revision), started.elapsed())
+                }
+            });
+            for (got, took) in futures::future::join_all(gets).await {
+                seen.reads += 1;
+                if got.is_none_or(|r| r < revision) {
+                    seen.stale += 1;
+                    if took >= lag {
+                        seen.slow += 1;
+                    }
+                }
+            }
+            seen.writes += 1;
+        }
+        seen
+    }
+}
+
+/// The config of one node of a [`LaggingCluster`]: an HTTP monitoring
+/// port of the server's choosing (in its ports file), routes as given,
+/// and for `n3` the proxy as its advertised cluster address.
+fn lagging_node_config(
+    name: &str,
+    route_port: u16,
+    routes: &str,
+    advertise: Option<std::net::SocketAddr>,
+) -> String {
+    let advertise = advertise.map_or(String::new(), |a| format!("  advertise: \"{a}\"\n"));
+    format!(
+        "# Written by tests/common/cluster.rs (LaggingCluster).\n\
+         server_name: {name}\n\
+         http: \"127.0.0.1:-1\"\n\
+         cluster {{\n  \
+           name: {CLUSTER_NAME}\n  \
+           listen: 127.0.0.1:{route_port}\n\
+         {advertise}  \
+           routes: [{routes}]\n\
+         }}\n"
+    )
+}
+
+/// The ports file a node wrote into `dir`, as JSON.
+fn read_ports(dir: &Path) -> Option<serde_json::Value> {
+    fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|entry| entry.path())
+        .find(|path| path.extension().is_some_and(|e| e == "ports"))
+        .and_then(|path| fs::read_to_string(path).ok())
+        .and_then(|text| serde_json::from_str(&text).ok())
+}
+
+/// `GET path` on a monitoring port of loopback, as JSON.
+async fn monitor_get(port: u16, path: &str) -> Result<serde_json::Value, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let call = async {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .map_err(|e| format!("connect to monitoring port {port}: {e}"))?;
+        let request = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .map_err(|e| format!("send GET {path}: {e}"))?;
+        let mut response = Vec::new();
+        stream
+            .read_to_end(&mut response)
+            .await
+            .map_err(|e| format!("read GET {path}: {e}"))?;
+        let text = String::from_utf8_lossy(&response);
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, body)| body)
+            .ok_or_else(|| format!("GET {path}: no body in {text:?}"))?;
+        serde_json::from_str(body).map_err(|e| format!("GET {path}: {e} in {body:?}"))
+    };
+    tokio::time::timeout(MONITOR_CALL, call)
+        .await
+        .unwrap_or_else(|_| Err(format!("GET {path} on port {port}: timed out")))
 }

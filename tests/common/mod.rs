@@ -3,7 +3,7 @@
 //!
 //! * [`server`]: a real nats-server per test (re-exported here);
 //! * [`cluster`]: three of them routed into a JetStream cluster;
-//! * [`proxy`]: a TCP fault proxy (hold, drop, delay, sever);
+//! * [`proxy`]: a TCP fault proxy (hold, drop, delay, lag, sever);
 //! * [`rig`]: a server, a client and an upstream, as most tests start;
 //! * [`stores`]: both stores for one suite;
 //! * [`upstream`]: a scripted `--forward` upstream;
