@@ -440,6 +440,12 @@ impl Answer {
         }
     }
 
+    /// Whether this answer carries a stored outcome (not a refusal, a
+    /// transient error or an outcome the store did not take).
+    pub fn is_stored(&self) -> bool {
+        matches!(self, Answer::Encoded(_))
+    }
+
     /// Whether this copy is answered with an outcome it did not execute.
     pub fn replayed(&self) -> bool {
         match self {

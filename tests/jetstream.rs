@@ -229,6 +229,51 @@ async fn a_results_stream_keeps_one_reply_per_intent_under_a_key() {
 }
 
 #[tokio::test]
+async fn a_results_stream_keeps_the_final_outcome_after_a_transient_answer() {
+    let JsRig {
+        server: _server,
+        client: _client,
+        upstream,
+        worker,
+        js,
+        mut replies,
+    } = rig(js_config(|js| js.max_deliver = 2), Some(FORWARD)).await;
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "RESULTS".to_owned(),
+        subjects: vec!["results.>".to_owned()],
+        ..Default::default()
+    })
+    .await
+    .expect("results stream");
+    // 503 on both deliveries: answered with that transient error and
+    // dead-lettered. Published again, it runs a third time and succeeds.
+    let body = intent("twice", "fail_twice", json!(1));
+    publish(&js, &body).await;
+    let first = collect(&mut replies, 1, Duration::from_secs(15)).await;
+    assert_eq!(first.len(), 1, "answered on its last delivery");
+    assert_eq!(first[0]["result"]["data"]["code"], "503", "{first:?}");
+    until_drained(&js).await;
+    publish(&js, &body).await;
+    let second = collect(&mut replies, 1, Duration::from_secs(15)).await;
+    assert_eq!(second.len(), 1);
+    assert_eq!(second[0]["result"]["status"], "Success", "{second:?}");
+    until_drained(&js).await;
+    assert_eq!(upstream.total(), 3);
+
+    // The stream keeps both answers, the stored outcome last (PROTOCOL.md
+    // v1.2 §6): the transient answer did not take its message id.
+    let mut stream = js.get_stream("RESULTS").await.expect("stream");
+    assert_eq!(stream.info().await.expect("info").state.messages, 2);
+    let last = stream
+        .get_last_raw_message_by_subject("results.out")
+        .await
+        .expect("last");
+    let last: Value = serde_json::from_slice(&last.payload).expect("JSON");
+    assert_eq!(last["result"]["status"], "Success", "{last}");
+    worker.stop().await;
+}
+
+#[tokio::test]
 async fn an_invalid_intent_is_answered_dead_lettered_and_not_redelivered() {
     let JsRig {
         server: _server,

@@ -435,13 +435,18 @@ impl Consumer {
             return Ok(());
         };
         let mut headers = reply.headers();
-        // One reply per intent in a capturing stream: keyed by the key and
-        // the intent's fingerprint, so the copies of an intent (and the
-        // redeliveries of one, and retried publishes) land once, while
+        // One stored outcome per intent in a capturing stream: keyed by the
+        // key and the intent's fingerprint, so the copies of an intent (and
+        // the redeliveries of one, and retried publishes) land once, while
         // another intent under the same key (KEY_REUSED) keeps its own
-        // answer. A message that is not a valid intent: by its sequence.
+        // answer. Any other answer (a refusal, a transient error given up
+        // on) is keyed by the message's own sequence: an intent published
+        // again later must not find its final outcome taken for a
+        // duplicate of that answer (PROTOCOL.md v1.2 §6).
         let msg_id = match (reply.idem_key(), fingerprint) {
-            (Some(key), Some(fingerprint)) => Some(format!("{key}.{fingerprint:016x}")),
+            (Some(key), Some(fingerprint)) if reply.is_stored() => {
+                Some(format!("{key}.{fingerprint:016x}"))
+            }
             _ => message
                 .info()
                 .ok()

@@ -35,7 +35,8 @@ impl Upstream {
     /// Capabilities: `ok` replies `{"done": params}`; `slow` does too after
     /// `params.sleep_ms` (only on attempt 1 when `params.first_only`);
     /// `fail422`/`fail503` reply service errors; `flaky` fails with 503 on
-    /// its first execution per key, then succeeds; `badjson`, `empty` and
+    /// its first execution per key, then succeeds, and `fail_twice` on its
+    /// first two; `badjson`, `empty` and
     /// `killed` reply what they say; `big` replies a JSON string of
     /// `params.bytes` bytes.
     pub async fn start(client: &Client) -> Upstream {
@@ -142,6 +143,7 @@ async fn respond(client: Client, message: Message, (execution, attempt): (u32, u
         "fail422" => (error("422", "unprocessable"), String::new()),
         "fail503" => (error("503", "try later"), String::new()),
         "flaky" if execution == 1 => (error("503", "warming up"), String::new()),
+        "fail_twice" if execution <= 2 => (error("503", "not yet"), String::new()),
         "badjson" => (HeaderMap::new(), "this is not json".to_owned()),
         "empty" => (HeaderMap::new(), String::new()),
         // A JSON string of exactly `params.bytes` bytes, quotes included.
