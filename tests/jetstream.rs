@@ -427,6 +427,124 @@ async fn a_worker_killed_mid_run_loses_nothing_and_repeats_at_most_its_in_flight
 }
 
 #[tokio::test]
+async fn an_intent_whose_last_delivery_died_is_dead_lettered_whoever_else_pulls() {
+    let server = NatsServer::start();
+    let client = server.connect().await;
+    let upstream = Upstream::start(&client).await;
+    let url = server.url();
+    let args = ["--max-deliver", "2"];
+    let js = jetstream::new(client.clone());
+    let mut dead = client
+        .subscribe("idemq.dlq.INTENTS")
+        .await
+        .expect("subscribe");
+    client.flush().await.expect("flush");
+
+    // Two deliveries, each to a worker killed while its handler hangs.
+    let mut worker = spawn_worker(&url, &args);
+    wait_for_workers(&client, 1).await;
+    publish(&js, &intent("dies", "slow", json!({"sleep_ms": 60_000}))).await;
+    for delivery in 1..=2 {
+        for _ in 0..200 {
+            if upstream.total() >= delivery {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(upstream.total(), delivery, "delivery {delivery} executing");
+        worker.signal("-KILL");
+        worker.wait(Duration::from_secs(5)).await;
+        if delivery == 1 {
+            worker = spawn_worker(&url, &args);
+        }
+    }
+    // While no worker runs, another client holds a pull on the durable (as
+    // `nats consumer next` does): the server gives it what it has, or
+    // reaches max deliveries with nobody listening for the advisory.
+    let taken = consumer(&js)
+        .await
+        .fetch()
+        .max_messages(1)
+        .expires(Duration::from_secs(4))
+        .messages()
+        .await
+        .expect("a pull")
+        .count()
+        .await;
+    println!("the other client's pull got {taken} message(s)");
+    let _restarted = spawn_worker(&url, &args);
+    let letter = tokio::time::timeout(Duration::from_secs(30), dead.next())
+        .await
+        .expect("dead-lettered within 30 s of a worker running again")
+        .expect("subscription");
+    let reason = letter
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("Idem-Dead-Reason"))
+        .map(|v| v.as_str().to_owned());
+    assert_eq!(reason.as_deref(), Some("max_deliver"));
+    let mut held = u64::MAX;
+    for _ in 0..100 {
+        let mut stream = js.get_stream(STREAM).await.expect("stream");
+        held = stream.info().await.expect("info").state.messages;
+        if held == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(held, 0, "the intent left its stream");
+    assert_eq!(upstream.total(), 2, "never executed past --max-deliver");
+}
+
+#[tokio::test]
+async fn a_message_stays_protected_while_its_answer_is_slow_to_be_kept() {
+    let JsRig {
+        server: _server,
+        client: _client,
+        upstream,
+        worker,
+        js,
+        ..
+    } = rig(
+        js_config(|js| js.ack_wait = Duration::from_secs(1)),
+        Some(FORWARD),
+    )
+    .await;
+    // A results stream that refuses every reply: keeping the answer takes
+    // the worker its whole bound (5 s), five ack waits.
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "RESULTS".to_owned(),
+        subjects: vec!["results.>".to_owned()],
+        max_messages: 1,
+        discard: async_nats::jetstream::stream::DiscardPolicy::New,
+        ..Default::default()
+    })
+    .await
+    .expect("results stream");
+    js.publish("results.filler", "x".into())
+        .await
+        .expect("publish")
+        .await
+        .expect("the stream is full now");
+    publish(&js, &intent("slow-to-keep", "ok", json!(1))).await;
+    for _ in 0..100 {
+        if upstream.total() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(upstream.total(), 1);
+    // Progress acks while it is answered: no redelivery within the bound.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert_eq!(
+        worker.stats.snapshot().received,
+        1,
+        "redelivered while its answer was being kept"
+    );
+    worker.stop().await;
+}
+
+#[tokio::test]
 async fn a_nats_server_restart_mid_run_loses_no_intent() {
     let mut server = NatsServer::start();
     let client = server.connect().await;

@@ -12,12 +12,15 @@
 //! * retry (a transient failure, the key held by another execution): nak
 //!   with a growing delay and say nothing; on the last allowed delivery,
 //!   answer with the failure, dead-letter with reason `max_deliver`,
-//!   terminate. Deliveries that never reach a verdict (a worker died
-//!   holding them) are dead-lettered from the server's max-deliveries
-//!   advisory.
+//!   terminate.
+//! * a delivery past `--max-deliver` (its last delivery's worker died, or
+//!   another client took it): dead-lettered without executing. The
+//!   consumer redelivers without limit, so no message depends on anyone
+//!   hearing the server's max-deliveries advisory (PROTOCOL.md v1.2 §6).
 //!
-//! While the pipeline works, progress acks keep the message from being
-//! redelivered under a slow handler.
+//! Until the message is acked, terminated or nak'ed, progress acks keep it
+//! from being redelivered: under a slow handler, and while it is answered
+//! and dead-lettered.
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -63,9 +66,10 @@ const REPLY_BOUND: Duration = Duration::from_secs(5);
 const REPLY_RETRY_PAUSE: Duration = Duration::from_millis(200);
 /// How often the streams are listed again without an advisory.
 const ROUTE_REFRESH: Duration = Duration::from_secs(30);
-/// How soon a failed list of the streams is tried again (until then a
-/// reply is a JetStream publish, retried until it is taken or bounded).
+/// How soon a failed list of the streams is tried again.
 const ROUTE_RETRY: Duration = Duration::from_secs(1);
+/// How long a starting worker tries to list the streams.
+const LIST_BOUND: Duration = Duration::from_secs(30);
 
 /// Why a delivery could not be settled (it is nak'ed and redelivered).
 #[derive(Debug, thiserror::Error)]
@@ -79,7 +83,8 @@ struct SettleError(String);
 /// call of its own.
 struct ReplyRoutes {
     js: async_nats::jetstream::Context,
-    /// The streams' subject filters; `None` until a list has succeeded.
+    /// The streams' subject filters; `None` until a list has succeeded
+    /// (a consumer is opened only once one has).
     patterns: RwLock<Option<Arc<[String]>>>,
 }
 
@@ -173,7 +178,6 @@ const MAX_BATCH: usize = 256;
 
 /// The stream and durable consumer one worker takes intents from.
 pub(crate) struct Consumer {
-    stream: stream::Stream,
     consumer: PullConsumer,
     config: JetStreamConfig,
     routes: ReplyRoutes,
@@ -214,7 +218,9 @@ impl Consumer {
                 filter_subjects,
                 ack_policy: AckPolicy::Explicit,
                 ack_wait: config.ack_wait,
-                max_deliver: i64::from(config.max_deliver),
+                // Unlimited: a delivery past --max-deliver is dead-lettered
+                // by the worker that gets it (see `settle`).
+                max_deliver: -1,
                 backoff: config.backoff.clone(),
                 max_ack_pending: i64::from(config.max_ack_pending),
                 ..Default::default()
@@ -228,10 +234,22 @@ impl Consumer {
             js,
             patterns: RwLock::default(),
         };
-        // A failure is retried by `keep_current`, soon.
-        routes.list().await;
+        // Without the list a reply cannot tell a stream's subject from a
+        // plain one: a bounded wait for it, then the reason.
+        let listed = tokio::time::Instant::now() + LIST_BOUND;
+        while !routes.list().await {
+            if tokio::time::Instant::now() >= listed {
+                return Err(DeliveryError::Stream {
+                    stream: config.stream.clone(),
+                    reason: format!(
+                        "cannot list the streams that may capture replies within {}s",
+                        LIST_BOUND.as_secs()
+                    ),
+                });
+            }
+            tokio::time::sleep(ROUTE_RETRY).await;
+        }
         Ok(Consumer {
-            stream,
             consumer,
             config: config.clone(),
             routes,
@@ -251,9 +269,6 @@ impl Consumer {
     /// within about two seconds of a reconnect.
     pub(crate) async fn take(self, pipeline: &Arc<Pipeline>, intake: &Intake) {
         let this = Arc::new(self);
-        intake.tracker.spawn(
-            Arc::clone(&this).dead_letter_advisories(Arc::clone(pipeline), intake.shutdown.clone()),
-        );
         let (routes, client, shutdown) = (
             Arc::clone(&this),
             pipeline.client.clone(),
@@ -345,8 +360,9 @@ impl Consumer {
         }
     }
 
-    /// Runs one delivery through the pipeline with progress acks, then acks,
-    /// naks or terminates it.
+    /// Runs one delivery through the pipeline, then acks, naks or
+    /// terminates it; progress acks keep it protected until then, the
+    /// answer and the dead letter included.
     async fn settle(
         &self,
         pipeline: &Pipeline,
@@ -354,32 +370,57 @@ impl Consumer {
         abandon: &CancellationToken,
     ) {
         let started = std::time::Instant::now();
-        let delivered = message.info().map_or(1, |info| info.delivered.max(1));
-        let work = pipeline.handle(
-            &message.subject,
-            None,
-            message.headers.as_ref(),
-            &message.payload,
-            abandon,
-        );
-        tokio::pin!(work);
         let every = self.config.ack_wait / 3;
-        let mut progress = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-        let handled = loop {
-            tokio::select! {
-                handled = &mut work => break handled,
-                _ = progress.tick() => {
-                    if let Err(error) = message.ack_with(AckKind::Progress).await {
-                        tracing::debug!(%error, "progress ack failed");
-                    }
-                }
-            }
-        };
+        let decided = Box::pin(self.decide(pipeline, &message, abandon));
+        let kind = while_in_progress(&message, every, decided).await;
+        // A reply that could not be published must not be acked away.
+        let kind = kind.unwrap_or_else(|error| {
+            tracing::warn!(%error, "not settled; the intent will be redelivered");
+            AckKind::Nak(Some(REPLY_RETRY_PAUSE))
+        });
+        if let Err(error) = message.ack_with(kind).await {
+            tracing::warn!(%error, "ack failed; the message will be redelivered");
+        }
+        Stats::observe(&pipeline.stats.intent_seconds, started.elapsed());
+    }
+
+    /// What becomes of one delivery: its verdict, answered and
+    /// dead-lettered as it says, as the ack to send.
+    async fn decide(
+        &self,
+        pipeline: &Pipeline,
+        message: &async_nats::jetstream::Message,
+        abandon: &CancellationToken,
+    ) -> Result<AckKind, SettleError> {
+        let delivered = message.info().map_or(1, |info| info.delivered.max(1));
+        if delivered > i64::from(self.config.max_deliver) {
+            // Its last allowed delivery never reached a verdict: a worker
+            // died holding it, or another client took it.
+            pipeline.stats.received.inc();
+            self.dead_letter(
+                pipeline,
+                message.headers.clone(),
+                message.payload.clone(),
+                MAX_DELIVER_REASON,
+            )
+            .await?;
+            tracing::warn!(reason = MAX_DELIVER_REASON, subject = %message.subject, delivered, "intent dead-lettered");
+            return Ok(AckKind::Term);
+        }
+        let handled = pipeline
+            .handle(
+                &message.subject,
+                None,
+                message.headers.as_ref(),
+                &message.payload,
+                abandon,
+            )
+            .await;
         let reply_to = handled.reply_to.as_deref();
         let fingerprint = handled.fingerprint;
-        let settled = match handled.verdict {
+        match handled.verdict {
             Verdict::Settled(reply) => self
-                .answer(pipeline, &message, reply_to, fingerprint, &reply)
+                .answer(pipeline, message, reply_to, fingerprint, &reply)
                 .await
                 .map(|()| AckKind::Ack),
             Verdict::Invalid(reply) => {
@@ -387,14 +428,14 @@ impl Consumer {
                     .error_code()
                     .unwrap_or(codes::INVALID_INTENT)
                     .to_owned();
-                self.give_up(pipeline, &message, reply_to, fingerprint, &reply, &reason)
+                self.give_up(pipeline, message, reply_to, fingerprint, &reply, &reason)
                     .await
             }
             Verdict::Retry { .. } if abandon.is_cancelled() => Ok(AckKind::Nak(None)),
             Verdict::Retry { reply, .. } if delivered >= i64::from(self.config.max_deliver) => {
                 self.give_up(
                     pipeline,
-                    &message,
+                    message,
                     reply_to,
                     fingerprint,
                     &reply,
@@ -403,16 +444,7 @@ impl Consumer {
                 .await
             }
             Verdict::Retry { after, .. } => Ok(AckKind::Nak(Some(nak_delay(after, delivered)))),
-        };
-        // A reply that could not be published must not be acked away.
-        let kind = settled.unwrap_or_else(|error| {
-            tracing::warn!(%error, "not settled; the intent will be redelivered");
-            AckKind::Nak(Some(REPLY_RETRY_PAUSE))
-        });
-        if let Err(error) = message.ack_with(kind).await {
-            tracing::warn!(%error, "ack failed; the message will be redelivered");
         }
-        Stats::observe(&pipeline.stats.intent_seconds, started.elapsed());
     }
 
     /// Publishes the reply, if the intent named somewhere to send it.
@@ -555,63 +587,25 @@ impl Consumer {
         pipeline.stats.dead_lettered.inc();
         Ok(())
     }
+}
 
-    /// Dead-letters messages the server gave up on without a verdict (their
-    /// last delivery's worker died or stalled): the max-deliveries
-    /// advisory names the stream sequence; the message is copied to the
-    /// dead-letter subject and removed from the stream. One worker of the
-    /// queue group handles each advisory.
-    async fn dead_letter_advisories(
-        self: Arc<Self>,
-        pipeline: Arc<Pipeline>,
-        shutdown: CancellationToken,
-    ) {
-        let subject = format!(
-            "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{}.{}",
-            self.config.stream, self.config.durable
-        );
-        let mut advisories = match pipeline
-            .client
-            .queue_subscribe(subject, format!("idemq-dlq-{}", self.config.durable))
-            .await
-        {
-            Ok(advisories) => advisories,
-            Err(error) => {
-                tracing::error!(%error, "cannot watch max-deliveries advisories");
-                return;
+/// Awaits `work`, sending a progress ack for `message` every `every`
+/// meanwhile, so the server does not redeliver it under a slow step.
+async fn while_in_progress<T>(
+    message: &async_nats::jetstream::Message,
+    every: Duration,
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    tokio::pin!(work);
+    let mut progress = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        tokio::select! {
+            done = &mut work => return done,
+            _ = progress.tick() => {
+                if let Err(error) = message.ack_with(AckKind::Progress).await {
+                    tracing::debug!(%error, "progress ack failed");
+                }
             }
-        };
-        while let Some(Some(advisory)) = shutdown.run_until_cancelled(advisories.next()).await {
-            let Some(sequence) = serde_json::from_slice::<serde_json::Value>(&advisory.payload)
-                .ok()
-                .and_then(|event| event["stream_seq"].as_u64())
-            else {
-                continue;
-            };
-            let Ok(message) = self.stream.get_raw_message(sequence).await else {
-                // Already gone: terminated or acknowledged after all.
-                continue;
-            };
-            let sent = self
-                .dead_letter(
-                    &pipeline,
-                    Some(message.headers),
-                    message.payload,
-                    MAX_DELIVER_REASON,
-                )
-                .await;
-            if let Err(error) = sent {
-                tracing::error!(%error, sequence, "dead letter not published");
-                continue;
-            }
-            if let Err(error) = self.stream.delete_message(sequence).await {
-                tracing::warn!(%error, sequence, "dead-lettered message not removed from the stream");
-            }
-            tracing::warn!(
-                sequence,
-                reason = MAX_DELIVER_REASON,
-                "intent dead-lettered"
-            );
         }
     }
 }
