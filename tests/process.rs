@@ -89,6 +89,49 @@ async fn a_killed_worker_is_taken_over_after_its_lease() {
 }
 
 #[tokio::test]
+async fn an_intent_resent_long_after_its_dead_owners_lease_runs_as_attempt_2() {
+    let server = NatsServer::start();
+    let client = server.connect().await;
+    let upstream = Upstream::start(&client).await;
+    let args = ["--forward", FORWARD, "--lease", "3s"];
+    let mut first = WorkerProcess::serve(&server.url(), &args);
+    wait_for_workers(&client, 1).await;
+    let body = intent("late", json!({"sleep_ms": 60_000, "first_only": true}));
+    client
+        .publish("intents.slow", body.to_string().into())
+        .await
+        .expect("publish");
+    for _ in 0..100 {
+        if upstream.executions(&key_of("late")) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(upstream.executions(&key_of("late")), 1, "attempt 1 started");
+    first.signal("-KILL");
+    first.wait(Duration::from_secs(5)).await;
+    let _second = WorkerProcess::serve(&server.url(), &args);
+    wait_for_workers(&client, 1).await;
+    // Long after the dead owner's 3 s lease ran out (and its expiry left
+    // the key): the next run must still say an earlier one started
+    // (PROTOCOL.md v1.2 §4).
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let resent = {
+        let (client, body) = (client.clone(), body.clone());
+        tokio::spawn(async move { send(&client, "intents.slow", &body).await })
+    };
+    for _ in 0..100 {
+        if upstream.executions(&key_of("late")) == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(upstream.attempts(&key_of("late")), vec![1, 2]);
+    let reply = resent.await.expect("the resend");
+    assert_eq!(reply["result"]["status"], "Success", "{reply}");
+}
+
+#[tokio::test]
 async fn sigterm_with_an_intent_in_flight_still_replies_and_exits_zero() {
     let server = NatsServer::start();
     let client = server.connect().await;
