@@ -119,6 +119,32 @@ impl JetStreamConfig {
     }
 }
 
+/// The longest `--ttl` (PROTOCOL.md v1.2 §7): ten years, as `10y` reads.
+pub const MAX_TTL: Duration = Duration::from_secs(315_576_000);
+/// The longest of every other duration setting (`--lease`, `--wait`,
+/// `--handler-timeout`, `--grace`, `--ack-wait`, `--backoff` steps, the
+/// commands' `--timeout`): one day. Past it a duration is a configuration
+/// error, never an overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+
+/// Parses a duration flag (`500ms`, `30s`, `24h`) of at most [`MAX_DURATION`].
+pub fn duration_up_to_a_day(text: &str) -> Result<Duration, String> {
+    bounded_duration(text, MAX_DURATION, "1 day")
+}
+
+/// Parses a duration flag of at most [`MAX_TTL`] (`--ttl`).
+pub fn duration_up_to_ten_years(text: &str) -> Result<Duration, String> {
+    bounded_duration(text, MAX_TTL, "10 years")
+}
+
+fn bounded_duration(text: &str, most: Duration, named: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if duration > most {
+        return Err(format!("{text} is longer than the most allowed, {named}"));
+    }
+    Ok(duration)
+}
+
 /// What the intake counts for holding one message beside its bytes: the
 /// message's own struct, its allocations and its queue slot, so that a
 /// flood of tiny intents is bounded too.
@@ -217,6 +243,19 @@ impl WorkerConfig {
         if self.ttl < Duration::from_secs(1) {
             problem("--ttl must be at least 1s (TTLs are whole seconds)".to_owned());
         }
+        if self.ttl > MAX_TTL {
+            problem("--ttl may be at most 10 years".to_owned());
+        }
+        for (flag, duration) in [
+            ("--lease", self.lease),
+            ("--wait", self.wait),
+            ("--handler-timeout", self.handler_timeout),
+            ("--grace", self.grace),
+        ] {
+            if duration > MAX_DURATION {
+                problem(format!("{flag} may be at most 1 day"));
+            }
+        }
         if self.lease < Duration::from_secs(1) {
             problem("--lease must be at least 1s (TTLs are whole seconds)".to_owned());
         }
@@ -246,6 +285,9 @@ impl WorkerConfig {
             }
             if js.ack_wait < Duration::from_secs(1) {
                 problem("--ack-wait must be at least 1s".to_owned());
+            }
+            if js.ack_wait > MAX_DURATION || js.backoff.iter().any(|step| *step > MAX_DURATION) {
+                problem("--ack-wait and --backoff steps may be at most 1 day".to_owned());
             }
             if js.max_deliver < 1 {
                 problem("--max-deliver must be at least 1".to_owned());

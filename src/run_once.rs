@@ -80,7 +80,8 @@ pub const MIN_RETRY_AFTER: Duration = Duration::from_millis(100);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunOptions {
     /// The claim's lease, renewed every third of it while the closure runs.
-    /// Whole seconds, at least 1 s (TTLs in JetStream KV are whole seconds).
+    /// Whole seconds, from 1 s (TTLs in JetStream KV are whole seconds) to a
+    /// day (see [`RunOptions::bounded`]).
     pub lease: Duration,
     /// How long a caller waits for an execution that holds the key before
     /// [`RunError::InProgress`].
@@ -98,6 +99,24 @@ impl Default for RunOptions {
             wait: Duration::from_secs(5),
             timeout: Duration::from_secs(30),
             ttl: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+impl RunOptions {
+    /// These options within the bounds the store and the timers can hold
+    /// (PROTOCOL.md v1.2 §7): a lease of whole seconds from 1 s to a day,
+    /// a wait and a timeout of at most a day, a TTL from 1 s to ten years.
+    /// [`Idempotent::new`] takes them so: no setting can make it panic or
+    /// overflow.
+    pub fn bounded(self) -> RunOptions {
+        use crate::config::{MAX_DURATION, MAX_TTL};
+        let second = Duration::from_secs(1);
+        RunOptions {
+            lease: self.lease.clamp(second, MAX_DURATION),
+            wait: self.wait.min(MAX_DURATION),
+            timeout: self.timeout.clamp(Duration::from_millis(1), MAX_DURATION),
+            ttl: self.ttl.clamp(second, MAX_TTL),
         }
     }
 }
@@ -277,7 +296,7 @@ impl Idempotent {
     ) -> Idempotent {
         Idempotent {
             store,
-            options,
+            options: options.bounded(),
             stats,
             instance,
             claims: AtomicU64::new(0),

@@ -278,10 +278,23 @@ async fn usage_errors_exit_two_with_a_reason() {
         ],
         &["key", "--episode", "e"],
         &["get", "not-a-key"],
+        // Durations past their bounds (PROTOCOL.md v1.2 §7): a usage
+        // error, never a panic at the first intent.
+        &["serve", "--lease", "5000000000y"],
+        &["serve", "--ttl", "5000000000y"],
+        &["serve", "--ttl", "11y"],
+        &["serve", "--wait", "25h"],
+        &["serve", "--handler-timeout", "2days"],
+        &["serve", "--grace", "5000000000y"],
+        &["serve", "--ack-wait", "2days"],
+        &["serve", "--backoff", "1s,2days"],
+        &["send", "intents.x", "{}", "--timeout", "5000000000y"],
     ] {
         let out = idemq(args).await;
-        assert_eq!(out.status.code(), Some(2), "{args:?}");
-        assert!(!out.stderr.is_empty(), "{args:?} says why");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(!stderr.is_empty(), "{args:?} says why");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
 }
 

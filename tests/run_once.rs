@@ -369,7 +369,43 @@ async fn the_seed_helpers_run_once_and_replay(store: Store) {
     );
 }
 
+/// Options past every bound (PROTOCOL.md v1.2 §7): a lease of 1 ns (a
+/// renewal timer of 0 panicked), a wait and a TTL no clock can add. They
+/// are held to the bounds; a run that renews, waits and stores works.
+async fn options_past_every_bound_are_held_to_them(store: Store) {
+    let once = Idempotent::new(
+        Arc::clone(&store),
+        RunOptions {
+            lease: Duration::from_nanos(1),
+            wait: Duration::MAX,
+            timeout: Duration::MAX,
+            ttl: Duration::MAX,
+        },
+    );
+    assert_eq!(once.options().lease, Duration::from_secs(1));
+    assert_eq!(once.options().ttl, idemq::config::MAX_TTL);
+    let runs = Arc::new(AtomicU32::new(0));
+    let key = key(12);
+    // Longer than the 1 s lease: it is renewed while the closure runs.
+    let done = once
+        .run(&key, "fp", |_| {
+            counted(&runs, Duration::from_millis(1500), json!("bounded"))
+        })
+        .await
+        .expect("runs");
+    assert!(!done.replayed);
+    let again = once
+        .run(&key, "fp", |_| {
+            counted(&runs, Duration::ZERO, json!("never"))
+        })
+        .await
+        .expect("replays");
+    assert!(again.replayed);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
 both_stores!(
+    options_past_every_bound_are_held_to_them,
     concurrent_callers_of_one_key_execute_once,
     a_caller_dropped_mid_run_lets_the_next_take_over_after_the_lease,
     a_closure_longer_than_the_lease_keeps_its_claim,

@@ -60,7 +60,7 @@ pub struct StatsArgs {
     #[allow(missing_docs)]
     pub at: BucketArgs,
     /// How long to collect the workers' answers.
-    #[arg(long, env = "IDEMQ_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "IDEMQ_TIMEOUT", default_value = "1s", value_parser = crate::config::duration_up_to_a_day)]
     pub timeout: Duration,
     /// Print JSON instead of a table.
     #[arg(long, env = "IDEMQ_JSON", value_parser = BoolishValueParser::new())]
@@ -97,7 +97,7 @@ pub struct HealthcheckArgs {
     #[arg(long, env = "IDEMQ_READY", value_parser = BoolishValueParser::new())]
     pub ready: bool,
     /// How long to wait for the answer.
-    #[arg(long, env = "IDEMQ_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "IDEMQ_TIMEOUT", default_value = "3s", value_parser = crate::config::duration_up_to_a_day)]
     pub timeout: Duration,
 }
 

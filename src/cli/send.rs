@@ -26,7 +26,7 @@ pub struct SendArgs {
     #[arg(long, env = "IDEMQ_KEY")]
     pub key: Option<String>,
     /// How long to wait for each reply.
-    #[arg(long, env = "IDEMQ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "IDEMQ_TIMEOUT", default_value = "10s", value_parser = crate::config::duration_up_to_a_day)]
     pub timeout: Duration,
     /// Resend the same intent (same key) this many times after a timeout.
     #[arg(long, env = "IDEMQ_RETRIES", default_value_t = 0)]

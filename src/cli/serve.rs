@@ -47,7 +47,7 @@ pub struct ServeArgs {
     #[arg(long, env = "IDEMQ_BUCKET", default_value = crate::store::kv::DEFAULT_BUCKET)]
     pub bucket: String,
     /// How long outcomes are kept (an intent's ttl_secs is clamped to it).
-    #[arg(long, env = "IDEMQ_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "IDEMQ_TTL", default_value = "24h", value_parser = crate::config::duration_up_to_ten_years)]
     pub ttl: Duration,
     /// Replicas of the bucket's stream.
     #[arg(long, env = "IDEMQ_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
@@ -56,13 +56,13 @@ pub struct ServeArgs {
     #[arg(long, env = "IDEMQ_FORWARD")]
     pub forward: Option<String>,
     /// How long a handler may run before the outcome is Timeout.
-    #[arg(long, env = "IDEMQ_HANDLER_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "IDEMQ_HANDLER_TIMEOUT", default_value = "30s", value_parser = crate::config::duration_up_to_a_day)]
     pub handler_timeout: Duration,
     /// How long a copy waits for a running execution before IN_PROGRESS.
-    #[arg(long, env = "IDEMQ_WAIT", default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "IDEMQ_WAIT", default_value = "5s", value_parser = crate::config::duration_up_to_a_day)]
     pub wait: Duration,
     /// The claim's lease, renewed while the handler runs.
-    #[arg(long, env = "IDEMQ_LEASE", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "IDEMQ_LEASE", default_value = "30s", value_parser = crate::config::duration_up_to_a_day)]
     pub lease: Duration,
     /// Most intents in flight at once.
     #[arg(long, env = "IDEMQ_CONCURRENCY", default_value_t = 256)]
@@ -84,13 +84,13 @@ pub struct ServeArgs {
     #[arg(long, env = "IDEMQ_DEAD_LETTER_SUBJECT", requires = "stream")]
     pub dead_letter_subject: Option<String>,
     /// JetStream mode: how long the server waits for an ack before redelivering.
-    #[arg(long, env = "IDEMQ_ACK_WAIT", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "IDEMQ_ACK_WAIT", default_value = "30s", value_parser = crate::config::duration_up_to_a_day)]
     pub ack_wait: Duration,
     /// JetStream mode: deliveries before an intent is dead-lettered.
     #[arg(long, env = "IDEMQ_MAX_DELIVER", default_value_t = 5)]
     pub max_deliver: u32,
     /// JetStream mode: redelivery delays after ack-wait expiries, comma-separated (e.g. `1s,5s,30s`).
-    #[arg(long, env = "IDEMQ_BACKOFF", value_delimiter = ',', value_parser = humantime::parse_duration)]
+    #[arg(long, env = "IDEMQ_BACKOFF", value_delimiter = ',', value_parser = crate::config::duration_up_to_a_day)]
     pub backoff: Vec<Duration>,
     /// JetStream mode: unacknowledged messages the consumer may have out, across all workers.
     #[arg(long, env = "IDEMQ_MAX_ACK_PENDING", default_value_t = 1000)]
@@ -100,7 +100,7 @@ pub struct ServeArgs {
     #[arg(long, env = "IDEMQ_CACHE", default_value = "16MiB")]
     pub cache: bytesize::ByteSize,
     /// How long shutdown waits for in-flight intents.
-    #[arg(long, env = "IDEMQ_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "IDEMQ_GRACE", default_value = "10s", value_parser = crate::config::duration_up_to_a_day)]
     pub grace: Duration,
     /// Serve /metrics, /healthz and /readyz on this address (e.g. `0.0.0.0:9464`); off by default.
     #[arg(long, env = "IDEMQ_METRICS_ADDR")]
