@@ -223,6 +223,9 @@ impl Inner {
 /// The outcome cache, bounded by the memory its entries hold.
 pub struct OutcomeCache {
     budget: usize,
+    /// Purge notices so far: an outcome read before one is not let in
+    /// after it (see [`OutcomeCache::insert`]).
+    purges: std::sync::atomic::AtomicU64,
     /// What entries' lifetimes count from.
     epoch: Instant,
     inner: Mutex<Inner>,
@@ -233,6 +236,7 @@ impl OutcomeCache {
     pub fn new(budget: usize) -> Self {
         Self {
             budget,
+            purges: std::sync::atomic::AtomicU64::new(0),
             epoch: Instant::now(),
             inner: Mutex::default(),
         }
@@ -348,12 +352,22 @@ impl OutcomeCache {
         }
     }
 
+    /// How many purge notices came so far: take it before reading the
+    /// store, and give it to [`insert`](Self::insert).
+    pub fn purges(&self) -> u64 {
+        self.purges.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// Encodes a stored record's replay and remembers it (records without
     /// an outcome are ignored); returns the encoding either way, so the
     /// caller answers with the same bytes the cache keeps.
-    pub fn insert(&self, record: &Record) -> Option<Arc<EncodedReply>> {
+    ///
+    /// `purges_before` is [`purges`](Self::purges) as it was before the
+    /// record was read: when a purge notice came since, the record may be
+    /// the purged one, evicted before it got here, and it is not let in.
+    pub fn insert(&self, record: &Record, purges_before: u64) -> Option<Arc<EncodedReply>> {
         let replay = Arc::new(EncodedReply::replay_of(record)?);
-        if self.budget == 0 {
+        if self.budget == 0 || self.purges() != purges_before {
             return Some(replay);
         }
         // The record's own lifetime is a difference of two stamps of one
@@ -365,10 +379,15 @@ impl OutcomeCache {
         let lifetime = (record.expires_at - record.stored_at)
             .to_std()
             .unwrap_or_default();
-        let by_this_clock = (record.expires_at - chrono::Utc::now())
-            .to_std()
-            .unwrap_or_default();
-        let left = lifetime.min(by_this_clock);
+        let now = chrono::Utc::now();
+        let by_this_clock = (record.expires_at - now).to_std().unwrap_or_default();
+        // As the bucket counts it: from when the store wrote it, by the
+        // store's clock. A record read long after it was written, from a
+        // writer whose clock runs fast, would otherwise outlive its expiry.
+        let by_the_bucket = record.written.map_or(lifetime, |written| {
+            (written + lifetime - now).to_std().unwrap_or_default()
+        });
+        let left = lifetime.min(by_this_clock).min(by_the_bucket);
         let Some(left) = left.checked_sub(EXPIRY_MARGIN) else {
             return Some(replay);
         };
@@ -425,6 +444,8 @@ impl OutcomeCache {
 
     /// Forgets a key (purged).
     pub fn remove(&self, key: &IdempotencyKey) {
+        self.purges
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         let mut inner = self.lock();
         let bits = key.bits();
         if inner
@@ -539,6 +560,7 @@ mod tests {
             result: Some(Outcome::Timeout),
             stored_at: now,
             expires_at: now + chrono::Duration::seconds(ttl_secs),
+            written: None,
         }
     }
 
@@ -546,7 +568,7 @@ mod tests {
     fn serves_same_fingerprint_and_refuses_another() {
         let cache = OutcomeCache::new(1 << 20);
         let stored = record(1, FP, 60);
-        let replay = cache.insert(&stored).expect("an outcome");
+        let replay = cache.insert(&stored, 0).expect("an outcome");
         assert_eq!(
             cache.lookup(&stored.idem_key, Some(&bits(FP))),
             Lookup::Stored(replay)
@@ -574,7 +596,7 @@ mod tests {
     fn a_copy_is_found_by_its_digest_while_its_entry_lives() {
         let cache = OutcomeCache::new(1 << 20);
         let stored = record(11, FP, 60);
-        let replay = cache.insert(&stored).expect("an outcome");
+        let replay = cache.insert(&stored, 0).expect("an outcome");
         let copy = digest("copy");
         assert!(cache.lookup_copy(&copy).is_none(), "not aliased yet");
         // Another fingerprint is not this entry's: nothing is aliased.
@@ -596,17 +618,17 @@ mod tests {
     fn a_new_outcome_under_the_key_drops_the_old_bytes_alias() {
         let cache = OutcomeCache::new(1 << 20);
         let first = record(12, FP, 60);
-        cache.insert(&first);
+        cache.insert(&first, 0);
         let copy = digest("first intent");
         cache.alias(copy, &first.idem_key, &bits(FP), None);
         // The key purged elsewhere and stored again by another intent: the
         // first intent's bytes must not replay the second's outcome.
         let second = record(12, OTHER, 60);
-        cache.insert(&second);
+        cache.insert(&second, 0);
         assert!(cache.lookup_copy(&copy).is_none());
         let (entries, bytes) = cache.usage();
         let alone = OutcomeCache::new(1 << 20);
-        alone.insert(&second);
+        alone.insert(&second, 0);
         assert_eq!((entries, bytes), alone.usage(), "the alias's cost went too");
     }
 
@@ -614,7 +636,7 @@ mod tests {
     fn an_entry_keeps_one_alias_and_aliases_count_against_the_budget() {
         let cache = OutcomeCache::new(1 << 20);
         let stored = record(13, FP, 60);
-        cache.insert(&stored);
+        cache.insert(&stored, 0);
         let bare = cache.usage().1;
         cache.alias(digest("a"), &stored.idem_key, &bits(FP), None);
         let one = cache.usage().1;
@@ -625,7 +647,7 @@ mod tests {
         assert!(cache.lookup_copy(&digest("b")).is_some());
         // A budget with room for the entry but not its alias.
         let tight = OutcomeCache::new(bare);
-        tight.insert(&stored);
+        tight.insert(&stored, 0);
         tight.alias(digest("a"), &stored.idem_key, &bits(FP), None);
         assert!(tight.usage().1 <= bare, "{:?}", tight.usage());
     }
@@ -634,7 +656,7 @@ mod tests {
     async fn a_copy_is_not_replayed_past_its_entrys_life() {
         let cache = OutcomeCache::new(1 << 20);
         let stored = record(14, FP, 10);
-        cache.insert(&stored);
+        cache.insert(&stored, 0);
         cache.alias(digest("c"), &stored.idem_key, &bits(FP), None);
         assert!(cache.lookup_copy(&digest("c")).is_some());
         tokio::time::advance(Duration::from_secs(9)).await;
@@ -647,18 +669,21 @@ mod tests {
         let records: Vec<Record> = (20..23).map(|i| record(i, FP, 60)).collect();
         let one = {
             let probe = OutcomeCache::new(1 << 20);
-            probe.insert(&records[0]);
+            probe.insert(&records[0], 0);
             probe.usage().1
         };
         let cache = OutcomeCache::new(3 * one);
         for r in &records {
-            cache.insert(r);
+            cache.insert(r, 0);
         }
         assert_eq!(cache.usage().0, 3);
         // Read back from the store: stored a minute before anything held.
         let mut old = record(23, FP, 3600);
         old.stored_at -= chrono::Duration::seconds(60);
-        assert!(cache.insert(&old).is_some(), "still encoded for its caller");
+        assert!(
+            cache.insert(&old, 0).is_some(),
+            "still encoded for its caller"
+        );
         assert_eq!(cache.lookup(&old.idem_key, Some(&bits(FP))), Lookup::Miss);
         for r in &records {
             assert!(matches!(
@@ -668,7 +693,7 @@ mod tests {
         }
         // A new outcome still pushes out the oldest.
         let new = record(24, FP, 60);
-        cache.insert(&new);
+        cache.insert(&new, 0);
         assert!(matches!(
             cache.lookup(&new.idem_key, Some(&bits(FP))),
             Lookup::Stored(_)
@@ -683,7 +708,7 @@ mod tests {
     fn outcomes_about_to_expire_are_not_cached() {
         let cache = OutcomeCache::new(1 << 20);
         let stored = record(2, FP, 1);
-        cache.insert(&stored);
+        cache.insert(&stored, 0);
         assert_eq!(
             cache.lookup(&stored.idem_key, Some(&bits(FP))),
             Lookup::Miss
@@ -697,7 +722,7 @@ mod tests {
         let mut stored = record(5, FP, 10);
         stored.stored_at += chrono::Duration::hours(1);
         stored.expires_at += chrono::Duration::hours(1);
-        cache.insert(&stored);
+        cache.insert(&stored, 0);
         assert!(matches!(
             cache.lookup(&stored.idem_key, Some(&bits(FP))),
             Lookup::Stored(_)
@@ -708,6 +733,44 @@ mod tests {
             Lookup::Miss,
             "10 s after it was seen, the outcome is gone from the store"
         );
+        // The same, read 7 s after the store wrote it (its own clock): the
+        // bucket expires it 3 s from now, and so does the cache (less its
+        // margin), not 10 s from now.
+        let mut late = record(7, FP, 10);
+        late.stored_at += chrono::Duration::hours(1);
+        late.expires_at += chrono::Duration::hours(1);
+        late.written = Some(chrono::Utc::now() - chrono::Duration::seconds(7));
+        cache.insert(&late, 0);
+        assert!(matches!(
+            cache.lookup(&late.idem_key, Some(&bits(FP))),
+            Lookup::Stored(_)
+        ));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(
+            cache.lookup(&late.idem_key, Some(&bits(FP))),
+            Lookup::Miss,
+            "gone a margin before the bucket's expiry"
+        );
+    }
+
+    #[test]
+    fn an_outcome_read_before_a_purge_notice_is_not_let_in_after_it() {
+        let cache = OutcomeCache::new(1 << 20);
+        let stored = record(8, FP, 60);
+        let before = cache.purges();
+        // The notice comes while the delivery that read it is under way.
+        cache.remove(&stored.idem_key);
+        assert!(cache.insert(&stored, before).is_some(), "still encoded");
+        assert_eq!(
+            cache.lookup(&stored.idem_key, Some(&bits(FP))),
+            Lookup::Miss,
+            "the purged outcome is not served"
+        );
+        cache.insert(&stored, cache.purges());
+        assert!(matches!(
+            cache.lookup(&stored.idem_key, Some(&bits(FP))),
+            Lookup::Stored(_)
+        ));
     }
 
     #[tokio::test(start_paused = true)]
@@ -718,7 +781,7 @@ mod tests {
         let mut stored = record(6, FP, 60);
         stored.stored_at -= chrono::Duration::seconds(50);
         stored.expires_at -= chrono::Duration::seconds(50);
-        cache.insert(&stored);
+        cache.insert(&stored, 0);
         tokio::time::advance(Duration::from_secs(9)).await;
         assert_eq!(
             cache.lookup(&stored.idem_key, Some(&bits(FP))),
@@ -752,14 +815,14 @@ mod tests {
         let records: Vec<Record> = (0..10).map(|i| record(i, FP, 60)).collect();
         let one = {
             let probe = OutcomeCache::new(1 << 20);
-            probe.insert(&records[0]);
+            probe.insert(&records[0], 0);
             probe.usage().1
         };
         assert!(one > 0);
         // Room for three entries of this size, not four.
         let cache = OutcomeCache::new(3 * one + one / 2);
         for r in &records {
-            cache.insert(r);
+            cache.insert(r, 0);
         }
         let (entries, bytes) = cache.usage();
         assert_eq!(entries, 3);
@@ -781,7 +844,7 @@ mod tests {
     fn a_fingerprint_that_is_not_sha256_hex_is_never_served() {
         let cache = OutcomeCache::new(1 << 20);
         let stored = record(4, "not-hex", 60);
-        cache.insert(&stored);
+        cache.insert(&stored, 0);
         let unparsed = fingerprint_bits("not-hex");
         assert_eq!(unparsed, None);
         assert_eq!(
@@ -795,7 +858,7 @@ mod tests {
         let cache = OutcomeCache::new(0);
         let stored = record(3, FP, 60);
         assert!(
-            cache.insert(&stored).is_some(),
+            cache.insert(&stored, 0).is_some(),
             "the encoding is still returned"
         );
         assert_eq!(

@@ -385,6 +385,13 @@ mod tests {
         let problems = config
             .validate()
             .expect_err("an outcome cannot outlive that");
-        assert!(problems[0].0.contains("redelivery horizon"), "{problems:?}");
+        assert!(
+            problems.iter().any(|p| p.0.contains("redelivery horizon")),
+            "{problems:?}"
+        );
+        assert!(
+            problems.iter().any(|p| p.0.contains("at most 1 day")),
+            "{problems:?}"
+        );
     }
 }

@@ -112,7 +112,7 @@ pub enum RecordState {
 ///
 /// A claim and an outcome are the same record in two states, so that moving
 /// from one to the other is a single compare-and-swap on the key's revision.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Record {
     /// Layout version ([`RECORD_VERSION`]).
     pub v: u32,
@@ -138,6 +138,42 @@ pub struct Record {
     /// server enforces it, this copy is for readers.
     #[serde(serialize_with = "rfc3339::serialize")]
     pub expires_at: DateTime<Utc>,
+    /// When the store wrote this record, by the store's own clock (a
+    /// JetStream message's timestamp), for a record read from a store; not
+    /// part of the stored JSON. The bucket counts the record's lifetime
+    /// from here: the outcome cache serves it no longer than that.
+    #[serde(skip)]
+    pub written: Option<DateTime<Utc>>,
+}
+
+/// Two records are equal when they hold the same: `written` says when a
+/// copy was read, not what it holds.
+impl PartialEq for Record {
+    fn eq(&self, other: &Record) -> bool {
+        let Record {
+            v,
+            idem_key,
+            intent_id,
+            fingerprint,
+            state,
+            owner,
+            attempt,
+            result,
+            stored_at,
+            expires_at,
+            written: _,
+        } = self;
+        *v == other.v
+            && *idem_key == other.idem_key
+            && *intent_id == other.intent_id
+            && *fingerprint == other.fingerprint
+            && *state == other.state
+            && *owner == other.owner
+            && *attempt == other.attempt
+            && *result == other.result
+            && *stored_at == other.stored_at
+            && *expires_at == other.expires_at
+    }
 }
 
 /// The reply published for one delivery of an intent.
@@ -591,6 +627,7 @@ mod tests {
             result: Some(Outcome::error("422", "no")),
             stored_at: now,
             expires_at: now,
+            written: None,
         };
         let replay = EncodedReply::replay_of(&record).expect("an outcome");
         let executed = replay.as_executed();

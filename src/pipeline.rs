@@ -358,6 +358,9 @@ impl Pipeline {
         if let Some(verdict) = self.cached(intent, fingerprint) {
             return verdict;
         }
+        // Before anything is read: a purge notice from now on keeps what
+        // is read out of the cache.
+        let purges = self.cache.purges();
         // Held until this delivery is done; `None` for a follower that
         // goes on to the store itself.
         let _lead = match self.in_flight.enter(&intent.key) {
@@ -418,28 +421,29 @@ impl Pipeline {
             Ok(Claimed::Stored(done)) => Ok(done),
             Err(error) => Err(error),
         };
-        self.verdict(intent, done)
+        self.verdict(intent, done, purges)
     }
 
-    /// The verdict on how the claim and the run ended.
-    fn verdict(&self, intent: &Intent, done: Result<Done, RunError>) -> Verdict {
+    /// The verdict on how the claim and the run ended; `purges` as the
+    /// cache counted them before the store was read.
+    fn verdict(&self, intent: &Intent, done: Result<Done, RunError>, purges: u64) -> Verdict {
         let rejection = match done {
             Ok(done) if done.execution.is_some() => {
                 // The cache encodes the replay once; this delivery answers
                 // with the same bytes, marked as its own execution.
                 let record = done.into_record();
-                return match self.cache.insert(&record) {
+                return match self.cache.insert(&record, purges) {
                     Some(replay) => {
                         Verdict::Settled(Answer::Encoded(Arc::new(replay.as_executed())))
                     }
-                    None => self.replay(intent, &record),
+                    None => self.replay(intent, &record, purges),
                 };
             }
             Ok(done) => {
                 if done.waited {
                     self.stats.waited.inc();
                 }
-                return self.replay(intent, &done.into_record());
+                return self.replay(intent, &done.into_record(), purges);
             }
             Err(RunError::Transient { code, message, .. }) => {
                 let reply = self.unstored(intent, Outcome::error(code, message));
@@ -487,9 +491,10 @@ impl Pipeline {
         }
     }
 
-    /// Replays a record read from the store (and caches it).
-    fn replay(&self, intent: &Intent, record: &Record) -> Verdict {
-        match self.cache.insert(record) {
+    /// Replays a record read from the store (and caches it, unless a purge
+    /// notice came since `purges`).
+    fn replay(&self, intent: &Intent, record: &Record, purges: u64) -> Verdict {
+        match self.cache.insert(record, purges) {
             Some(replay) => self.replayed(replay),
             None => self.refuse(
                 intent,

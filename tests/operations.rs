@@ -544,6 +544,73 @@ async fn purge_from_the_command_line_makes_the_next_copy_execute() {
     );
 }
 
+#[tokio::test]
+async fn an_outcome_read_just_before_a_purge_is_not_served_from_the_cache_after_it() {
+    let server = NatsServer::start();
+    let client = server.connect().await;
+    // One worker stores the outcome; another, whose reads the test can
+    // hold, answers copies on a subject of its own.
+    let _first = WorkerProcess::serve(&server.url(), &["--subject", "intents.first.>"]);
+    common::workers::wait_for_workers(&client, 1).await;
+    let store = common::stores::HeldReads::new(common::stores::kv_store(&server).await);
+    let config = idemq::WorkerConfig {
+        subjects: vec!["intents.second.>".to_owned()],
+        ..common::workers::test_config()
+    };
+    let second = idemq::server::Server::start_on(
+        server.connect().await,
+        store.clone(),
+        std::sync::Arc::new(idemq::handler::Echo),
+        config,
+        None,
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .expect("the second worker starts");
+    let body = intent("purged-mid-read", json!(1));
+    let stored = send(&client, "intents.first.echo", &body).await;
+    assert_eq!(stored["replayed"], false);
+
+    // The second worker reads the record; before it acts on what it read,
+    // the key is purged and every worker told.
+    store.arm();
+    let copy = {
+        let (client, body) = (client.clone(), body.clone());
+        tokio::spawn(async move { send(&client, "intents.second.echo", &body).await })
+    };
+    store.until_held().await;
+    let out = idemq(vec![
+        "purge".into(),
+        key_of("purged-mid-read"),
+        "--nats-url".into(),
+        server.url(),
+    ])
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Past the purge notice's way to the worker.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    store.release();
+    let read_before = copy.await.expect("the copy");
+    assert_eq!(
+        read_before["replayed"], true,
+        "it read the outcome before the purge"
+    );
+
+    // The purged outcome must not be answered from the second worker's
+    // cache: the next copy runs again.
+    let after = send(&client, "intents.second.echo", &body).await;
+    assert_eq!(
+        after["replayed"], false,
+        "the purged outcome was served: {after}"
+    );
+    assert_ne!(after["stored_at"], stored["stored_at"]);
+    drop(second);
+}
+
 /// A store that counts the reads it serves.
 struct CountingReads {
     inner: idemq::store::memory::MemoryStore,

@@ -546,7 +546,30 @@ async fn purge_never_removes_a_claim_it_did_not_see(store: Store) {
     );
 }
 
+/// A record read back says when the store wrote it, by the store's clock
+/// (a JetStream message's timestamp): the outcome cache counts its life
+/// from there, as the bucket does.
+async fn a_read_record_says_when_the_store_wrote_it(store: Store) {
+    let first = request(20, "fp", LONG);
+    let before = chrono::Utc::now();
+    let mut lease = owned(&store, &first).await;
+    let done = store
+        .complete(&mut lease, Outcome::Success(json!(1)), LONG)
+        .await
+        .expect("complete");
+    assert_eq!(done.written, None, "a record just written was not read");
+    let read = store.get(&first.key).await.expect("get").expect("stored");
+    let written = read.written.expect("the store's timestamp");
+    let skew = chrono::Duration::seconds(2);
+    assert!(
+        written >= before - skew && written <= chrono::Utc::now() + skew,
+        "{written} is when it was written"
+    );
+    assert_eq!(read, done, "the same record, whenever it was read");
+}
+
 both_stores!(
+    a_read_record_says_when_the_store_wrote_it,
     first_claim_acquires_and_second_sees_it_taken,
     complete_then_acquire_replays_the_stored_outcome,
     different_fingerprint_is_reused,

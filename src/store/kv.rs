@@ -264,20 +264,24 @@ fn operation_of(headers: &async_nats::HeaderMap) -> Operation {
     }
 }
 
+/// Decodes one message of the bucket; `written` is its timestamp, by the
+/// server's clock (Unix seconds and nanoseconds).
 fn decode(
     key: &str,
     revision: u64,
     operation: Operation,
     value: &[u8],
+    written: (i64, u32),
 ) -> Result<Versioned, StoreError> {
     let slot = match operation {
         Operation::Put => {
-            Slot::Record(
+            let mut record: Record =
                 serde_json::from_slice(value).map_err(|e| StoreError::Corrupt {
                     key: key.to_owned(),
                     reason: e.to_string(),
-                })?,
-            )
+                })?;
+            record.written = chrono::DateTime::from_timestamp(written.0, written.1);
+            Slot::Record(record)
         }
         Operation::Delete => Slot::Free { expired: false },
         Operation::Purge => Slot::Free { expired: true },
@@ -297,7 +301,16 @@ impl IdempotencyStore for KvStore {
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         entry
-            .map(|entry| decode(&entry.key, entry.revision, entry.operation, &entry.value))
+            .map(|entry| {
+                let written = (entry.created.unix_timestamp(), entry.created.nanosecond());
+                decode(
+                    &entry.key,
+                    entry.revision,
+                    entry.operation,
+                    &entry.value,
+                    written,
+                )
+            })
             .transpose()
     }
 
@@ -352,6 +365,7 @@ impl IdempotencyStore for KvStore {
                 message.sequence,
                 operation_of(&message.headers),
                 &message.payload,
+                (message.time.unix_timestamp(), message.time.nanosecond()),
             )
             .map(Some),
             Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),

@@ -26,6 +26,8 @@ struct Entry {
     revision: u64,
     slot: Slot,
     expires: Instant,
+    /// When it was written, as a JetStream message's timestamp says.
+    written: chrono::DateTime<chrono::Utc>,
 }
 
 #[derive(Debug, Default)]
@@ -62,6 +64,7 @@ impl Inner {
             revision: self.sequence,
             slot,
             expires,
+            written: chrono::Utc::now(),
         };
         self.entries.insert(key.clone(), entry);
         self.sequence
@@ -155,9 +158,18 @@ impl MemoryStore {
 #[async_trait]
 impl IdempotencyStore for MemoryStore {
     async fn read(&self, key: &IdempotencyKey) -> Result<Option<Versioned>, StoreError> {
-        Ok(self.snapshot(key).map(|entry| Versioned {
-            revision: entry.revision,
-            slot: entry.slot,
+        Ok(self.snapshot(key).map(|entry| {
+            let slot = match entry.slot {
+                Slot::Record(mut record) => {
+                    record.written = Some(entry.written);
+                    Slot::Record(record)
+                }
+                free => free,
+            };
+            Versioned {
+                revision: entry.revision,
+                slot,
+            }
         }))
     }
 

@@ -65,6 +65,10 @@ pub fn probe_key() -> IdempotencyKey {
 
 /// What the latest revision of a key holds.
 #[derive(Debug, Clone, PartialEq)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "a slot is read and matched at once, never kept in numbers"
+)]
 pub enum Slot {
     /// A claim or an outcome.
     Record(Record),
@@ -278,6 +282,7 @@ pub trait IdempotencyStore: Send + Sync + 'static {
             result: None,
             stored_at: now,
             expires_at: now + request.lease,
+            written: None,
         };
         for _ in 0..MAX_CLAIM_ROUNDS {
             let started = Instant::now();
@@ -421,6 +426,7 @@ pub trait IdempotencyStore: Send + Sync + 'static {
                 result: Some(outcome),
                 stored_at: now,
                 expires_at: now + ttl,
+                written: None,
                 ..lease.record.clone()
             }
         };

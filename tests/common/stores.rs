@@ -59,3 +59,97 @@ macro_rules! both_stores {
         }
     };
 }
+
+/// A store whose plain reads, once armed, are held after they read: each
+/// waits for [`HeldReads::release`] before it returns what it read (a
+/// worker paused between reading a record and acting on it), and
+/// [`HeldReads::until_held`] tells the test one is waiting.
+pub struct HeldReads {
+    inner: Store,
+    armed: std::sync::atomic::AtomicBool,
+    held: tokio::sync::Notify,
+    released: tokio::sync::Notify,
+}
+
+impl HeldReads {
+    /// Wraps `inner`, disarmed.
+    pub fn new(inner: Store) -> Arc<HeldReads> {
+        Arc::new(HeldReads {
+            inner,
+            armed: Default::default(),
+            held: tokio::sync::Notify::new(),
+            released: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// Holds the next plain read.
+    pub fn arm(&self) {
+        self.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Waits (10 s at most) until a read is held.
+    pub async fn until_held(&self) {
+        tokio::time::timeout(std::time::Duration::from_secs(10), self.held.notified())
+            .await
+            .expect("a read held within 10 s");
+    }
+
+    /// Lets the held read return.
+    pub fn release(&self) {
+        self.released.notify_one();
+    }
+}
+
+#[async_trait::async_trait]
+impl IdempotencyStore for HeldReads {
+    async fn read(
+        &self,
+        key: &idemq::IdempotencyKey,
+    ) -> Result<Option<idemq::store::Versioned>, idemq::store::StoreError> {
+        let read = self.inner.read(key).await;
+        if self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            let released = self.released.notified();
+            self.held.notify_one();
+            released.await;
+        }
+        read
+    }
+    async fn read_leader(
+        &self,
+        key: &idemq::IdempotencyKey,
+    ) -> Result<Option<idemq::store::Versioned>, idemq::store::StoreError> {
+        self.inner.read_leader(key).await
+    }
+    async fn write(
+        &self,
+        key: &idemq::IdempotencyKey,
+        expected: u64,
+        record: &idemq::outcome::Record,
+        ttl: std::time::Duration,
+    ) -> Result<u64, idemq::store::StoreError> {
+        self.inner.write(key, expected, record, ttl).await
+    }
+    async fn remove(
+        &self,
+        key: &idemq::IdempotencyKey,
+        expected: u64,
+    ) -> Result<(), idemq::store::StoreError> {
+        self.inner.remove(key, expected).await
+    }
+    async fn purge(
+        &self,
+        key: &idemq::IdempotencyKey,
+        expected: u64,
+    ) -> Result<(), idemq::store::StoreError> {
+        self.inner.purge(key, expected).await
+    }
+    async fn wakeups(
+        &self,
+        key: &idemq::IdempotencyKey,
+    ) -> Result<idemq::store::Wakeups, idemq::store::StoreError> {
+        self.inner.wakeups(key).await
+    }
+    fn bucket(&self) -> Option<&str> {
+        self.inner.bucket()
+    }
+}
