@@ -195,6 +195,94 @@ pub async fn first_refusal(
 }
 
 // ---------------------------------------------------------------------------
+// Start-up against a cluster that is still electing its leaders
+
+/// How long start-up keeps trying a JetStream call that a cluster could
+/// not answer yet (see [`not_ready_yet`]).
+pub const STARTUP_PATIENCE: Duration = Duration::from_secs(60);
+/// Pause between such tries.
+const STARTUP_PAUSE: Duration = Duration::from_millis(500);
+
+/// The JetStream API's answers of a cluster that is not ready yet: no
+/// leader for the cluster or the asset, too few peers up for the replicas.
+const NOT_READY_CODES: [async_nats::jetstream::ErrorCode; 4] = [
+    async_nats::jetstream::ErrorCode::CLUSTER_NOT_AVAILABLE,
+    async_nats::jetstream::ErrorCode::CLUSTER_NO_PEERS,
+    async_nats::jetstream::ErrorCode::CLUSTER_INCOMPLETE,
+    async_nats::jetstream::ErrorCode::CLUSTER_NOT_LEADER,
+];
+
+/// Whether a JetStream API call failed in a way that passes once a
+/// just-started cluster has its leaders: the request timed out or found no
+/// responders, or the API answered with one of [`NOT_READY_CODES`]. Read
+/// from the client's typed errors, through their sources.
+pub fn not_ready_yet(error: &(dyn std::error::Error + 'static)) -> bool {
+    use async_nats::jetstream::context::{
+        CreateKeyValueError, CreateKeyValueErrorKind, CreateStreamError, CreateStreamErrorKind,
+        GetStreamError, GetStreamErrorKind,
+    };
+    use async_nats::jetstream::stream::{ConsumerError, ConsumerErrorKind};
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        if let Some(api) = error.downcast_ref::<async_nats::jetstream::Error>() {
+            return NOT_READY_CODES.contains(&api.error_code());
+        }
+        let timed_out = error.downcast_ref::<CreateStreamError>().is_some_and(|e| {
+            matches!(
+                e.kind(),
+                CreateStreamErrorKind::TimedOut | CreateStreamErrorKind::JetStreamUnavailable
+            )
+        }) || error
+            .downcast_ref::<GetStreamError>()
+            .is_some_and(|e| matches!(e.kind(), GetStreamErrorKind::Request))
+            || error
+                .downcast_ref::<CreateKeyValueError>()
+                .is_some_and(|e| matches!(e.kind(), CreateKeyValueErrorKind::TimedOut))
+            || error.downcast_ref::<ConsumerError>().is_some_and(|e| {
+                matches!(
+                    e.kind(),
+                    ConsumerErrorKind::TimedOut | ConsumerErrorKind::Request
+                )
+            })
+            || error
+                .downcast_ref::<async_nats::RequestError>()
+                .is_some_and(|e| {
+                    matches!(
+                        e.kind(),
+                        async_nats::RequestErrorKind::TimedOut
+                            | async_nats::RequestErrorKind::NoResponders
+                    )
+                });
+        if timed_out {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
+}
+
+/// Runs a start-up JetStream call until it succeeds, fails for good, or
+/// [`STARTUP_PATIENCE`] passes while it keeps failing [`not_ready_yet`]
+/// (three workers creating an R3 bucket on a cluster that just started).
+pub async fn patiently<T, E, F, Fut>(what: &str, mut call: F) -> Result<T, E>
+where
+    E: std::error::Error + 'static,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let deadline = tokio::time::Instant::now() + STARTUP_PATIENCE;
+    loop {
+        match call().await {
+            Err(error) if not_ready_yet(&error) && tokio::time::Instant::now() < deadline => {
+                tracing::warn!(%error, what, "JetStream is not ready yet; trying again");
+                tokio::time::sleep(STARTUP_PAUSE).await;
+            }
+            done => return done,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
 // Credentials in `--nats-url` (PROTOCOL.md v1.1 and v1.2 §7)
 
 /// The entries of a comma-separated `--nats-url` list. A comma ends an

@@ -459,3 +459,61 @@ async fn a_lagging_follower_never_makes_a_waiting_copy_run_a_key_twice() {
         "each key executed once"
     );
 }
+
+/// A worker that starts while its cluster has no quorum (two of three
+/// nodes down: no meta leader, the R3 bucket and stream cannot be made)
+/// keeps trying its start-up calls, and takes intents once the nodes are
+/// back, instead of exiting with "jetstream request timed out".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_started_before_its_cluster_has_quorum_waits_for_it() {
+    let mut cluster = NatsCluster::start(3);
+    cluster.kill(1);
+    cluster.kill(2);
+    let mut worker = WorkerProcess::serve(
+        &cluster.url(0),
+        &[
+            "--replicas",
+            "3",
+            "--stream",
+            "INTENTS",
+            "--durable",
+            "workers",
+        ],
+    );
+    // Longer than the client's request timeout (5 s): the old worker gave
+    // up and exited by now.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    cluster.restart(1);
+    cluster.restart(2);
+    let client = cluster.connect_to(0).await;
+    let mut ready = false;
+    for _ in 0..60 {
+        if !common::workers::ping(&client).await.is_empty() {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        ready,
+        "the worker takes intents once the cluster is back (exited: {:?})",
+        worker.try_wait()
+    );
+    let js = jetstream::new(client.clone());
+    let mut replies = client.subscribe("results.quorum").await.expect("subscribe");
+    client.flush().await.expect("flush");
+    let body = json!({
+        "intent_id": "after-quorum", "actor": "agent", "episode": "ep",
+        "capability": "echo", "params": 1, "reply_to": "results.quorum",
+    });
+    publish_with_retry(&js, body.to_string()).await;
+    let reply = tokio::time::timeout(Duration::from_secs(20), {
+        use futures::StreamExt;
+        replies.next()
+    })
+    .await
+    .expect("answered within 20 s")
+    .expect("subscribed");
+    let reply: Value = serde_json::from_slice(&reply.payload).expect("JSON");
+    assert_eq!(reply["result"]["status"], "Success", "{reply}");
+}

@@ -192,44 +192,48 @@ impl Consumer {
     ) -> Result<Consumer, DeliveryError> {
         let js = async_nats::jetstream::new(pipeline.client.clone());
         let subjects = pipeline.config.subjects.clone();
-        let stream = js
-            .get_or_create_stream(stream::Config {
-                name: config.stream.clone(),
-                subjects: subjects.clone(),
-                retention: RetentionPolicy::WorkQueue,
-                storage: StorageType::File,
-                num_replicas: config.replicas,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| DeliveryError::Stream {
-                stream: config.stream.clone(),
-                reason: e.to_string(),
-            })?;
+        let stream_config = stream::Config {
+            name: config.stream.clone(),
+            subjects: subjects.clone(),
+            retention: RetentionPolicy::WorkQueue,
+            storage: StorageType::File,
+            num_replicas: config.replicas,
+            ..Default::default()
+        };
+        let stream = crate::nats::patiently("open the stream", || {
+            js.get_or_create_stream(stream_config.clone())
+        })
+        .await
+        .map_err(|e| DeliveryError::Stream {
+            stream: config.stream.clone(),
+            reason: e.to_string(),
+        })?;
         let (filter_subject, filter_subjects) = match subjects.as_slice() {
             [one] => (one.clone(), Vec::new()),
             many => (String::new(), many.to_vec()),
         };
-        let consumer = stream
-            .create_consumer(pull::Config {
-                durable_name: Some(config.durable.clone()),
-                description: Some("idemq workers".to_owned()),
-                filter_subject,
-                filter_subjects,
-                ack_policy: AckPolicy::Explicit,
-                ack_wait: config.ack_wait,
-                // Unlimited: a delivery past --max-deliver is dead-lettered
-                // by the worker that gets it (see `settle`).
-                max_deliver: -1,
-                backoff: config.backoff.clone(),
-                max_ack_pending: i64::from(config.max_ack_pending),
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| DeliveryError::Consumer {
-                durable: config.durable.clone(),
-                reason: e.to_string(),
-            })?;
+        let consumer_config = pull::Config {
+            durable_name: Some(config.durable.clone()),
+            description: Some("idemq workers".to_owned()),
+            filter_subject,
+            filter_subjects,
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: config.ack_wait,
+            // Unlimited: a delivery past --max-deliver is dead-lettered
+            // by the worker that gets it (see `settle`).
+            max_deliver: -1,
+            backoff: config.backoff.clone(),
+            max_ack_pending: i64::from(config.max_ack_pending),
+            ..Default::default()
+        };
+        let consumer = crate::nats::patiently("open the consumer", || {
+            stream.create_consumer(consumer_config.clone())
+        })
+        .await
+        .map_err(|e| DeliveryError::Consumer {
+            durable: config.durable.clone(),
+            reason: e.to_string(),
+        })?;
         let routes = ReplyRoutes {
             js,
             patterns: RwLock::default(),

@@ -97,15 +97,22 @@ impl KvStore {
     /// the configured replicas. An existing bucket is used as it is, unless
     /// it cannot hold per-message TTLs: that is a [`StoreError::Setup`].
     pub async fn open(js: Context, config: &BucketConfig) -> Result<KvStore, StoreError> {
-        let kv = match js.get_key_value(&config.bucket).await {
+        let bucket = &config.bucket;
+        let find = || crate::nats::patiently("find the bucket", || js.get_key_value(bucket));
+        let kv = match find().await {
             Ok(kv) => kv,
-            Err(_) => match js.create_key_value(bucket_config(config)).await {
-                Ok(kv) => kv,
-                // Another worker may have created it meanwhile.
-                Err(create) => js.get_key_value(&config.bucket).await.map_err(|_| {
-                    StoreError::Setup(format!("cannot create bucket {}: {create}", config.bucket))
-                })?,
-            },
+            Err(_) => {
+                let create = crate::nats::patiently("create the bucket", || {
+                    js.create_key_value(bucket_config(config))
+                });
+                match create.await {
+                    Ok(kv) => kv,
+                    // Another worker may have created it meanwhile.
+                    Err(create) => find().await.map_err(|_| {
+                        StoreError::Setup(format!("cannot create bucket {bucket}: {create}"))
+                    })?,
+                }
+            }
         };
         let mut store = Self::from_bucket(js, kv)?;
         store.keep_markers_for(MARKER_TTL).await;

@@ -303,6 +303,11 @@ impl WorkerProcess {
         assert!(status.success(), "kill {signal}");
     }
 
+    /// The exit status, if the process has exited.
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.0.try_wait().expect("try_wait")
+    }
+
     /// Waits (at most `bound`) for the process to exit.
     pub async fn wait(&mut self, bound: Duration) -> ExitStatus {
         let deadline = tokio::time::Instant::now() + bound;
