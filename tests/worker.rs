@@ -350,28 +350,35 @@ async fn a_copy_waits_for_the_running_execution_or_gets_in_progress() {
         client,
         upstream,
     } = Rig::start().await;
-    let config = idemq::WorkerConfig {
+    // Two workers on subjects of their own: the copy reaches the one that
+    // is not running the key, so it waits in the store (a losing claim, a
+    // read, wake-ups), not on the other's in-flight map.
+    let on = |subject: &str| idemq::WorkerConfig {
+        subjects: vec![subject.to_owned()],
         wait: Duration::from_millis(800),
         ..test_config()
     };
-    let worker = start_worker(&server, config, Some(FORWARD)).await;
+    let runs = start_worker(&server, on("intents.a.>"), Some(FORWARD)).await;
+    let waits = start_worker(&server, on("intents.b.>"), Some(FORWARD)).await;
 
     // Within --wait: the copy gets the outcome.
     let body = intent("waits", json!({"sleep_ms": 400}));
-    let (first, copy) = tokio::join!(send(&client, "intents.slow", &body), async {
+    let (first, copy) = tokio::join!(send(&client, "intents.a.slow", &body), async {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        send(&client, "intents.slow", &body).await
+        send(&client, "intents.b.slow", &body).await
     });
     assert_eq!(first["replayed"], false);
     assert_eq!(copy["replayed"], true);
     assert_eq!(copy["result"], first["result"]);
+    assert_eq!(copy["stored_at"], first["stored_at"]);
     assert_eq!(upstream.executions(&key_of("waits")), 1);
+    assert_eq!(waits.stats.snapshot().waited, 1, "it waited in the store");
 
     // Past --wait: IN_PROGRESS with a retry hint; later copies replay.
     let body = intent("busy", json!({"sleep_ms": 2500}));
-    let (first, copy) = tokio::join!(send(&client, "intents.slow", &body), async {
+    let (first, copy) = tokio::join!(send(&client, "intents.a.slow", &body), async {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        send(&client, "intents.slow", &body).await
+        send(&client, "intents.b.slow", &body).await
     });
     assert_eq!(code(&copy), "IN_PROGRESS");
     let retry_after = copy["result"]["data"]["retry_after_ms"]
@@ -382,11 +389,12 @@ async fn a_copy_waits_for_the_running_execution_or_gets_in_progress() {
         "retry_after_ms {retry_after}"
     );
     assert_eq!(first["result"]["status"], "Success");
-    let later = send(&client, "intents.slow", &body).await;
+    let later = send(&client, "intents.b.slow", &body).await;
     assert_eq!(later["replayed"], true);
     assert_eq!(upstream.executions(&key_of("busy")), 1);
-    assert_eq!(worker.stats.snapshot().in_progress, 1);
-    worker.stop().await;
+    assert_eq!(waits.stats.snapshot().in_progress, 1);
+    runs.stop().await;
+    waits.stop().await;
 }
 
 #[tokio::test]
@@ -628,17 +636,32 @@ async fn a_purge_reaches_the_cache_of_every_worker_at_once() {
         client,
         upstream,
     } = Rig::start().await;
+    // Each worker on a subject of its own, so each copy goes where the
+    // test says; the key is the body's, the same on both.
+    let on = |subject: &str| idemq::WorkerConfig {
+        subjects: vec![subject.to_owned()],
+        ..test_config()
+    };
     let workers = [
-        start_worker(&server, test_config(), Some(FORWARD)).await,
-        start_worker(&server, test_config(), Some(FORWARD)).await,
+        start_worker(&server, on("intents.a.>"), Some(FORWARD)).await,
+        start_worker(&server, on("intents.b.>"), Some(FORWARD)).await,
     ];
     let body = intent("purged", json!(1));
-    // Enough copies that both workers have the outcome in their caches.
-    for _ in 0..10 {
-        send(&client, "intents.ok", &body).await;
+    let old = send(&client, "intents.a.ok", &body).await;
+    assert_eq!(old["replayed"], false);
+    // Each worker holds the outcome in its cache now.
+    for subject in [
+        "intents.a.ok",
+        "intents.b.ok",
+        "intents.a.ok",
+        "intents.b.ok",
+    ] {
+        let copy = send(&client, subject, &body).await;
+        assert_eq!(copy["stored_at"], old["stored_at"], "{subject}");
     }
-    let cached_replays: u64 = workers.iter().map(|w| w.stats.snapshot().replayed).sum();
-    assert_eq!(cached_replays, 9);
+    for worker in &workers {
+        assert!(worker.stats.snapshot().replayed >= 2);
+    }
     assert_eq!(upstream.executions(&key_of("purged")), 1);
 
     let store = idemq::store::kv::KvStore::open(
@@ -655,18 +678,29 @@ async fn a_purge_reaches_the_cache_of_every_worker_at_once() {
         matches!(purged, idemq::admin::Purged::Purged { .. }),
         "{purged:?}"
     );
-    // The notice reaches the workers within a second (here: at once).
-    let mut fresh = false;
-    for _ in 0..10 {
-        if send(&client, "intents.ok", &body).await["replayed"] == false {
-            fresh = true;
-            break;
+    // Within a second, neither worker answers the purged outcome: each
+    // copy runs again or gets the new one.
+    let mut new_outcome = None;
+    for subject in ["intents.a.ok", "intents.b.ok"] {
+        let mut forgot = false;
+        for _ in 0..10 {
+            let copy = send(&client, subject, &body).await;
+            if copy["stored_at"] != old["stored_at"] {
+                let at = copy["stored_at"].clone();
+                assert_eq!(
+                    *new_outcome.get_or_insert(at.clone()),
+                    at,
+                    "one new outcome"
+                );
+                forgot = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(fresh, "a copy executed again within a second of the purge");
-    for _ in 0..4 {
-        assert_eq!(send(&client, "intents.ok", &body).await["replayed"], true);
+        assert!(
+            forgot,
+            "{subject}: the purged outcome was still answered after a second"
+        );
     }
     assert_eq!(
         upstream.executions(&key_of("purged")),
