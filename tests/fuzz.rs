@@ -253,6 +253,7 @@ proptest! {
             result: Some(outcome.clone()),
             stored_at: now,
             expires_at: now + chrono::Duration::seconds(60),
+            written: None,
         };
         // The record as a bucket holds it reads back unchanged.
         let stored: Record = serde_json::from_slice(&serde_json::to_vec(&record).expect("record"))
