@@ -293,9 +293,9 @@ pub async fn purge(
     };
     // Only what was just read and judged is purged: a claim made since
     // (the record expired, a copy executes) makes this a conflict.
-    match crate::cache::purge(client, store, bucket, key, revision).await {
+    match crate::purge::purge(client, store, bucket, key, revision).await {
         Ok(()) => Ok(Purged::Purged {
-            notified_on: crate::cache::purge_subject(bucket),
+            notified_on: crate::purge::purge_subject(bucket),
         }),
         Err(StoreError::Conflict) => Err(AdminError::Changed {
             key: key.to_string(),

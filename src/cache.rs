@@ -12,7 +12,8 @@
 //!   fast or slow, makes a worker replay an expired outcome, and a missed
 //!   purge notice costs at most [`MAX_AGE`];
 //! * a purge is announced on `idemq.purge.<bucket>` and every worker evicts
-//!   the key at once ([`purge_subject`]).
+//!   the key at once (`purge.rs`); an outcome read before a notice is not
+//!   let in after it.
 //!
 //! The cache is bounded by memory (`--cache`, counted from each entry's
 //! encoded reply, key, fingerprint and alias); the oldest insertion goes
@@ -28,52 +29,18 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::sync::watch;
 use tokio::time::Instant;
 
 use async_nats::Subject;
 
-use crate::intent::CopyDigest;
+use crate::intent::{fingerprint_bits, CopyDigest, Fingerprint};
 use crate::key::IdempotencyKey;
 use crate::outcome::{EncodedReply, Record};
-use crate::store::{IdempotencyStore, StoreError};
 
 /// Longest time an entry is served from the cache.
 pub const MAX_AGE: Duration = Duration::from_secs(300);
 /// How long before the record's expiry an entry stops being served.
 pub const EXPIRY_MARGIN: Duration = Duration::from_secs(2);
-
-/// The subject on which purges of `bucket` are announced (payload: the key).
-pub fn purge_subject(bucket: &str) -> String {
-    format!("idemq.purge.{bucket}")
-}
-
-/// Removes a stored outcome so the next copy executes again, and tells
-/// every worker to forget it (the announcement is flushed before returning).
-pub async fn purge(
-    client: &async_nats::Client,
-    store: &dyn IdempotencyStore,
-    bucket: &str,
-    key: &IdempotencyKey,
-    expected: u64,
-) -> Result<(), StoreError> {
-    store.purge(key, expected).await?;
-    let notice = bytes::Bytes::copy_from_slice(key.as_str().as_bytes());
-    client
-        .publish(purge_subject(bucket), notice)
-        .await
-        .map_err(|e| StoreError::Unavailable(format!("purge notice: {e}")))?;
-    match tokio::time::timeout(NOTICE_FLUSH_BOUND, client.flush()).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(StoreError::Unavailable(format!("purge notice: {e}"))),
-        Err(_) => Err(StoreError::Unavailable(
-            "purge notice: not flushed in time".to_owned(),
-        )),
-    }
-}
-
-/// How long a purge waits for its notice to reach the server.
-const NOTICE_FLUSH_BOUND: Duration = Duration::from_secs(5);
 
 /// What the cache knows about a key.
 #[derive(Debug, Clone, PartialEq)]
@@ -126,21 +93,6 @@ pub struct CopyHit {
     pub reply_to: Option<Subject>,
     /// The first 64 bits of the intent's fingerprint.
     pub fingerprint: u64,
-}
-
-/// A hex SHA-256 fingerprint as numbers; `None` for anything else (never
-/// cached, never matched).
-pub(crate) type Fingerprint = [u64; 4];
-
-pub(crate) fn fingerprint_bits(hex: &str) -> Option<Fingerprint> {
-    if hex.len() != 64 {
-        return None;
-    }
-    let mut bits = [0; 4];
-    for (i, part) in bits.iter_mut().enumerate() {
-        *part = u64::from_str_radix(hex.get(i * 16..(i + 1) * 16)?, 16).ok()?;
-    }
-    Some(bits)
 }
 
 /// What [`Entry::stored`] counts from: 2020-01-01T00:00:00Z.
@@ -465,79 +417,6 @@ impl OutcomeCache {
     }
 }
 
-/// Keys this worker is working on right now.
-///
-/// The first delivery of a key leads: it claims (or waits in the store) as
-/// usual. Copies of the same key that reach this worker meanwhile follow:
-/// they wait for the leader to finish and then read its outcome from the
-/// [`OutcomeCache`], instead of each claiming, reading and watching the key
-/// in the store. In a retry storm that turns K store round trips and up to
-/// K JetStream watch consumers per key into one.
-#[derive(Default)]
-pub struct InFlightKeys {
-    /// By [`IdempotencyKey::bits`], as the outcome cache keys its entries,
-    /// with the whole key each is compared with.
-    keys: Mutex<HashMap<u64, (IdempotencyKey, watch::Receiver<()>)>>,
-}
-
-/// This delivery's turn on a key.
-pub enum Turn<'a> {
-    /// Do the work; dropping the guard releases the followers.
-    Lead(LeadGuard<'a>),
-    /// Wait for the leader: `changed()` returns (with an error) when it is done.
-    Follow(watch::Receiver<()>),
-}
-
-/// Held by the leading delivery of a key.
-pub struct LeadGuard<'a> {
-    keys: &'a InFlightKeys,
-    /// The slot this guard holds in the map; `None` when another key with
-    /// the same bits holds it (this delivery then leads alone).
-    key: Option<u64>,
-    // Dropped after `Drop::drop` has removed the entry: followers wake to
-    // find the key no longer in flight and the outcome (if any) cached.
-    _done: watch::Sender<()>,
-}
-
-impl InFlightKeys {
-    fn lock(&self) -> MutexGuard<'_, HashMap<u64, (IdempotencyKey, watch::Receiver<()>)>> {
-        // A plain map with single inserts and removes: usable after a panic.
-        self.keys
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Leads on `key`, or follows the delivery that already does.
-    pub fn enter(&self, key: &IdempotencyKey) -> Turn<'_> {
-        let bits = key.bits();
-        let mut keys = self.lock();
-        let (sender, receiver) = watch::channel(());
-        let slot = match keys.get(&bits) {
-            Some((held, done)) if held == key => return Turn::Follow(done.clone()),
-            // Another key with the same bits (another tenant's, perhaps
-            // crafted): no waiting on it; this one goes to the store.
-            Some(_) => None,
-            None => {
-                keys.insert(bits, (key.clone(), receiver));
-                Some(bits)
-            }
-        };
-        Turn::Lead(LeadGuard {
-            keys: self,
-            key: slot,
-            _done: sender,
-        })
-    }
-}
-
-impl Drop for LeadGuard<'_> {
-    fn drop(&mut self) {
-        if let Some(bits) = self.key {
-            self.keys.lock().remove(&bits);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -786,27 +665,6 @@ mod tests {
         assert_eq!(
             cache.lookup(&stored.idem_key, Some(&bits(FP))),
             Lookup::Miss
-        );
-    }
-
-    #[tokio::test]
-    async fn followers_wake_when_the_leader_is_done() {
-        let keys = InFlightKeys::default();
-        let key = IdempotencyKey::generate("inflight", "ep", 1);
-        let Turn::Lead(guard) = keys.enter(&key) else {
-            panic!("the first delivery leads");
-        };
-        let Turn::Follow(mut done) = keys.enter(&key) else {
-            panic!("a second delivery follows");
-        };
-        drop(guard);
-        assert!(
-            done.changed().await.is_err(),
-            "the leader's end wakes followers"
-        );
-        assert!(
-            matches!(keys.enter(&key), Turn::Lead(_)),
-            "the key is free again"
         );
     }
 

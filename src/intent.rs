@@ -146,6 +146,22 @@ impl Default for Limits {
     }
 }
 
+/// A hex SHA-256 fingerprint as numbers; `None` for anything else (never
+/// cached, never matched).
+pub(crate) type Fingerprint = [u64; 4];
+
+/// The fingerprint's hex digits as [`Fingerprint`] bits.
+pub(crate) fn fingerprint_bits(hex: &str) -> Option<Fingerprint> {
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut bits = [0; 4];
+    for (i, part) in bits.iter_mut().enumerate() {
+        *part = u64::from_str_radix(hex.get(i * 16..(i + 1) * 16)?, 16).ok()?;
+    }
+    Some(bits)
+}
+
 /// The reply target a message names, read without decoding the intent:
 /// `Idem-Reply-To`, else the body's `reply_to` (its other fields are only
 /// skipped over). For answering a message refused before it is decoded

@@ -169,6 +169,8 @@ pub mod config;
 mod config_file;
 mod service;
 mod cache;
+mod in_flight;
+mod purge;
 mod verdict;
 mod pipeline;
 pub mod intake;

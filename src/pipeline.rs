@@ -15,11 +15,13 @@ use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 use tracing::{field, Instrument};
 
-use crate::cache::{fingerprint_bits, Fingerprint, InFlightKeys, Lookup, OutcomeCache, Turn};
+use crate::cache::{Lookup, OutcomeCache};
 use crate::config::{Delivery, WorkerConfig};
 use crate::handler::{Call, Handler};
+use crate::in_flight::{InFlightKeys, Turn};
 use crate::intent::{
-    copy_digest, is_publish_subject, named_reply_target, Intent, Limits, REPLY_TO_HEADER,
+    copy_digest, fingerprint_bits, is_publish_subject, named_reply_target, Fingerprint, Intent,
+    Limits, REPLY_TO_HEADER,
 };
 use crate::key::IdempotencyKey;
 use crate::outcome::{Answer, EncodedReply, Outcome, Record, Reply};

@@ -14,17 +14,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::Client;
-use futures::StreamExt;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use crate::cache::purge_subject;
 use crate::config::{ConfigError, Delivery, WorkerConfig};
 use crate::delivery::{self, DeliveryError};
 use crate::handler::Handler;
 use crate::intake::Intake;
-use crate::key::IdempotencyKey;
 use crate::pipeline::Pipeline;
+use crate::purge::purge_subject;
 use crate::service;
 use crate::stats::Stats;
 use crate::store::IdempotencyStore;
@@ -109,11 +107,10 @@ impl Worker {
                 .subscribe(purge_subject(bucket))
                 .await
                 .map_err(WorkerError::PurgeNotices)?;
-            intake.tracker.spawn(evict_purged(
-                Arc::clone(&pipeline),
-                purges,
-                intake.shutdown.clone(),
-            ));
+            let (pipeline, shutdown) = (Arc::clone(&pipeline), intake.shutdown.clone());
+            intake.tracker.spawn(async move {
+                crate::purge::evict_purged(&pipeline.cache, purges, shutdown).await;
+            });
         }
         match pipeline.config.delivery.clone() {
             Delivery::Core => {
@@ -180,21 +177,6 @@ async fn announce(pipeline: &Pipeline, ready: oneshot::Sender<()>) {
     }
     // The starter may have stopped waiting: nothing to tell then.
     let _ = ready.send(());
-}
-
-/// Evicts purged keys from the outcome cache until shutdown. Every worker
-/// subscribes (no queue group): each has its own cache.
-async fn evict_purged(
-    pipeline: Arc<Pipeline>,
-    mut purges: async_nats::Subscriber,
-    shutdown: CancellationToken,
-) {
-    while let Some(Some(notice)) = shutdown.run_until_cancelled(purges.next()).await {
-        match std::str::from_utf8(&notice.payload).map(IdempotencyKey::parse_scoped) {
-            Ok(Ok(key)) => pipeline.cache.remove(&key),
-            _ => tracing::debug!("ignored a malformed purge notice"),
-        }
-    }
 }
 
 /// Registers the micro service once intake is ready; it deregisters on shutdown.

@@ -22,33 +22,30 @@
 //! from being redelivered: under a slow handler, and while it is answered
 //! and dead-lettered.
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::pull;
 use async_nats::jetstream::consumer::{AckPolicy, PullConsumer};
-use async_nats::jetstream::message::{AckKind, PublishMessage};
+use async_nats::jetstream::message::AckKind;
 use async_nats::jetstream::stream::{self, RetentionPolicy, StorageType};
-use async_nats::{HeaderMap, Subject};
+use async_nats::HeaderMap;
 use bytes::Bytes;
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
+use super::dead_letter::{self, MAX_DELIVER_REASON};
+use super::reply_routes::{ReplyRoutes, REPLY_RETRY_PAUSE};
 use super::DeliveryError;
 use crate::codes;
 use crate::config::{JetStreamConfig, NAK_DELAY_CAP};
 use crate::intake::Intake;
 use crate::outcome::Answer;
 use crate::pipeline::Pipeline;
-use crate::reply_policy::subject_matches;
 use crate::stats::Stats;
 use crate::verdict::Verdict;
 
-/// Header on dead letters: the error code, or `max_deliver`.
-pub const DEAD_REASON_HEADER: &str = "Idem-Dead-Reason";
-/// The reason of an intent that ran out of deliveries.
-pub const MAX_DELIVER_REASON: &str = "max_deliver";
 /// How long a pull waits on the server for the messages it asks for. It
 /// ends as soon as it has them all, or after this with what came.
 const PULL_EXPIRES: Duration = Duration::from_secs(1);
@@ -60,115 +57,10 @@ const PULL_GRACE: Duration = Duration::from_secs(1);
 /// Pause after a pull that failed (no responders while JetStream comes
 /// back, a refused request) before the next one.
 const PULL_RETRY_PAUSE: Duration = Duration::from_millis(250);
-/// How long a reply may take to be safe before the intent is nak'ed instead of acked.
-const REPLY_BOUND: Duration = Duration::from_secs(5);
-/// Pause between attempts to store a reply in the stream that captures it.
-const REPLY_RETRY_PAUSE: Duration = Duration::from_millis(200);
-/// How often the streams are listed again without an advisory.
-const ROUTE_REFRESH: Duration = Duration::from_secs(30);
-/// How soon a failed list of the streams is tried again.
-const ROUTE_RETRY: Duration = Duration::from_secs(1);
-/// How long a starting worker tries to list the streams.
-const LIST_BOUND: Duration = Duration::from_secs(30);
-
 /// Why a delivery could not be settled (it is nak'ed and redelivered).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 struct SettleError(String);
-
-/// Which subjects the account's streams capture: listed when the worker
-/// starts, listed again when a stream is created, updated or deleted (the
-/// server's stream advisories) and every [`ROUTE_REFRESH`] in case an
-/// advisory was missed, and matched here. A reply costs no JetStream API
-/// call of its own.
-struct ReplyRoutes {
-    js: async_nats::jetstream::Context,
-    /// The streams' subject filters; `None` until a list has succeeded
-    /// (a consumer is opened only once one has).
-    patterns: RwLock<Option<Arc<[String]>>>,
-}
-
-impl ReplyRoutes {
-    /// Whether a stream captures `subject`; `None` while no list of the
-    /// streams could be read (the reply is then sent as a JetStream
-    /// publish, which is safe either way).
-    fn captured(&self, subject: &str) -> Option<bool> {
-        let patterns = self.read().clone()?;
-        Some(
-            patterns
-                .iter()
-                .any(|pattern| subject_matches(pattern, subject)),
-        )
-    }
-
-    /// Lists the account's streams (`$JS.API.STREAM.LIST`, paged) and
-    /// keeps their subjects; false when the list failed (the last one is
-    /// kept).
-    async fn list(&self) -> bool {
-        let listed: Result<Vec<stream::Info>, _> = self.js.streams().try_collect().await;
-        match listed {
-            Ok(streams) => {
-                let patterns: Arc<[String]> = streams
-                    .into_iter()
-                    .flat_map(|info| info.config.subjects)
-                    .collect();
-                *self.write() = Some(patterns);
-                true
-            }
-            Err(error) => {
-                tracing::warn!(%error, "cannot list the streams that may capture replies");
-                false
-            }
-        }
-    }
-
-    /// Keeps the list current until shutdown: the advisories are
-    /// subscribed to before listing, so no change falls between the two.
-    async fn keep_current(&self, client: async_nats::Client, shutdown: CancellationToken) {
-        let mut changes = Vec::with_capacity(STREAM_CHANGES.len());
-        for change in STREAM_CHANGES {
-            match client
-                .subscribe(format!("$JS.EVENT.ADVISORY.STREAM.{change}.*"))
-                .await
-            {
-                Ok(subscription) => changes.push(subscription),
-                Err(error) => tracing::warn!(%error, "cannot watch stream advisories"),
-            }
-        }
-        let mut changes = futures::stream::select_all(changes);
-        // At once (the changes are watched now), then every ROUTE_REFRESH;
-        // after a failed list, again after ROUTE_RETRY.
-        let mut wait = Duration::ZERO;
-        loop {
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(wait) => {}
-                Some(_) = changes.next() => {}
-            }
-            wait = if self.list().await {
-                ROUTE_REFRESH
-            } else {
-                ROUTE_RETRY
-            };
-        }
-    }
-
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, Option<Arc<[String]>>> {
-        // Only a cache; a panic while holding it leaves it usable.
-        self.patterns
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Option<Arc<[String]>>> {
-        self.patterns
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
-
-/// The stream advisories after which the streams are listed again.
-const STREAM_CHANGES: [&str; 3] = ["CREATED", "UPDATED", "DELETED"];
 
 /// Most messages asked for per pull. A pull asks for no more than the
 /// free permits, so never more than the in-flight bound, and at most this,
@@ -234,25 +126,12 @@ impl Consumer {
             durable: config.durable.clone(),
             reason: e.to_string(),
         })?;
-        let routes = ReplyRoutes {
-            js,
-            patterns: RwLock::default(),
-        };
-        // Without the list a reply cannot tell a stream's subject from a
-        // plain one: a bounded wait for it, then the reason.
-        let listed = tokio::time::Instant::now() + LIST_BOUND;
-        while !routes.list().await {
-            if tokio::time::Instant::now() >= listed {
-                return Err(DeliveryError::Stream {
-                    stream: config.stream.clone(),
-                    reason: format!(
-                        "cannot list the streams that may capture replies within {}s",
-                        LIST_BOUND.as_secs()
-                    ),
-                });
-            }
-            tokio::time::sleep(ROUTE_RETRY).await;
-        }
+        let routes = ReplyRoutes::open(js)
+            .await
+            .map_err(|reason| DeliveryError::Stream {
+                stream: config.stream.clone(),
+                reason,
+            })?;
         Ok(Consumer {
             consumer,
             config: config.clone(),
@@ -401,13 +280,8 @@ impl Consumer {
             // Its last allowed delivery never reached a verdict: a worker
             // died holding it, or another client took it.
             pipeline.stats.received.inc();
-            self.dead_letter(
-                pipeline,
-                message.headers.clone(),
-                message.payload.clone(),
-                MAX_DELIVER_REASON,
-            )
-            .await?;
+            self.dead_letter(pipeline, message, MAX_DELIVER_REASON)
+                .await?;
             tracing::warn!(reason = MAX_DELIVER_REASON, subject = %message.subject, delivered, "intent dead-lettered");
             return Ok(AckKind::Term);
         }
@@ -496,12 +370,8 @@ impl Consumer {
             .map_err(|error| SettleError(format!("reply to {reply_to}: {error}")))
     }
 
-    /// Publishes so that the message is kept before the intent is settled:
-    /// when a stream captures `subject`, a JetStream publish retried
-    /// (bounded by [`REPLY_BOUND`]) until the stream acknowledges it,
-    /// through a leader election too; otherwise a core publish that must at
-    /// least reach the server. Either way an `Err` leaves the intent to be
-    /// redelivered.
+    /// Publishes so that it is kept before the intent is settled (see
+    /// [`ReplyRoutes::publish_kept`]).
     async fn publish_kept(
         &self,
         pipeline: &Pipeline,
@@ -509,43 +379,24 @@ impl Consumer {
         headers: HeaderMap,
         payload: Bytes,
     ) -> Result<(), SettleError> {
-        if self.routes.captured(subject) == Some(false) {
-            pipeline
-                .client
-                .publish_with_headers(Subject::from(subject), headers, payload)
-                .await
-                .map_err(|e| SettleError(e.to_string()))?;
-            return match tokio::time::timeout(REPLY_BOUND, pipeline.client.flush()).await {
-                Ok(Ok(())) => Ok(()),
-                _ => Err(SettleError(
-                    "the message did not reach the server".to_owned(),
-                )),
-            };
-        }
-        let deadline = tokio::time::Instant::now() + REPLY_BOUND;
-        loop {
-            let message = PublishMessage::build()
-                .headers(headers.clone())
-                .payload(payload.clone());
-            let acked = match self
-                .routes
-                .js
-                .send_publish(subject.to_owned(), message)
-                .await
-            {
-                Ok(ack) => ack.await.map(drop).map_err(|e| e.to_string()),
-                Err(error) => Err(error.to_string()),
-            };
-            match acked {
-                Ok(()) => return Ok(()),
-                Err(error) if tokio::time::Instant::now() >= deadline => {
-                    return Err(SettleError(format!(
-                        "the stream capturing {subject} did not take it: {error}"
-                    )))
-                }
-                Err(_) => tokio::time::sleep(REPLY_RETRY_PAUSE).await,
-            }
-        }
+        self.routes
+            .publish_kept(&pipeline.client, subject, headers, payload)
+            .await
+            .map_err(SettleError)
+    }
+
+    /// Dead-letters the message (see [`dead_letter::send`]).
+    async fn dead_letter(
+        &self,
+        pipeline: &Pipeline,
+        message: &async_nats::jetstream::Message,
+        reason: &str,
+    ) -> Result<(), SettleError> {
+        let subject = &self.config.dead_letter_subject;
+        let (headers, payload) = (message.headers.as_ref(), message.payload.clone());
+        dead_letter::send(&self.routes, pipeline, subject, headers, payload, reason)
+            .await
+            .map_err(SettleError)
     }
 
     /// Answers, dead-letters and returns `Term`.
@@ -560,36 +411,9 @@ impl Consumer {
     ) -> Result<AckKind, SettleError> {
         self.answer(pipeline, message, reply_to, fingerprint, reply)
             .await?;
-        self.dead_letter(
-            pipeline,
-            message.headers.clone(),
-            message.payload.clone(),
-            reason,
-        )
-        .await?;
+        self.dead_letter(pipeline, message, reason).await?;
         tracing::warn!(%reason, subject = %message.subject, "intent dead-lettered");
         Ok(AckKind::Term)
-    }
-
-    /// Publishes a dead letter so it is kept ([`publish_kept`](Self::publish_kept)):
-    /// the intent's payload and headers, plus [`DEAD_REASON_HEADER`].
-    /// Headers that would make the dead-letter stream refuse or drop it
-    /// (an expected stream or sequence meant for the intent's stream, a
-    /// `Nats-Msg-Id` it may have seen) travel renamed as
-    /// `Idem-Original-<name>` (PROTOCOL.md v1.1 §6).
-    async fn dead_letter(
-        &self,
-        pipeline: &Pipeline,
-        headers: Option<HeaderMap>,
-        payload: Bytes,
-        reason: &str,
-    ) -> Result<(), SettleError> {
-        let headers = dead_letter_headers(headers.as_ref(), reason);
-        self.publish_kept(pipeline, &self.config.dead_letter_subject, headers, payload)
-            .await
-            .map_err(|error| SettleError(format!("dead letter: {error}")))?;
-        pipeline.stats.dead_lettered.inc();
-        Ok(())
     }
 }
 
@@ -614,32 +438,6 @@ async fn while_in_progress<T>(
     }
 }
 
-/// Prefix of the headers a dead letter carries in place of those its
-/// stream would act on.
-pub const ORIGINAL_HEADER_PREFIX: &str = "Idem-Original-";
-
-/// A dead letter's headers: the intent's, with `Nats-Expected-*` and
-/// `Nats-Msg-Id` renamed (see [`ORIGINAL_HEADER_PREFIX`]), and the reason.
-fn dead_letter_headers(original: Option<&HeaderMap>, reason: &str) -> HeaderMap {
-    let mut headers = HeaderMap::new();
-    for (name, values) in original.into_iter().flat_map(HeaderMap::iter) {
-        let name: &str = name.as_ref();
-        let acted_on = name
-            .get(..13)
-            .is_some_and(|head| head.eq_ignore_ascii_case("Nats-Expected"))
-            || name.eq_ignore_ascii_case("Nats-Msg-Id");
-        for value in values {
-            if acted_on {
-                headers.append(format!("{ORIGINAL_HEADER_PREFIX}{name}"), value.as_str());
-            } else {
-                headers.append(name, value.as_str());
-            }
-        }
-    }
-    headers.insert(DEAD_REASON_HEADER, reason);
-    headers
-}
-
 /// The nak delay: the verdict's suggestion, doubled per delivery, capped.
 fn nak_delay(after: Duration, delivered: i64) -> Duration {
     let doublings = u32::try_from(delivered.saturating_sub(1))
@@ -651,31 +449,6 @@ fn nak_delay(after: Duration, delivered: i64) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn dead_letters_carry_acted_on_headers_renamed() {
-        let mut original = HeaderMap::new();
-        original.insert("Nats-Expected-Stream", "INTENTS");
-        original.insert("nats-expected-last-sequence", "7");
-        original.insert("Nats-Msg-Id", "m-1");
-        original.insert("Idempotency-Key", "k");
-        let headers = dead_letter_headers(Some(&original), "INVALID_INTENT");
-        let get = |name: &str| headers.get(name).map(|v| v.as_str().to_owned());
-        assert_eq!(get("Nats-Expected-Stream"), None);
-        assert_eq!(get("Nats-Msg-Id"), None);
-        assert_eq!(get("nats-expected-last-sequence"), None);
-        assert_eq!(
-            get("Idem-Original-Nats-Expected-Stream").as_deref(),
-            Some("INTENTS")
-        );
-        assert_eq!(
-            get("Idem-Original-nats-expected-last-sequence").as_deref(),
-            Some("7")
-        );
-        assert_eq!(get("Idem-Original-Nats-Msg-Id").as_deref(), Some("m-1"));
-        assert_eq!(get("Idempotency-Key").as_deref(), Some("k"));
-        assert_eq!(get(DEAD_REASON_HEADER).as_deref(), Some("INVALID_INTENT"));
-    }
 
     #[test]
     fn nak_delay_doubles_and_is_capped() {

@@ -1,11 +1,15 @@
 //! Where intents come from, and what happens with each verdict: core
 //! request/reply ([`core`]) or a durable JetStream pull consumer
-//! ([`jetstream`]). Both take messages through the same permit-bounded
+//! ([`jetstream`]), which publishes replies and dead letters through
+//! `reply_routes` (kept by a stream when one captures the subject) and
+//! `dead_letter`. Both take messages through the same permit-bounded
 //! [`Intake`](crate::intake::Intake) and hand each to the
 //! [`Pipeline`](crate::pipeline::Pipeline).
 
 pub(crate) mod core;
+mod dead_letter;
 pub(crate) mod jetstream;
+mod reply_routes;
 
 /// Why a delivery could not start.
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,93 @@
+//! Dead letters: an intent that is invalid, or out of deliveries, goes to
+//! the dead-letter subject with its payload and headers and the reason
+//! (PROTOCOL.md v1.1 §6), kept before the intent is terminated.
+
+use async_nats::HeaderMap;
+use bytes::Bytes;
+
+use super::reply_routes::ReplyRoutes;
+use crate::pipeline::Pipeline;
+
+/// Header on dead letters: the error code, or `max_deliver`.
+pub const DEAD_REASON_HEADER: &str = "Idem-Dead-Reason";
+/// The reason of an intent that ran out of deliveries.
+pub const MAX_DELIVER_REASON: &str = "max_deliver";
+
+/// Publishes a dead letter to `subject` so it is kept
+/// ([`ReplyRoutes::publish_kept`]): the intent's payload and headers, plus
+/// [`DEAD_REASON_HEADER`]. Headers that would make the dead-letter stream
+/// refuse or drop it (an expected stream or sequence meant for the
+/// intent's stream, a `Nats-Msg-Id` it may have seen) travel renamed as
+/// `Idem-Original-<name>`. An `Err` leaves the intent to be redelivered.
+pub(crate) async fn send(
+    routes: &ReplyRoutes,
+    pipeline: &Pipeline,
+    subject: &str,
+    original: Option<&HeaderMap>,
+    payload: Bytes,
+    reason: &str,
+) -> Result<(), String> {
+    let headers = dead_letter_headers(original, reason);
+    routes
+        .publish_kept(&pipeline.client, subject, headers, payload)
+        .await
+        .map_err(|error| format!("dead letter: {error}"))?;
+    pipeline.stats.dead_lettered.inc();
+    Ok(())
+}
+
+/// Prefix of the headers a dead letter carries in place of those its
+/// stream would act on.
+pub const ORIGINAL_HEADER_PREFIX: &str = "Idem-Original-";
+
+/// A dead letter's headers: the intent's, with `Nats-Expected-*` and
+/// `Nats-Msg-Id` renamed (see [`ORIGINAL_HEADER_PREFIX`]), and the reason.
+fn dead_letter_headers(original: Option<&HeaderMap>, reason: &str) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    for (name, values) in original.into_iter().flat_map(HeaderMap::iter) {
+        let name: &str = name.as_ref();
+        let acted_on = name
+            .get(..13)
+            .is_some_and(|head| head.eq_ignore_ascii_case("Nats-Expected"))
+            || name.eq_ignore_ascii_case("Nats-Msg-Id");
+        for value in values {
+            if acted_on {
+                headers.append(format!("{ORIGINAL_HEADER_PREFIX}{name}"), value.as_str());
+            } else {
+                headers.append(name, value.as_str());
+            }
+        }
+    }
+    headers.insert(DEAD_REASON_HEADER, reason);
+    headers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dead_letters_carry_acted_on_headers_renamed() {
+        let mut original = HeaderMap::new();
+        original.insert("Nats-Expected-Stream", "INTENTS");
+        original.insert("nats-expected-last-sequence", "7");
+        original.insert("Nats-Msg-Id", "m-1");
+        original.insert("Idempotency-Key", "k");
+        let headers = dead_letter_headers(Some(&original), "INVALID_INTENT");
+        let get = |name: &str| headers.get(name).map(|v| v.as_str().to_owned());
+        assert_eq!(get("Nats-Expected-Stream"), None);
+        assert_eq!(get("Nats-Msg-Id"), None);
+        assert_eq!(get("nats-expected-last-sequence"), None);
+        assert_eq!(
+            get("Idem-Original-Nats-Expected-Stream").as_deref(),
+            Some("INTENTS")
+        );
+        assert_eq!(
+            get("Idem-Original-nats-expected-last-sequence").as_deref(),
+            Some("7")
+        );
+        assert_eq!(get("Idem-Original-Nats-Msg-Id").as_deref(), Some("m-1"));
+        assert_eq!(get("Idempotency-Key").as_deref(), Some("k"));
+        assert_eq!(get(DEAD_REASON_HEADER).as_deref(), Some("INVALID_INTENT"));
+    }
+}
