@@ -222,10 +222,38 @@ pub fn not_ready_yet(error: &(dyn std::error::Error + 'static)) -> bool {
         GetStreamError, GetStreamErrorKind,
     };
     use async_nats::jetstream::stream::{ConsumerError, ConsumerErrorKind};
+    let not_ready =
+        |api: &async_nats::jetstream::Error| NOT_READY_CODES.contains(&api.error_code());
     let mut cause = Some(error);
     while let Some(error) = cause {
         if let Some(api) = error.downcast_ref::<async_nats::jetstream::Error>() {
-            return NOT_READY_CODES.contains(&api.error_code());
+            return not_ready(api);
+        }
+        // Some kinds hold the API's answer rather than have it as a source.
+        let api = error
+            .downcast_ref::<CreateStreamError>()
+            .and_then(|e| match e.kind() {
+                CreateStreamErrorKind::JetStream(api) => Some(api),
+                _ => None,
+            })
+            .or_else(|| {
+                error
+                    .downcast_ref::<GetStreamError>()
+                    .and_then(|e| match e.kind() {
+                        GetStreamErrorKind::JetStream(api) => Some(api),
+                        _ => None,
+                    })
+            })
+            .or_else(|| {
+                error
+                    .downcast_ref::<ConsumerError>()
+                    .and_then(|e| match e.kind() {
+                        ConsumerErrorKind::JetStream(api) => Some(api),
+                        _ => None,
+                    })
+            });
+        if let Some(api) = api {
+            return not_ready(&api);
         }
         let timed_out = error.downcast_ref::<CreateStreamError>().is_some_and(|e| {
             matches!(
@@ -426,6 +454,42 @@ pub fn mask_url(list: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join(",")
+}
+
+#[cfg(test)]
+mod startup_tests {
+    use async_nats::jetstream::context::{
+        CreateKeyValueError, CreateKeyValueErrorKind, CreateStreamError, CreateStreamErrorKind,
+    };
+
+    use super::*;
+
+    fn api(err_code: u64) -> async_nats::jetstream::Error {
+        serde_json::from_value(serde_json::json!({
+            "code": 503, "err_code": err_code, "description": "from the server"
+        }))
+        .expect("an API error")
+    }
+
+    #[test]
+    fn a_cluster_not_ready_is_told_from_a_refusal_through_the_error_chain() {
+        // As creating a bucket fails on a cluster without a meta leader:
+        // the API's answer inside the stream error's kind, that error the
+        // bucket error's source.
+        let not_ready = CreateKeyValueError::with_source(
+            CreateKeyValueErrorKind::JetStream,
+            CreateStreamError::new(CreateStreamErrorKind::JetStream(api(10008))),
+        );
+        assert!(not_ready_yet(&not_ready));
+        let timed_out = CreateStreamError::new(CreateStreamErrorKind::TimedOut);
+        assert!(not_ready_yet(&timed_out));
+        // 10058: stream name already in use with another configuration.
+        let refused = CreateKeyValueError::with_source(
+            CreateKeyValueErrorKind::JetStream,
+            CreateStreamError::new(CreateStreamErrorKind::JetStream(api(10058))),
+        );
+        assert!(!not_ready_yet(&refused));
+    }
 }
 
 #[cfg(test)]
