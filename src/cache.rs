@@ -35,7 +35,8 @@ use async_nats::Subject;
 
 use crate::intent::{fingerprint_bits, CopyDigest, Fingerprint};
 use crate::key::IdempotencyKey;
-use crate::outcome::{EncodedReply, Record};
+use crate::outcome::Record;
+use crate::reply::EncodedReply;
 
 /// Longest time an entry is served from the cache.
 pub const MAX_AGE: Duration = Duration::from_secs(300);
@@ -253,7 +254,10 @@ impl OutcomeCache {
         let bits = key.bits();
         let mut inner = self.lock();
         match inner.entries.get(&bits) {
-            Some(entry) if entry.fingerprint == fingerprint && entry.replay.idem_key == *key => {
+            Some(entry)
+                if entry.fingerprint == fingerprint
+                    && entry.replay.idem_key.as_ref() == Some(key) =>
+            {
                 if entry.alias == Some(digest) {
                     return;
                 }
@@ -290,7 +294,7 @@ impl OutcomeCache {
         };
         // The bits are a map key, not an identity: another tenant can make
         // any key's bits (PROTOCOL.md v1.2 §5). Only the whole key is.
-        if entry.replay.idem_key != *key {
+        if entry.replay.idem_key.as_ref() != Some(key) {
             return Lookup::Miss;
         }
         if entry.until <= self.tick(Instant::now()) {
@@ -310,17 +314,16 @@ impl OutcomeCache {
         self.purges.load(std::sync::atomic::Ordering::Acquire)
     }
 
-    /// Encodes a stored record's replay and remembers it (records without
-    /// an outcome are ignored); returns the encoding either way, so the
-    /// caller answers with the same bytes the cache keeps.
+    /// Remembers a stored record's `replay` (its encoding with
+    /// `replayed: true`, [`EncodedReply::of_record`]), to answer its copies
+    /// with.
     ///
     /// `purges_before` is [`purges`](Self::purges) as it was before the
     /// record was read: when a purge notice came since, the record may be
     /// the purged one, evicted before it got here, and it is not let in.
-    pub fn insert(&self, record: &Record, purges_before: u64) -> Option<Arc<EncodedReply>> {
-        let replay = Arc::new(EncodedReply::replay_of(record)?);
+    pub fn insert(&self, record: &Record, replay: &Arc<EncodedReply>, purges_before: u64) {
         if self.budget == 0 || self.purges() != purges_before {
-            return Some(replay);
+            return;
         }
         // The record's own lifetime is a difference of two stamps of one
         // clock, the writer's: whatever that clock's skew, the outcome
@@ -341,19 +344,19 @@ impl OutcomeCache {
         });
         let left = lifetime.min(by_this_clock).min(by_the_bucket);
         let Some(left) = left.checked_sub(EXPIRY_MARGIN) else {
-            return Some(replay);
+            return;
         };
-        let cost = entry_cost(&replay);
+        let cost = entry_cost(replay);
         let Some(fingerprint) = fingerprint_bits(&record.fingerprint) else {
-            return Some(replay);
+            return;
         };
         if cost > self.budget {
-            return Some(replay);
+            return;
         }
         let stored = stored_seconds(record.stored_at);
         let entry = Entry {
             fingerprint,
-            replay: Arc::clone(&replay),
+            replay: Arc::clone(replay),
             until: self.tick(Instant::now() + left.min(MAX_AGE)),
             cost: u32::try_from(cost).unwrap_or(u32::MAX),
             stored,
@@ -369,7 +372,7 @@ impl OutcomeCache {
         if inner.bytes + cost > self.budget && !inner.entries.contains_key(&bits) {
             if let Some(oldest) = inner.oldest_stored() {
                 if stored < oldest {
-                    return Some(replay);
+                    return;
                 }
             }
         }
@@ -390,8 +393,6 @@ impl OutcomeCache {
             let Inner { entries, order, .. } = &mut *inner;
             order.retain(|key| entries.contains_key(key));
         }
-        drop(inner);
-        Some(replay)
     }
 
     /// Forgets a key (purged).
@@ -403,7 +404,7 @@ impl OutcomeCache {
         if inner
             .entries
             .get(&bits)
-            .is_some_and(|entry| entry.replay.idem_key == *key)
+            .is_some_and(|entry| entry.replay.idem_key.as_ref() == Some(key))
         {
             inner.evict(bits);
         }
@@ -447,7 +448,7 @@ mod tests {
     fn serves_same_fingerprint_and_refuses_another() {
         let cache = OutcomeCache::new(1 << 20);
         let stored = record(1, FP, 60);
-        let replay = cache.insert(&stored, 0).expect("an outcome");
+        let replay = put(&cache, &stored, 0);
         assert_eq!(
             cache.lookup(&stored.idem_key, Some(&bits(FP))),
             Lookup::Stored(replay)
@@ -463,6 +464,13 @@ mod tests {
         );
     }
 
+    /// Encodes a record's replay and inserts it, as the pipeline does.
+    fn put(cache: &OutcomeCache, record: &Record, purges: u64) -> Arc<EncodedReply> {
+        let replay = EncodedReply::of_record(record, true).expect("an outcome");
+        cache.insert(record, &replay, purges);
+        replay
+    }
+
     fn bits(hex: &str) -> Fingerprint {
         fingerprint_bits(hex).expect("a SHA-256 hex")
     }
@@ -475,7 +483,7 @@ mod tests {
     fn a_copy_is_found_by_its_digest_while_its_entry_lives() {
         let cache = OutcomeCache::new(1 << 20);
         let stored = record(11, FP, 60);
-        let replay = cache.insert(&stored, 0).expect("an outcome");
+        let replay = put(&cache, &stored, 0);
         let copy = digest("copy");
         assert!(cache.lookup_copy(&copy).is_none(), "not aliased yet");
         // Another fingerprint is not this entry's: nothing is aliased.
@@ -497,17 +505,17 @@ mod tests {
     fn a_new_outcome_under_the_key_drops_the_old_bytes_alias() {
         let cache = OutcomeCache::new(1 << 20);
         let first = record(12, FP, 60);
-        cache.insert(&first, 0);
+        put(&cache, &first, 0);
         let copy = digest("first intent");
         cache.alias(copy, &first.idem_key, &bits(FP), None);
         // The key purged elsewhere and stored again by another intent: the
         // first intent's bytes must not replay the second's outcome.
         let second = record(12, OTHER, 60);
-        cache.insert(&second, 0);
+        put(&cache, &second, 0);
         assert!(cache.lookup_copy(&copy).is_none());
         let (entries, bytes) = cache.usage();
         let alone = OutcomeCache::new(1 << 20);
-        alone.insert(&second, 0);
+        put(&alone, &second, 0);
         assert_eq!((entries, bytes), alone.usage(), "the alias's cost went too");
     }
 
@@ -515,7 +523,7 @@ mod tests {
     fn an_entry_keeps_one_alias_and_aliases_count_against_the_budget() {
         let cache = OutcomeCache::new(1 << 20);
         let stored = record(13, FP, 60);
-        cache.insert(&stored, 0);
+        put(&cache, &stored, 0);
         let bare = cache.usage().1;
         cache.alias(digest("a"), &stored.idem_key, &bits(FP), None);
         let one = cache.usage().1;
@@ -526,7 +534,7 @@ mod tests {
         assert!(cache.lookup_copy(&digest("b")).is_some());
         // A budget with room for the entry but not its alias.
         let tight = OutcomeCache::new(bare);
-        tight.insert(&stored, 0);
+        put(&tight, &stored, 0);
         tight.alias(digest("a"), &stored.idem_key, &bits(FP), None);
         assert!(tight.usage().1 <= bare, "{:?}", tight.usage());
     }
@@ -535,7 +543,7 @@ mod tests {
     async fn a_copy_is_not_replayed_past_its_entrys_life() {
         let cache = OutcomeCache::new(1 << 20);
         let stored = record(14, FP, 10);
-        cache.insert(&stored, 0);
+        put(&cache, &stored, 0);
         cache.alias(digest("c"), &stored.idem_key, &bits(FP), None);
         assert!(cache.lookup_copy(&digest("c")).is_some());
         tokio::time::advance(Duration::from_secs(9)).await;
@@ -548,21 +556,18 @@ mod tests {
         let records: Vec<Record> = (20..23).map(|i| record(i, FP, 60)).collect();
         let one = {
             let probe = OutcomeCache::new(1 << 20);
-            probe.insert(&records[0], 0);
+            put(&probe, &records[0], 0);
             probe.usage().1
         };
         let cache = OutcomeCache::new(3 * one);
         for r in &records {
-            cache.insert(r, 0);
+            put(&cache, r, 0);
         }
         assert_eq!(cache.usage().0, 3);
         // Read back from the store: stored a minute before anything held.
         let mut old = record(23, FP, 3600);
         old.stored_at -= chrono::Duration::seconds(60);
-        assert!(
-            cache.insert(&old, 0).is_some(),
-            "still encoded for its caller"
-        );
+        put(&cache, &old, 0);
         assert_eq!(cache.lookup(&old.idem_key, Some(&bits(FP))), Lookup::Miss);
         for r in &records {
             assert!(matches!(
@@ -572,7 +577,7 @@ mod tests {
         }
         // A new outcome still pushes out the oldest.
         let new = record(24, FP, 60);
-        cache.insert(&new, 0);
+        put(&cache, &new, 0);
         assert!(matches!(
             cache.lookup(&new.idem_key, Some(&bits(FP))),
             Lookup::Stored(_)
@@ -587,7 +592,7 @@ mod tests {
     fn outcomes_about_to_expire_are_not_cached() {
         let cache = OutcomeCache::new(1 << 20);
         let stored = record(2, FP, 1);
-        cache.insert(&stored, 0);
+        put(&cache, &stored, 0);
         assert_eq!(
             cache.lookup(&stored.idem_key, Some(&bits(FP))),
             Lookup::Miss
@@ -601,7 +606,7 @@ mod tests {
         let mut stored = record(5, FP, 10);
         stored.stored_at += chrono::Duration::hours(1);
         stored.expires_at += chrono::Duration::hours(1);
-        cache.insert(&stored, 0);
+        put(&cache, &stored, 0);
         assert!(matches!(
             cache.lookup(&stored.idem_key, Some(&bits(FP))),
             Lookup::Stored(_)
@@ -619,7 +624,7 @@ mod tests {
         late.stored_at += chrono::Duration::hours(1);
         late.expires_at += chrono::Duration::hours(1);
         late.written = Some(chrono::Utc::now() - chrono::Duration::seconds(7));
-        cache.insert(&late, 0);
+        put(&cache, &late, 0);
         assert!(matches!(
             cache.lookup(&late.idem_key, Some(&bits(FP))),
             Lookup::Stored(_)
@@ -639,13 +644,13 @@ mod tests {
         let before = cache.purges();
         // The notice comes while the delivery that read it is under way.
         cache.remove(&stored.idem_key);
-        assert!(cache.insert(&stored, before).is_some(), "still encoded");
+        put(&cache, &stored, before);
         assert_eq!(
             cache.lookup(&stored.idem_key, Some(&bits(FP))),
             Lookup::Miss,
             "the purged outcome is not served"
         );
-        cache.insert(&stored, cache.purges());
+        put(&cache, &stored, cache.purges());
         assert!(matches!(
             cache.lookup(&stored.idem_key, Some(&bits(FP))),
             Lookup::Stored(_)
@@ -660,7 +665,7 @@ mod tests {
         let mut stored = record(6, FP, 60);
         stored.stored_at -= chrono::Duration::seconds(50);
         stored.expires_at -= chrono::Duration::seconds(50);
-        cache.insert(&stored, 0);
+        put(&cache, &stored, 0);
         tokio::time::advance(Duration::from_secs(9)).await;
         assert_eq!(
             cache.lookup(&stored.idem_key, Some(&bits(FP))),
@@ -673,14 +678,14 @@ mod tests {
         let records: Vec<Record> = (0..10).map(|i| record(i, FP, 60)).collect();
         let one = {
             let probe = OutcomeCache::new(1 << 20);
-            probe.insert(&records[0], 0);
+            put(&probe, &records[0], 0);
             probe.usage().1
         };
         assert!(one > 0);
         // Room for three entries of this size, not four.
         let cache = OutcomeCache::new(3 * one + one / 2);
         for r in &records {
-            cache.insert(r, 0);
+            put(&cache, r, 0);
         }
         let (entries, bytes) = cache.usage();
         assert_eq!(entries, 3);
@@ -702,7 +707,7 @@ mod tests {
     fn a_fingerprint_that_is_not_sha256_hex_is_never_served() {
         let cache = OutcomeCache::new(1 << 20);
         let stored = record(4, "not-hex", 60);
-        cache.insert(&stored, 0);
+        put(&cache, &stored, 0);
         let unparsed = fingerprint_bits("not-hex");
         assert_eq!(unparsed, None);
         assert_eq!(
@@ -715,10 +720,7 @@ mod tests {
     fn a_zero_budget_caches_nothing() {
         let cache = OutcomeCache::new(0);
         let stored = record(3, FP, 60);
-        assert!(
-            cache.insert(&stored, 0).is_some(),
-            "the encoding is still returned"
-        );
+        put(&cache, &stored, 0);
         assert_eq!(
             cache.lookup(&stored.idem_key, Some(&bits(FP))),
             Lookup::Miss

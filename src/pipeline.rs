@@ -17,14 +17,15 @@ use tracing::{field, Instrument};
 
 use crate::cache::{Lookup, OutcomeCache};
 use crate::config::{Delivery, WorkerConfig};
-use crate::handler::{Call, Handler};
+use crate::handler::{Call, Handler, HandlerError};
 use crate::in_flight::{InFlightKeys, Turn};
 use crate::intent::{
-    copy_digest, fingerprint_bits, is_publish_subject, named_reply_target, Fingerprint, Intent,
-    Limits, REPLY_TO_HEADER,
+    copy_digest, fingerprint_bits, is_publish_subject, named_reply_target, CopyDigest, Fingerprint,
+    Intent, IntentError, Limits, REPLY_TO_HEADER,
 };
 use crate::key::IdempotencyKey;
-use crate::outcome::{Answer, EncodedReply, Outcome, Record, Reply};
+use crate::outcome::{Outcome, Record};
+use crate::reply::{EncodedReply, Reply};
 use crate::reply_policy::ReplyPolicy;
 use crate::run_once::{Attempt, Claimed, Done, Idempotent, RunError, RunRequest, MIN_RETRY_AFTER};
 use crate::stats::Stats;
@@ -181,96 +182,166 @@ impl Drop for InFlight {
     }
 }
 
+/// One delivery as it reaches the pipeline: what the message carries.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Incoming<'a> {
+    /// The subject it was published on.
+    pub(crate) subject: &'a str,
+    /// Its reply subject when that is a reply target (core mode; in
+    /// JetStream mode it is the ack subject, and `None` here).
+    pub(crate) own_reply: Option<&'a str>,
+    /// Its headers.
+    pub(crate) headers: Option<&'a HeaderMap>,
+    /// Its payload, the intent's JSON.
+    pub(crate) payload: &'a Bytes,
+}
+
 impl Pipeline {
-    /// Handles one delivery. `own_reply` is the message's reply subject
-    /// when it is a reply target (core mode; JetStream's is the ack
-    /// subject). `abandon` is cancelled when shutdown gives up waiting: a
-    /// running handler is then dropped and its claim released.
-    pub async fn handle(
+    /// Handles one delivery: a byte-identical copy of one answered from the
+    /// cache is answered at once; anything else is decoded and its reply
+    /// targets vetted, then claimed (or waited for) and run. `abandon` is
+    /// cancelled when shutdown gives up waiting: a running handler is then
+    /// dropped and its claim released.
+    pub(crate) async fn handle(
         &self,
-        subject: &str,
-        own_reply: Option<&str>,
-        headers: Option<&HeaderMap>,
-        payload: &Bytes,
+        incoming: Incoming<'_>,
         abandon: &CancellationToken,
     ) -> Handled {
         self.stats.received.inc();
         self.stats.in_flight.inc();
         let _in_flight = InFlight(Arc::clone(&self.stats));
+        // Every reply target is vetted before anything runs: a refused one
+        // makes the intent invalid and is never published to.
+        let own_refused = incoming
+            .own_reply
+            .and_then(|own| self.replies.check(own).err());
+        let digest = self.digest_of(&incoming);
+        if let Some(hit) = digest
+            .as_ref()
+            .filter(|_| own_refused.is_none())
+            .and_then(|digest| self.replay_by_digest(digest, &incoming))
+        {
+            return hit;
+        }
+        let (intent, answer_own) = match self.decode_and_vet(&incoming, own_refused) {
+            Ok(vetted) => vetted,
+            Err(refused) => return *refused,
+        };
+        // The fingerprint's bits, read once for the cache's lookups, the
+        // alias and the reply's `Nats-Msg-Id`.
+        let fingerprint = fingerprint_bits(&intent.fingerprint);
+        let verdict = self
+            .execute_in_span(&intent, fingerprint.as_ref(), incoming.payload, abandon)
+            .await;
+        // A stored outcome's answer: later byte-identical copies of this
+        // message find it by its digest.
+        if let (Some(digest), Some(fingerprint), Verdict::Settled(reply)) =
+            (digest, &fingerprint, &verdict)
+        {
+            if reply.stored {
+                let in_header = incoming
+                    .headers
+                    .is_some_and(|h| h.get(REPLY_TO_HEADER).is_some());
+                let named_in_body = intent.reply_to.as_deref().filter(|_| !in_header);
+                self.cache
+                    .alias(digest, &intent.key, fingerprint, named_in_body);
+            }
+        }
+        Handled {
+            verdict,
+            answer_own,
+            fingerprint: fingerprint.map(|bits| bits[0]),
+            reply_to: intent.reply_to.map(Subject::from),
+        }
+    }
+
+    /// The digest of a delivery's bytes, when a cached answer could be
+    /// found by it. At debug level every copy is decoded instead, so that
+    /// its span and "answered" event carry every field.
+    fn digest_of(&self, incoming: &Incoming<'_>) -> Option<CopyDigest> {
+        (self.cache.is_enabled() && !tracing::enabled!(tracing::Level::DEBUG))
+            .then(|| copy_digest(incoming.subject, incoming.headers, incoming.payload))
+    }
+
+    /// The fast path: a copy byte-identical to one answered from a live
+    /// cache entry is answered undecoded, since the same bytes decode to the
+    /// same intent, key, fingerprint and named reply target (vetted then).
+    fn replay_by_digest(&self, digest: &CopyDigest, incoming: &Incoming<'_>) -> Option<Handled> {
+        let hit = self.cache.lookup_copy(digest)?;
+        self.stats.replayed_by_digest.inc();
+        // A target named in the header is read from it again (the same
+        // bytes); the alias keeps only one named in the body.
+        let reply_to = hit.reply_to.or_else(|| {
+            incoming
+                .headers
+                .and_then(|h| h.get(REPLY_TO_HEADER))
+                .map(|v| Subject::from(v.as_str()))
+        });
+        Some(Handled {
+            verdict: self.replayed(hit.replay),
+            answer_own: incoming.own_reply.is_some(),
+            reply_to,
+            fingerprint: Some(hit.fingerprint),
+        })
+    }
+
+    /// Decodes the intent and vets where it may be answered: the intent and
+    /// whether its own reply subject may be answered, or the delivery as
+    /// refused (`INVALID_INTENT` and its kin). A refused reply target
+    /// outranks what else is wrong: it is the one thing the caller must not
+    /// try again; a refused own reply subject means no answer at all, and a
+    /// refused named target is never answered on.
+    fn decode_and_vet(
+        &self,
+        incoming: &Incoming<'_>,
+        own_refused: Option<IntentError>,
+    ) -> Result<(Intent, bool), Box<Handled>> {
         let limits = Limits {
             max_payload: self.config.max_payload,
             tenant_token: self.config.tenant_token,
         };
-        // Every reply target is vetted before anything runs: a refused one
-        // makes the intent invalid and is never published to.
-        let own_refused = own_reply.and_then(|own| self.replies.check(own).err());
-        // A copy byte-identical to one answered from a live cache entry is
-        // answered now, undecoded: the same bytes decode to the same
-        // intent, key, fingerprint and named reply target (vetted then).
-        // At debug level every copy is decoded, so that its span and
-        // "answered" event carry every field.
-        let digest = (self.cache.is_enabled() && !tracing::enabled!(tracing::Level::DEBUG))
-            .then(|| copy_digest(subject, headers, payload));
-        if let Some(hit) = digest
-            .as_ref()
-            .filter(|_| own_refused.is_none())
-            .and_then(|digest| self.cache.lookup_copy(digest))
-        {
-            self.stats.replayed_by_digest.inc();
-            // A target named in the header is read from it again (the same
-            // bytes); the alias keeps only one named in the body.
-            let reply_to = hit.reply_to.or_else(|| {
-                headers
-                    .and_then(|h| h.get(REPLY_TO_HEADER))
-                    .map(|v| Subject::from(v.as_str()))
-            });
-            return Handled {
-                verdict: self.replayed(hit.replay),
-                answer_own: own_reply.is_some(),
-                reply_to,
-                fingerprint: Some(hit.fingerprint),
-            };
-        }
-        let decoded = Intent::decode(subject, headers, payload, limits);
+        let decoded = Intent::decode(incoming.subject, incoming.headers, incoming.payload, limits);
         let named = match &decoded {
             Ok(intent) => intent.reply_to.as_deref(),
             Err(invalid) => invalid.reply_to.as_deref(),
         };
         let named_refused = named.and_then(|named| self.replies.check(named).err());
-        // A refused own reply subject means no answer at all; a refused
-        // named target is never answered on.
-        let answer_own = own_reply.is_some() && own_refused.is_none();
+        let answer_own = incoming.own_reply.is_some() && own_refused.is_none();
         let named_ok = own_refused.is_none() && named_refused.is_none();
-        let refused = own_refused.or(named_refused);
-        // A refused target outranks what else is wrong: it is the one
-        // thing the caller must not try again.
-        let checked = match (decoded, refused) {
-            (Ok(intent), None) => Ok(intent),
-            (Ok(intent), Some(refused)) => Err((
+        let (idem_key, intent_id, reply_to, error) = match (decoded, own_refused.or(named_refused))
+        {
+            (Ok(intent), None) => return Ok((intent, answer_own)),
+            (Ok(intent), Some(refused)) => (
                 Some(intent.key),
                 Some(intent.intent_id),
                 intent.reply_to,
                 refused,
-            )),
-            (Err(invalid), refused) => Err((
+            ),
+            (Err(invalid), refused) => (
                 invalid.idem_key,
                 invalid.intent_id,
                 invalid.reply_to,
                 refused.unwrap_or(invalid.error),
-            )),
+            ),
         };
-        let intent = match checked {
-            Ok(intent) => intent,
-            Err((idem_key, intent_id, reply_to, error)) => {
-                tracing::debug!(%subject, "invalid intent");
-                return Handled {
-                    verdict: self.refusal(idem_key, intent_id, Rejection::Invalid(error)),
-                    answer_own,
-                    reply_to: reply_to.filter(|_| named_ok).map(Subject::from),
-                    fingerprint: None,
-                };
-            }
-        };
+        tracing::debug!(subject = %incoming.subject, "invalid intent");
+        Err(Box::new(Handled {
+            verdict: self.refusal(idem_key, intent_id, Rejection::Invalid(error)),
+            answer_own,
+            reply_to: reply_to.filter(|_| named_ok).map(Subject::from),
+            fingerprint: None,
+        }))
+    }
+
+    /// [`execute`](Self::execute) in the intent's span, which the debug
+    /// "answered" event closes with the outcome.
+    async fn execute_in_span(
+        &self,
+        intent: &Intent,
+        fingerprint: Option<&Fingerprint>,
+        payload: &Bytes,
+        abandon: &CancellationToken,
+    ) -> Verdict {
         let span = tracing::info_span!(
             "intent",
             idem_key = %intent.key,
@@ -281,42 +352,24 @@ impl Pipeline {
             replayed = field::Empty,
         );
         // The claim and the execution are boxed in two pieces (here, and
-        // `run_owned`): each then fits glibc's per-thread cache of small
-        // blocks, where one task of over 2 KiB took the allocator's slow,
-        // consolidating path for every intent.
-        // The fingerprint's bits, read once for the cache's lookups, the
-        // alias and the reply's `Nats-Msg-Id`.
-        let fingerprint = fingerprint_bits(&intent.fingerprint);
-        let verdict = Box::pin(self.execute(&intent, fingerprint.as_ref(), payload, abandon))
+        // `Idempotent::execute`): each then fits glibc's per-thread cache of
+        // small blocks, where one task of over 2 KiB took the allocator's
+        // slow, consolidating path for every intent.
+        let verdict = Box::pin(self.execute(intent, fingerprint, payload, abandon))
             .instrument(span.clone())
             .await;
         // Only the debug event reads these fields; recording them costs a
         // formatting pass per field even when nothing is printed.
         if tracing::enabled!(tracing::Level::DEBUG) {
             let answer = verdict.answer();
-            span.record("outcome", answer.status());
-            span.record("replayed", answer.replayed());
-            if let Some(code) = answer.error_code() {
-                span.record("code", code);
+            span.record("outcome", answer.status);
+            span.record("replayed", answer.replayed);
+            if let Some(code) = &answer.code {
+                span.record("code", &**code);
             }
             span.in_scope(|| tracing::debug!("answered"));
         }
-        // An answer from a stored record is cached: later byte-identical
-        // copies of this message find it by its digest.
-        if let (Some(digest), Some(fingerprint), Verdict::Settled(Answer::Encoded(_))) =
-            (digest, &fingerprint, &verdict)
-        {
-            let in_header = headers.is_some_and(|h| h.get(REPLY_TO_HEADER).is_some());
-            let named_in_body = intent.reply_to.as_deref().filter(|_| !in_header);
-            self.cache
-                .alias(digest, &intent.key, fingerprint, named_in_body);
-        }
-        Handled {
-            verdict,
-            answer_own,
-            fingerprint: fingerprint.map(|bits| bits[0]),
-            reply_to: intent.reply_to.map(Subject::from),
-        }
+        verdict
     }
 
     /// The answer to a delivery refused before it is decoded (core mode's
@@ -430,24 +483,17 @@ impl Pipeline {
     /// cache counted them before the store was read.
     fn verdict(&self, intent: &Intent, done: Result<Done, RunError>, purges: u64) -> Verdict {
         let rejection = match done {
-            Ok(done) if done.execution.is_some() => {
-                // The cache encodes the replay once; this delivery answers
-                // with the same bytes, marked as its own execution.
-                let record = done.into_record();
-                return match self.cache.insert(&record, purges) {
-                    Some(replay) => {
-                        Verdict::Settled(Answer::Encoded(Arc::new(replay.as_executed())))
-                    }
-                    None => self.replay(intent, &record, purges),
-                };
-            }
             Ok(done) => {
                 if done.waited {
                     self.stats.waited.inc();
                 }
-                return self.replay(intent, &done.into_record(), purges);
+                let fresh = done.execution.is_some();
+                return self.answer_stored(intent, done.record(), fresh, purges);
             }
-            Err(RunError::Transient { code, message, .. }) => {
+            Err(RunError::Released {
+                error: HandlerError::Transient { code, message },
+                ..
+            }) => {
                 let reply = self.unstored(intent, Outcome::error(code, message));
                 return Verdict::Retry {
                     reply: reply.into(),
@@ -470,6 +516,7 @@ impl Pipeline {
                     after: TRANSIENT_RETRY_AFTER,
                 };
             }
+            Err(RunError::Released { error, .. }) => Rejection::Declined(error),
             Err(RunError::KeyReused) => Rejection::KeyReused,
             Err(RunError::InProgress { retry_after }) => {
                 if !self.config.wait.is_zero() {
@@ -477,11 +524,39 @@ impl Pipeline {
                 }
                 Rejection::InProgress { retry_after }
             }
-            Err(RunError::NoHandler(reason)) => Rejection::NoHandler(reason),
             Err(RunError::Cancelled) => Rejection::ShuttingDown,
             Err(RunError::Store(error)) => Rejection::StoreUnavailable(error),
         };
         self.refuse(intent, rejection)
+    }
+
+    /// A stored record answered: its one encoding for this delivery
+    /// (`replayed: false` when this delivery executed it), and its replay
+    /// encoding kept by the cache for later copies (unless a purge notice
+    /// came since `purges`).
+    fn answer_stored(&self, intent: &Intent, record: &Record, fresh: bool, purges: u64) -> Verdict {
+        let Some(answer) = EncodedReply::of_record(record, !fresh) else {
+            let corrupt = StoreError::Corrupt {
+                key: intent.key.to_string(),
+                reason: "done record without a result".to_owned(),
+            };
+            return self.refuse(intent, Rejection::StoreUnavailable(corrupt));
+        };
+        if self.cache.is_enabled() {
+            let replay = if fresh {
+                EncodedReply::of_record(record, true)
+            } else {
+                Some(Arc::clone(&answer))
+            };
+            if let Some(replay) = replay {
+                self.cache.insert(record, &replay, purges);
+            }
+        }
+        if fresh {
+            Verdict::Settled(answer)
+        } else {
+            self.replayed(answer)
+        }
     }
 
     /// The verdict the cache already knows, if any.
@@ -493,24 +568,9 @@ impl Pipeline {
         }
     }
 
-    /// Replays a record read from the store (and caches it, unless a purge
-    /// notice came since `purges`).
-    fn replay(&self, intent: &Intent, record: &Record, purges: u64) -> Verdict {
-        match self.cache.insert(record, purges) {
-            Some(replay) => self.replayed(replay),
-            None => self.refuse(
-                intent,
-                Rejection::StoreUnavailable(StoreError::Corrupt {
-                    key: intent.key.to_string(),
-                    reason: "done record without a result".to_owned(),
-                }),
-            ),
-        }
-    }
-
     fn replayed(&self, replay: Arc<EncodedReply>) -> Verdict {
         self.stats.replayed.inc();
-        Verdict::Settled(Answer::Encoded(replay))
+        Verdict::Settled(replay)
     }
 
     fn unstored(&self, intent: &Intent, outcome: Outcome) -> Reply {
@@ -545,11 +605,12 @@ impl Pipeline {
         } else {
             tracing::info!(code = rejection.code(), reason = %rejection, "intent refused");
         }
-        let reply: Answer = Reply::unstored(idem_key, intent_id, rejection.outcome()).into();
+        let reply: Arc<EncodedReply> =
+            Reply::unstored(idem_key, intent_id, rejection.outcome()).into();
         let retry = |counter: &Counter, after| {
             counter.inc();
             Verdict::Retry {
-                reply: reply.clone(),
+                reply: Arc::clone(&reply),
                 after,
             }
         };
@@ -567,7 +628,7 @@ impl Pipeline {
             Rejection::StoreUnavailable(_) => {
                 retry(&self.stats.store_errors, TRANSIENT_RETRY_AFTER)
             }
-            Rejection::NoHandler(_) | Rejection::ShuttingDown => {
+            Rejection::Declined(_) | Rejection::ShuttingDown => {
                 retry(&self.stats.transient, TRANSIENT_RETRY_AFTER)
             }
         }

@@ -156,12 +156,11 @@ pub struct Execution {
     pub took: Duration,
 }
 
-/// The outcome every caller of a key gets while it is kept.
+/// The outcome every caller of a key gets while it is kept: the stored
+/// record, whole, as it goes on to be answered and cached.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Done {
-    /// The outcome.
-    outcome: Outcome,
-    /// The stored record, without its outcome (that is `outcome`).
+    /// The stored record; it holds an outcome (see [`Done::stored`]).
     record: Record,
     /// False only for the call whose own closure produced the outcome.
     pub replayed: bool,
@@ -171,12 +170,15 @@ pub struct Done {
     pub execution: Option<Execution>,
 }
 
+/// What [`Done::outcome`] answers for a record without one; never seen,
+/// since a `Done` is only made of a record that holds an outcome.
+static NO_OUTCOME: Outcome = Outcome::Timeout;
+
 impl Done {
     /// A done record as stored; `None` when it holds no outcome.
-    fn stored(mut record: Record, waited: bool) -> Option<Done> {
-        let outcome = record.result.take()?;
+    fn stored(record: Record, waited: bool) -> Option<Done> {
+        record.result.as_ref()?;
         Some(Done {
-            outcome,
             record,
             replayed: true,
             waited,
@@ -186,12 +188,12 @@ impl Done {
 
     /// The outcome.
     pub fn outcome(&self) -> &Outcome {
-        &self.outcome
+        self.record.result.as_ref().unwrap_or(&NO_OUTCOME)
     }
 
     /// The outcome, owned.
     pub fn into_outcome(self) -> Outcome {
-        self.outcome
+        self.record.result.unwrap_or(Outcome::Timeout)
     }
 
     /// When the outcome was stored.
@@ -205,11 +207,8 @@ impl Done {
     }
 
     /// The record as stored under the key (outcome included).
-    pub fn into_record(self) -> Record {
-        Record {
-            result: Some(self.outcome),
-            ..self.record
-        }
+    pub fn record(&self) -> &Record {
+        &self.record
     }
 }
 
@@ -225,20 +224,16 @@ pub enum RunError {
         /// When to retry: when the holder's lease ends, at most the wait.
         retry_after: Duration,
     },
-    /// The closure failed in a way a retry may fix: nothing was stored and
-    /// the claim was released, so the next call runs it again.
-    #[error("transient error {code}: {message}")]
-    Transient {
-        /// The closure's code.
-        code: String,
-        /// The closure's text.
-        message: String,
+    /// The closure failed in a way a retry may fix ([`HandlerError`]: a
+    /// transient error, or nothing that can run it now): nothing was
+    /// stored and the claim was released, so the next call runs it again.
+    #[error("{error}; the claim was released")]
+    Released {
+        /// What the closure said.
+        error: HandlerError,
         /// The run.
         execution: Execution,
     },
-    /// The closure said nothing can run it now; the claim was released.
-    #[error("no handler: {0}")]
-    NoHandler(String),
     /// The closure ran, but the store did not take its outcome while the
     /// lease could hold (PROTOCOL.md v1.2 §4: the owner kept writing it
     /// until the store said the lease was lost, or until a lease past its
@@ -442,19 +437,13 @@ impl Idempotent {
             let outcome = match result {
                 None => Outcome::Timeout,
                 Some(Ok(outcome)) => outcome,
-                Some(Err(HandlerError::Transient { code, message })) => {
-                    executed(&execution, "Error", Some(&code), true);
+                Some(Err(error)) => {
+                    if let HandlerError::Transient { code, .. } = &error {
+                        executed(&execution, "Error", Some(code), true);
+                        self.stats.transient.inc();
+                    }
                     self.release(&mut lease).await;
-                    self.stats.transient.inc();
-                    return Err(RunError::Transient {
-                        code,
-                        message,
-                        execution,
-                    });
-                }
-                Some(Err(HandlerError::NoHandler(reason))) => {
-                    self.release(&mut lease).await;
-                    return Err(RunError::NoHandler(reason));
+                    return Err(RunError::Released { error, execution });
                 }
             };
             let outcome = storable(outcome);

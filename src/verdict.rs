@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use crate::codes;
 use crate::intent::IntentError;
-use crate::outcome::{Answer, Outcome};
+use std::sync::Arc;
+
+use crate::outcome::Outcome;
+use crate::reply::EncodedReply;
 use crate::store::StoreError;
 
 /// Why the worker refused to execute an intent. Each variant is one wire
@@ -32,9 +35,10 @@ pub enum Rejection {
         /// When to retry.
         retry_after: Duration,
     },
-    /// No handler can run the intent now.
-    #[error("{0}")]
-    NoHandler(String),
+    /// The handler declined: nothing can run the intent now (no upstream
+    /// responders, `HandlerError::NoHandler`).
+    #[error(transparent)]
+    Declined(crate::handler::HandlerError),
     /// The worker is stopping and gave the intent's claim back.
     #[error("the worker is shutting down; retry")]
     ShuttingDown,
@@ -53,7 +57,7 @@ impl Rejection {
             Rejection::KeyReused => codes::KEY_REUSED,
             Rejection::InProgress { .. } => codes::IN_PROGRESS,
             Rejection::Overloaded { .. } => codes::OVERLOADED,
-            Rejection::NoHandler(_) | Rejection::ShuttingDown => codes::NO_HANDLER,
+            Rejection::Declined(_) | Rejection::ShuttingDown => codes::NO_HANDLER,
             Rejection::StoreUnavailable(_) => codes::STORE_UNAVAILABLE,
         }
     }
@@ -76,16 +80,16 @@ impl Rejection {
 
 /// What became of one delivery.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// Settled: an outcome (fresh or replayed) or a final refusal. Answer it.
-    Settled(Answer),
+    Settled(Arc<EncodedReply>),
     /// The message itself is bad. Answer it; JetStream mode also dead-letters it.
-    Invalid(Answer),
+    Invalid(Arc<EncodedReply>),
     /// Worth another try later: core mode answers it; JetStream mode naks
     /// the delivery (after `after`) and answers only the last one.
     Retry {
         /// The reply, should this be the last word.
-        reply: Answer,
+        reply: Arc<EncodedReply>,
         /// How long to wait before the next try.
         after: Duration,
     },
@@ -93,7 +97,7 @@ pub enum Verdict {
 
 impl Verdict {
     /// The answer this verdict carries.
-    pub fn answer(&self) -> &Answer {
+    pub(crate) fn answer(&self) -> &Arc<EncodedReply> {
         match self {
             Verdict::Settled(reply) | Verdict::Invalid(reply) | Verdict::Retry { reply, .. } => {
                 reply
@@ -104,7 +108,7 @@ impl Verdict {
 
 /// A handled delivery: the verdict and where the intent may be answered.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Handled {
+pub(crate) struct Handled {
     /// What became of it.
     pub verdict: Verdict,
     /// Whether the message's own reply subject may be answered (core

@@ -14,7 +14,7 @@ use std::path::Path;
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use idemq::intent::{Intent, IntentError, Limits};
-use idemq::outcome::{EncodedReply, Record};
+use idemq::outcome::Record;
 use idemq::{IdempotencyKey, Outcome, Reply};
 use proptest::collection::{btree_map, vec};
 use proptest::prelude::*;
@@ -260,8 +260,8 @@ proptest! {
             .expect("record JSON");
         prop_assert_eq!(&stored.idem_key, &record.idem_key);
         prop_assert_eq!(&stored.result, &record.result);
-        let encoded = EncodedReply::replay_of(&record).expect("an outcome");
-        let reply: Reply = serde_json::from_slice(&encoded.body).expect("reply JSON");
+        let encoded = Reply::from_record(&record, true).expect("an outcome").to_bytes();
+        let reply: Reply = serde_json::from_slice(&encoded).expect("reply JSON");
         prop_assert_eq!(reply.result, outcome);
         prop_assert!(reply.replayed);
         // Replies carry the bare key, whatever the tenant.

@@ -187,8 +187,11 @@ async fn a_transient_failure_is_released_and_runs_again(store: Store) {
         })
         .await;
     match failed {
-        Err(RunError::Transient { code, .. }) => assert_eq!(code, "503"),
-        other => panic!("expected Transient, got {other:?}"),
+        Err(RunError::Released {
+            error: HandlerError::Transient { code, .. },
+            ..
+        }) => assert_eq!(code, "503"),
+        other => panic!("expected a released transient error, got {other:?}"),
     }
     assert_eq!(
         once.store().get(&key).await.expect("get"),

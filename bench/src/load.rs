@@ -30,7 +30,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use super::{connect, usage, BenchError, Intents};
 use idemq::intent::REPLY_TO_HEADER;
 use idemq::nats::NatsArgs;
-use idemq::outcome::{ERROR_CODE_HEADER, REPLAYED_HEADER, STATUS_HEADER};
+use idemq::reply::{ERROR_CODE_HEADER, REPLAYED_HEADER, STATUS_HEADER};
 
 /// Highest latency the histogram holds, in microseconds; slower replies
 /// are counted at this value (they are timeouts well before it).

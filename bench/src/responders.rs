@@ -30,7 +30,8 @@ use idemq::handler::{Call, Echo, Handler, HandlerError};
 use idemq::intake::Intake;
 use idemq::intent::REPLY_TO_HEADER;
 use idemq::key::IdempotencyKey;
-use idemq::outcome::{Outcome, Reply, ERROR_CODE_HEADER, STATUS_HEADER};
+use idemq::outcome::Outcome;
+use idemq::reply::{Reply, ERROR_CODE_HEADER, STATUS_HEADER};
 use idemq::server::{Server, ServerConfig};
 use idemq::store::kv::BucketConfig;
 

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use super::DeliveryError;
 use crate::config::INTAKE_OVERHEAD;
 use crate::intake::Intake;
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Incoming, Pipeline};
 use crate::stats::{Stats, Throttle};
 use crate::verdict::{Handled, Rejection};
 
@@ -240,15 +240,13 @@ fn answer(
     async move {
         let _permit = permit;
         let started = std::time::Instant::now();
-        let handled = pipeline
-            .handle(
-                &message.subject,
-                message.reply.as_deref(),
-                message.headers.as_ref(),
-                &message.payload,
-                &abandon,
-            )
-            .await;
+        let incoming = Incoming {
+            subject: &message.subject,
+            own_reply: message.reply.as_deref(),
+            headers: message.headers.as_ref(),
+            payload: &message.payload,
+        };
+        let handled = pipeline.handle(incoming, &abandon).await;
         publish(&pipeline, message, handled).await;
         Stats::observe(&pipeline.stats.intent_seconds, started.elapsed());
     }
@@ -278,7 +276,7 @@ async fn publish(pipeline: &Pipeline, message: Message, handled: Handled) {
             let published = Box::pin(pipeline.client.publish_with_headers(
                 reply_to,
                 reply.headers(),
-                reply.to_bytes(),
+                reply.body.clone(),
             ));
             if let Err(error) = published.await {
                 tracing::warn!(%error, "reply not sent");

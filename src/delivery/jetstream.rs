@@ -41,8 +41,8 @@ use super::DeliveryError;
 use crate::codes;
 use crate::config::{JetStreamConfig, NAK_DELAY_CAP};
 use crate::intake::Intake;
-use crate::outcome::Answer;
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Incoming, Pipeline};
+use crate::reply::EncodedReply;
 use crate::stats::Stats;
 use crate::verdict::Verdict;
 
@@ -285,15 +285,13 @@ impl Consumer {
             tracing::warn!(reason = MAX_DELIVER_REASON, subject = %message.subject, delivered, "intent dead-lettered");
             return Ok(AckKind::Term);
         }
-        let handled = pipeline
-            .handle(
-                &message.subject,
-                None,
-                message.headers.as_ref(),
-                &message.payload,
-                abandon,
-            )
-            .await;
+        let incoming = Incoming {
+            subject: &message.subject,
+            own_reply: None,
+            headers: message.headers.as_ref(),
+            payload: &message.payload,
+        };
+        let handled = pipeline.handle(incoming, abandon).await;
         let reply_to = handled.reply_to.as_deref();
         let fingerprint = handled.fingerprint;
         match handled.verdict {
@@ -303,7 +301,8 @@ impl Consumer {
                 .map(|()| AckKind::Ack),
             Verdict::Invalid(reply) => {
                 let reason = reply
-                    .error_code()
+                    .code
+                    .as_deref()
                     .unwrap_or(codes::INVALID_INTENT)
                     .to_owned();
                 self.give_up(pipeline, message, reply_to, fingerprint, &reply, &reason)
@@ -339,7 +338,7 @@ impl Consumer {
         message: &async_nats::jetstream::Message,
         reply_to: Option<&str>,
         fingerprint: Option<u64>,
-        reply: &Answer,
+        reply: &EncodedReply,
     ) -> Result<(), SettleError> {
         let Some(reply_to) = reply_to else {
             return Ok(());
@@ -353,8 +352,8 @@ impl Consumer {
         // on) is keyed by the message's own sequence: an intent published
         // again later must not find its final outcome taken for a
         // duplicate of that answer (PROTOCOL.md v1.2 §6).
-        let msg_id = match (reply.idem_key(), fingerprint) {
-            (Some(key), Some(fingerprint)) if reply.is_stored() => {
+        let msg_id = match (&reply.idem_key, fingerprint) {
+            (Some(key), Some(fingerprint)) if reply.stored => {
                 Some(format!("{key}.{fingerprint:016x}"))
             }
             _ => message
@@ -365,7 +364,7 @@ impl Consumer {
         if let Some(msg_id) = msg_id {
             headers.insert("Nats-Msg-Id", msg_id.as_str());
         }
-        self.publish_kept(pipeline, reply_to, headers, reply.to_bytes())
+        self.publish_kept(pipeline, reply_to, headers, reply.body.clone())
             .await
             .map_err(|error| SettleError(format!("reply to {reply_to}: {error}")))
     }
@@ -406,7 +405,7 @@ impl Consumer {
         message: &async_nats::jetstream::Message,
         reply_to: Option<&str>,
         fingerprint: Option<u64>,
-        reply: &Answer,
+        reply: &EncodedReply,
         reason: &str,
     ) -> Result<AckKind, SettleError> {
         self.answer(pipeline, message, reply_to, fingerprint, reply)

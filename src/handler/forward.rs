@@ -7,7 +7,8 @@ use async_trait::async_trait;
 
 use super::{Call, Handler, HandlerError};
 use crate::intent::is_publish_subject;
-use crate::outcome::{Outcome, KEY_HEADER, STATUS_HEADER};
+use crate::outcome::Outcome;
+use crate::reply::{KEY_HEADER, STATUS_HEADER};
 
 /// The NATS micro-service error code header.
 pub const SERVICE_ERROR_CODE_HEADER: &str = "Nats-Service-Error-Code";
