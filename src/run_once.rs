@@ -70,7 +70,9 @@ use crate::handler::HandlerError;
 use crate::key::IdempotencyKey;
 use crate::outcome::{nests_deeper_than, Outcome, Record, MAX_OUTCOME_DEPTH};
 use crate::stats::Stats;
-use crate::store::{Acquire, ClaimRequest, IdempotencyStore, Lease, StoreError, Versioned};
+use crate::store::{
+    Acquire, ClaimProtocol, ClaimRequest, IdempotencyStore, Lease, StoreError, Versioned,
+};
 
 /// Shortest `retry_after` suggested with [`RunError::InProgress`].
 pub const MIN_RETRY_AFTER: Duration = Duration::from_millis(100);

@@ -28,7 +28,7 @@ use serde_json::Value;
 use crate::key::IdempotencyKey;
 use crate::outcome::Outcome;
 use crate::run_once::{fingerprint_of, Idempotent, RunError, RunRequest};
-use crate::store::IdempotencyStore;
+use crate::store::{ClaimProtocol, IdempotencyStore};
 
 /// The seed's errors, under its names. (The seed's `InvalidFormat` is
 /// [`IdempotencyKey::parse`]'s error here: a key is checked when it is

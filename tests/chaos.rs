@@ -611,7 +611,7 @@ async fn soak(delivery: Delivery, mut servers: Servers) {
     let mut stored_exec = HashMap::new();
     for key in sent.keys() {
         let parsed = idemq::IdempotencyKey::parse(key).expect("key");
-        let record = idemq::store::IdempotencyStore::get(&store, &parsed)
+        let record = idemq::store::ClaimProtocol::get(&store, &parsed)
             .await
             .expect("get")
             .unwrap_or_else(|| {

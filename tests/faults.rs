@@ -10,7 +10,7 @@ use common::upstream::{Upstream, FORWARD};
 use common::workers::{start_worker_on, test_config};
 use common::NatsServer;
 use idemq::store::kv::{BucketConfig, KvStore};
-use idemq::store::IdempotencyStore;
+use idemq::store::ClaimProtocol;
 use idemq::IdempotencyKey;
 use serde_json::{json, Value};
 

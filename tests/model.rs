@@ -76,7 +76,8 @@ use idemq::outcome::{Outcome, Record, RecordState};
 use idemq::store::kv::{BucketConfig, KvStore};
 use idemq::store::memory::MemoryStore;
 use idemq::store::{
-    Acquire, ClaimRequest, IdempotencyStore, Lease, Slot, StoreError, Versioned, Wakeups,
+    Acquire, ClaimProtocol, ClaimRequest, IdempotencyStore, Lease, Slot, StoreError, Versioned,
+    Wakeups,
 };
 use idemq::IdempotencyKey;
 use proptest::collection::vec;

@@ -11,6 +11,7 @@ use std::time::Duration;
 use idemq::handler::HandlerError;
 use idemq::outcome::Outcome;
 use idemq::run_once::{fingerprint_of, Idempotent, RunError, RunOptions, RunRequest};
+use idemq::store::ClaimProtocol;
 use idemq::{seed, IdempotencyKey};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;

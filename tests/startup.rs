@@ -14,7 +14,7 @@ use idemq::config::{Delivery, JetStreamConfig};
 use idemq::handler::Echo;
 use idemq::server::{ServeError, Server, ServerConfig};
 use idemq::store::kv::{BucketConfig, KvStore};
-use idemq::store::{Acquire, ClaimRequest, IdempotencyStore, StoreError};
+use idemq::store::{Acquire, ClaimProtocol, ClaimRequest, StoreError};
 use idemq::worker::WorkerError;
 use idemq::{DeliveryError, IdempotencyKey, WorkerConfig};
 use tokio_util::sync::CancellationToken;

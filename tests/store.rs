@@ -11,7 +11,7 @@ use std::time::Duration;
 use idemq::outcome::{Outcome, RecordState};
 use idemq::store::kv::{BucketConfig, KvStore};
 use idemq::store::{
-    Acquire, Claim, ClaimRequest, IdempotencyStore, StoreError, Versioned, Wakeups,
+    Acquire, Claim, ClaimProtocol, ClaimRequest, IdempotencyStore, StoreError, Versioned, Wakeups,
 };
 use idemq::IdempotencyKey;
 use serde_json::json;
@@ -507,7 +507,7 @@ async fn an_outcome_too_large_to_store_is_stored_as_result_too_large(store: Stor
         .await
         .expect("a definite outcome is stored");
     let code = record.result.as_ref().and_then(Outcome::error_code);
-    assert_eq!(code, Some(idemq::store::RESULT_TOO_LARGE));
+    assert_eq!(code, Some(idemq::codes::RESULT_TOO_LARGE));
     let stored = store.get(&first.key).await.expect("get").expect("record");
     assert_eq!(stored, record, "what is answered is what is stored");
     match store

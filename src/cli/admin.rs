@@ -15,7 +15,7 @@ use crate::key::IdempotencyKey;
 use crate::nats::NatsArgs;
 use crate::stats::Snapshot;
 use crate::store::kv::KvStore;
-use crate::store::IdempotencyStore;
+use crate::store::ClaimProtocol;
 
 /// Where stored outcomes are: the servers and the bucket (for `get`,
 /// `stats`, `purge`).
