@@ -102,7 +102,7 @@ if [[ -n $DEMO_IDEMQ_BIN ]]; then
 else
     say "Building idemq (cargo build)"
     cargo build --quiet
-    IDEMQ=target/debug/idemq
+    IDEMQ=$(idemq_debug_bin)
     [[ -x $IDEMQ ]] || die "$IDEMQ was not built"
 fi
 note "$("$IDEMQ" --version), $("$NATS_SERVER" --version)"

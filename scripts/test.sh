@@ -29,9 +29,8 @@ cargo test --workspace
 ensure_python_client
 PY=$IDEMQ_PY_VENV/bin
 # The binary cargo built, wherever its target directory is (CARGO_TARGET_DIR).
-target_dir=$(cargo metadata --format-version 1 --no-deps |
-    "$PY/python3" -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
-export IDEMQ_BIN=$target_dir/debug/idemq
+IDEMQ_BIN=$(idemq_debug_bin)
+export IDEMQ_BIN
 [[ -x $IDEMQ_BIN ]] || { echo "test.sh: $IDEMQ_BIN was not built" >&2; exit 1; }
 wheel_dir=$(mktemp -d "${TMPDIR:-/tmp}/idemq-wheel.XXXXXX")
 trap 'rm -rf "$wheel_dir"' EXIT

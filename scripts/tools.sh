@@ -84,6 +84,16 @@ ensure_nats_py() {
     export PATH="$venv/bin:$PATH"
 }
 
+# The idemq binary cargo builds (debug), wherever cargo puts its target
+# directory (CARGO_TARGET_DIR, a config file): cargo itself is asked.
+idemq_debug_bin() {
+    local target_dir
+    target_dir=$(cargo metadata --format-version 1 --no-deps |
+        python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])') ||
+        tools_die "cargo metadata failed"
+    echo "$target_dir/debug/idemq"
+}
+
 # The Python client's tools and the package, in .tools/venv. Skipped when
 # that venv already has exactly these pins and this package definition
 # (a stamp of both files is kept in the venv).

@@ -928,7 +928,7 @@ async fn credentials_in_urls_work_for_every_command_and_never_print() {
 }
 
 /// Passwords with every character a URL parser might stop at, typed into
-/// --nats-url as they are (PROTOCOL.md v1.2 §7), and one percent-encoded.
+/// --nats-url as they are (docs/contract.md v1.2 §7), and one percent-encoded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credentials_with_url_characters_in_urls_work_and_never_print() {
     url_credentials_work_and_never_print(

@@ -1,4 +1,4 @@
-//! Every core delivery is answered (PROTOCOL.md v1.2 §3, §6): a burst of
+//! Every core delivery is answered (docs/contract.md v1.2 §3, §6): a burst of
 //! copies larger than any buffer of the client reaches the intake and is
 //! answered in full, and past `--intake-bytes` a copy is answered
 //! `OVERLOADED` at once, never dropped. Three `idemq serve` processes, a

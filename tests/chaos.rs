@@ -4,7 +4,7 @@
 //! faults through a TCP fault proxy in front of each worker (hold, drop,
 //! delay, sever). Three runs: JetStream mode, core mode (clients retry), and
 //! JetStream mode on a cluster. Then it checks what the contract promises
-//! (PROTOCOL.md §4):
+//! (docs/contract.md §4):
 //!
 //! * every intent is answered: in JetStream mode its reply lands in a
 //!   stream, one per intent; in core mode a client retrying with the same
@@ -308,7 +308,7 @@ type Answer = (Value, bool);
 
 /// Whether a reply is a settled answer (an outcome to compare with the
 /// store). An outcome marked unstored is not: the client retries it
-/// (PROTOCOL.md v1.2 §3).
+/// (docs/contract.md v1.2 §3).
 fn settled((reply, unstored): &Answer) -> bool {
     let code = reply["result"]["data"]["code"].as_str().unwrap_or_default();
     let refused = reply["result"]["status"] == "Error" && UNSETTLED.contains(&code);

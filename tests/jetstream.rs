@@ -260,7 +260,7 @@ async fn a_results_stream_keeps_the_final_outcome_after_a_transient_answer() {
     until_drained(&js).await;
     assert_eq!(upstream.total(), 3);
 
-    // The stream keeps both answers, the stored outcome last (PROTOCOL.md
+    // The stream keeps both answers, the stored outcome last (docs/contract.md
     // v1.2 §6): the transient answer did not take its message id.
     let mut stream = js.get_stream("RESULTS").await.expect("stream");
     assert_eq!(stream.info().await.expect("info").state.messages, 2);

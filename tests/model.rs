@@ -1,4 +1,4 @@
-//! A model check of the claim protocol (`CLAIM.md`, PROTOCOL.md §4): random
+//! A model check of the claim protocol (`docs/claim.md`, docs/contract.md §4): random
 //! schedules of 2-5 workers over 1-3 keys, run against the store's own
 //! `acquire` / `renew` / `complete` / `release`, with faults injected
 //! under them, and every step checked against a model of what the store
@@ -18,7 +18,7 @@
 //! reads can fail for the whole step; and a step's plain reads can be
 //! stale: each returns what the key held a bounded time before (a record,
 //! a marker, or no message), as a replica behind the writes answers
-//! (`CLAIM.md`, "Stale replicas"), while the leader's reads stay current.
+//! (`docs/claim.md`, "Stale replicas"), while the leader's reads stay current.
 //! With stale reads an acquire may be busy where it could have decided, or
 //! replay an outcome alive within the lag; every safety invariant holds. A step meant for a worker that
 //! cannot do it (a claim by one holding a lease, a renewal by one holding
@@ -270,7 +270,7 @@ struct Step {
     reads_fail: bool,
     /// Every plain read of the step (not the leader's) returns what the
     /// key held this long ago: a replica that has not applied the latest
-    /// writes (`CLAIM.md`, "Stale replicas").
+    /// writes (`docs/claim.md`, "Stale replicas").
     stale: Option<Lag>,
 }
 

@@ -114,7 +114,7 @@ async fn an_intent_resent_long_after_its_dead_owners_lease_runs_as_attempt_2() {
     wait_for_workers(&client, 1).await;
     // Long after the dead owner's 3 s lease ran out (and its expiry left
     // the key): the next run must still say an earlier one started
-    // (PROTOCOL.md v1.2 §4).
+    // (docs/contract.md v1.2 §4).
     tokio::time::sleep(Duration::from_secs(10)).await;
     let resent = {
         let (client, body) = (client.clone(), body.clone());
@@ -278,7 +278,7 @@ async fn usage_errors_exit_two_with_a_reason() {
         ],
         &["key", "--episode", "e"],
         &["get", "not-a-key"],
-        // Durations past their bounds (PROTOCOL.md v1.2 §7): a usage
+        // Durations past their bounds (docs/contract.md v1.2 §7): a usage
         // error, never a panic at the first intent.
         &["serve", "--lease", "5000000000y"],
         &["serve", "--ttl", "5000000000y"],

@@ -330,7 +330,7 @@ async fn a_cancelled_run_releases_its_claim_at_once(store: Store) {
         .await
         .expect("the key is free");
     assert!(!done.replayed);
-    // The release's marker says a run of the key started (PROTOCOL.md
+    // The release's marker says a run of the key started (docs/contract.md
     // v1.2 §4): this one is attempt 2.
     assert_eq!(done.execution.map(|e| e.attempt), Some(2));
 }
@@ -373,7 +373,7 @@ async fn the_seed_helpers_run_once_and_replay(store: Store) {
     );
 }
 
-/// Options past every bound (PROTOCOL.md v1.2 §7): a lease of 1 ns (a
+/// Options past every bound (docs/contract.md v1.2 §7): a lease of 1 ns (a
 /// renewal timer of 0 panicked), a wait and a TTL no clock can add. They
 /// are held to the bounds; a run that renews, waits and stores works.
 async fn options_past_every_bound_are_held_to_them(store: Store) {

@@ -1,4 +1,4 @@
-//! Reply targets the caller must not choose (PROTOCOL.md v1.1, "Reply
+//! Reply targets the caller must not choose (docs/contract.md v1.1, "Reply
 //! targets"): the worker publishes replies with its own credentials, so an
 //! intent naming `$KV.<bucket>.<key>`, a JetStream API subject or the
 //! worker's own intent subjects as its reply target is refused before
@@ -276,7 +276,7 @@ async fn the_workers_own_subjects_are_refused_as_reply_targets_by_every_carrier(
         .expect("connect");
     let worker =
         common::workers::start_worker_on(worker_client, test_config(), Some(FORWARD)).await;
-    // What the worker publishes to on its own behalf (PROTOCOL.md v1.2 §2):
+    // What the worker publishes to on its own behalf (docs/contract.md v1.2 §2):
     // the --forward subjects, purge notices, dead letters, status
     // endpoints, and its own inboxes.
     let targets = [

@@ -234,7 +234,7 @@ async fn outcome_expires_after_its_ttl(store: Store) {
     assert!(store.get(&first.key).await.expect("get").is_some());
     until_gone(&store, &first.key).await;
     let again = owned(&store, &with_owner(&first)).await;
-    // The expiry's marker says the key ran within MARKER_TTL (PROTOCOL.md
+    // The expiry's marker says the key ran within MARKER_TTL (docs/contract.md
     // v1.2 §4): the next run is not attempt 1.
     assert_eq!(again.record.attempt, 2);
 }

@@ -1,4 +1,4 @@
-//! Tenant-scoped keys (PROTOCOL.md v1.1 §5): with `--tenant-token N` the
+//! Tenant-scoped keys (docs/contract.md v1.1 §5): with `--tenant-token N` the
 //! N-th subject token names the tenant, and its KV key is
 //! `<tenant>.<idem_key>`, so tenants sending identical intents never share
 //! an outcome or a `KEY_REUSED`.
@@ -265,7 +265,7 @@ async fn send_as_tenant(
 }
 
 /// A tenant sends an intent under a key it crafted so that its bits equal
-/// another tenant's key (PROTOCOL.md v1.2 §5); then that tenant's own
+/// another tenant's key (docs/contract.md v1.2 §5); then that tenant's own
 /// intent must run, in core mode and in JetStream mode.
 async fn a_crafted_key_cannot_touch_another_tenants_intent(jetstream: bool) {
     let server = NatsServer::start();

@@ -1,4 +1,4 @@
-"""idemq: the Python client of the idemq worker, following PROTOCOL.md v1.2.
+"""idemq: the Python client of the idemq worker, following docs/contract.md v1.2.
 
 Agents submit intents that run at most once per idempotency key::
 
@@ -26,7 +26,7 @@ from .keys import derive_key, intent_key, key_from_intent, parse_key
 from .result import Result
 from .upstream import Call, Handler, Upstream, serve_upstream
 
-#: The version of the idemq wire contract (PROTOCOL.md) this package follows.
+#: The version of the idemq wire contract (docs/contract.md) this package follows.
 PROTOCOL_VERSION = "1.2"
 __version__ = "0.1.0"
 

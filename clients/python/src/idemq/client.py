@@ -1,4 +1,4 @@
-"""Agents' side: submit intents to idemq workers (PROTOCOL.md v1.2, sections 2, 3 and 6)."""
+"""Agents' side: submit intents to idemq workers (docs/contract.md v1.2, sections 2, 3 and 6)."""
 
 import asyncio
 import hashlib

@@ -1,4 +1,4 @@
-"""The intent envelope (PROTOCOL.md v1.2, section 2)."""
+"""The intent envelope (docs/contract.md v1.2, section 2)."""
 
 import json
 from collections.abc import Mapping

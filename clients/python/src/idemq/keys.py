@@ -1,4 +1,4 @@
-"""Idempotency keys, byte-identical to the worker's (PROTOCOL.md v1.2, section 1)."""
+"""Idempotency keys, byte-identical to the worker's (docs/contract.md v1.2, section 1)."""
 
 import hashlib
 import re

@@ -1,4 +1,4 @@
-"""The answer to an intent (PROTOCOL.md v1.2, section 3)."""
+"""The answer to an intent (docs/contract.md v1.2, section 3)."""
 
 import json
 from collections.abc import Mapping

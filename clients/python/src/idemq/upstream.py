@@ -1,5 +1,5 @@
 """Upstream services' side: answer the requests of ``idemq serve --forward``
-(PROTOCOL.md v1.2, section 7, and ``src/handler/forward.rs``)."""
+(docs/contract.md v1.2, section 7, and ``src/handler/forward.rs``)."""
 
 import asyncio
 import inspect
