@@ -149,7 +149,7 @@ impl AuthArgs {
     }
 
     /// [`apply`](Self::apply), with the credentials a `--nats-url` carried
-    /// ([`split_url_credentials`]): one more identity method, under the
+    /// ([`split_url_credentials`](crate::nats::split_url_credentials)): one more identity method, under the
     /// same rule of at most one.
     pub fn apply_with(
         &self,

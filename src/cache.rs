@@ -293,7 +293,7 @@ impl OutcomeCache {
             return Lookup::Miss;
         };
         // The bits are a map key, not an identity: another tenant can make
-        // any key's bits (PROTOCOL.md v1.2 §5). Only the whole key is.
+        // any key's bits (docs/contract.md v1.2 §5). Only the whole key is.
         if entry.replay.idem_key.as_ref() != Some(key) {
             return Lookup::Miss;
         }

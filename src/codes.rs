@@ -1,5 +1,5 @@
-//! Every error code idemq itself puts on the wire (PROTOCOL.md §5), in one
-//! table. [`Rejection::code`](crate::verdict::Rejection::code) maps the
+//! Every error code idemq itself puts on the wire (docs/contract.md §3), in one
+//! table. `Rejection::code` (`verdict.rs`) maps the
 //! worker's typed refusals to them; the two codes that are stored outcomes
 //! come from where those outcomes are made (the store, the forward handler).
 
@@ -19,7 +19,7 @@ pub const NO_HANDLER: &str = "NO_HANDLER";
 pub const STORE_UNAVAILABLE: &str = "STORE_UNAVAILABLE";
 /// The core intake already holds `--intake-bytes` of waiting intents (v1.2).
 pub const OVERLOADED: &str = "OVERLOADED";
-/// Stored: the outcome was too large for the store (PROTOCOL.md v1.1).
+/// Stored: the outcome was too large for the store (docs/contract.md v1.1).
 pub const RESULT_TOO_LARGE: &str = "RESULT_TOO_LARGE";
 /// Stored: the upstream's reply could not be read as an outcome.
 pub const UPSTREAM_BAD_REPLY: &str = "UPSTREAM_BAD_REPLY";

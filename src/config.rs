@@ -33,7 +33,7 @@ pub struct WorkerConfig {
     /// intake (core mode) or in the stream (JetStream mode).
     pub concurrency: usize,
     /// Core mode: bytes of waiting intents the intake holds (`--intake-bytes`,
-    /// PROTOCOL.md v1.2 §6). A delivery that does not fit is answered
+    /// docs/contract.md v1.2 §6). A delivery that does not fit is answered
     /// `OVERLOADED` at once, never dropped. Counted per message as its
     /// subject, reply subject, headers and payload, plus
     /// [`INTAKE_OVERHEAD`] for what holding it costs.
@@ -119,7 +119,7 @@ impl JetStreamConfig {
     }
 }
 
-/// The longest `--ttl` (PROTOCOL.md v1.2 §7): ten years, as `10y` reads.
+/// The longest `--ttl` (docs/contract.md v1.2 §7): ten years, as `10y` reads.
 pub const MAX_TTL: Duration = Duration::from_secs(315_576_000);
 /// The longest of every other duration setting (`--lease`, `--wait`,
 /// `--handler-timeout`, `--grace`, `--ack-wait`, `--backoff` steps, the
@@ -163,7 +163,7 @@ impl WorkerConfig {
 
     /// How long an outcome is kept: the intent's `ttl_secs`, capped by
     /// `--ttl`. In JetStream mode it is at least the redelivery horizon
-    /// (PROTOCOL.md v1.1 §6): a copy held for the outcome, or a late
+    /// (docs/contract.md v1.1 §6): a copy held for the outcome, or a late
     /// redelivery, must never find its key expired and run it again.
     pub fn outcome_ttl(&self, ttl_secs: Option<u64>) -> Duration {
         let requested = ttl_secs.map_or(self.ttl, |secs| Duration::from_secs(secs).min(self.ttl));

@@ -18,13 +18,13 @@ use tokio_util::task::TaskTracker;
 /// task, and the two stop signals.
 pub struct Intake {
     /// The in-flight bound.
-    pub permits: Arc<Semaphore>,
+    pub(crate) permits: Arc<Semaphore>,
     /// The owner of every intent's task.
-    pub tracker: TaskTracker,
+    pub(crate) tracker: TaskTracker,
     /// Stop taking intents.
-    pub shutdown: CancellationToken,
+    pub(crate) shutdown: CancellationToken,
     /// Stop waiting for running handlers: release their claims.
-    pub abandon: CancellationToken,
+    pub(crate) abandon: CancellationToken,
 }
 
 impl Intake {
@@ -36,6 +36,12 @@ impl Intake {
             shutdown,
             abandon: CancellationToken::new(),
         }
+    }
+
+    /// The owner of every task started for a message: close and wait on it
+    /// to stop cleanly.
+    pub fn tracker(&self) -> &TaskTracker {
+        &self.tracker
     }
 
     /// The next message of `source` with its permit (see [`next_with_permit`]).

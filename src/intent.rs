@@ -50,8 +50,9 @@ pub struct Intent {
     pub fingerprint: String,
 }
 
-/// Why an intent was refused. Tests and the worker match on the variant; the
-/// wire code for each lives in `worker::Rejection::code`.
+/// Why an intent was refused. Tests and the worker match on the variant;
+/// [`IntentError::code`] is its wire code (the worker's other refusals map
+/// in `Rejection::code`, `verdict.rs`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IntentError {
     /// The payload exceeds `--max-payload`.
@@ -114,6 +115,18 @@ pub enum IntentError {
     },
 }
 
+impl IntentError {
+    /// The wire code of this refusal: `PAYLOAD_TOO_LARGE`, `INVALID_KEY`, or
+    /// `INVALID_INTENT` for everything else wrong with a message.
+    pub fn code(&self) -> &'static str {
+        match self {
+            IntentError::PayloadTooLarge { .. } => crate::codes::PAYLOAD_TOO_LARGE,
+            IntentError::InvalidKey(_) => crate::codes::INVALID_KEY,
+            _ => crate::codes::INVALID_INTENT,
+        }
+    }
+}
+
 /// A refused intent, with whatever could still be read for the reply.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Invalid {
@@ -133,7 +146,7 @@ pub struct Limits {
     /// Largest accepted payload in bytes (`--max-payload`).
     pub max_payload: usize,
     /// `--tenant-token N`: the N-th subject token (1-based) names the
-    /// intent's tenant, and scopes its key (PROTOCOL.md v1.1 §5).
+    /// intent's tenant, and scopes its key (docs/contract.md v1.1 §5).
     pub tenant_token: Option<usize>,
 }
 

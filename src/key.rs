@@ -18,7 +18,7 @@ const PREFIX: &str = "idem_";
 const HEX_LEN: usize = 16;
 
 /// A validated idempotency key (`idem_` + 16 lowercase hex digits),
-/// optionally scoped to a tenant (`<tenant>.idem_...`, PROTOCOL.md v1.1 §5).
+/// optionally scoped to a tenant (`<tenant>.idem_...`, docs/contract.md v1.1 §5).
 ///
 /// Its text ([`as_str`](Self::as_str)) is the JetStream KV key under which
 /// the intent's claim and outcome live; [`bare`](Self::bare) is the key

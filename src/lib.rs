@@ -9,16 +9,21 @@
 //! # Layout
 //!
 //! The modules in the order an intent meets them; each uses only those
-//! above it. Public ones are the API; the rest are internals whose types
-//! the API needs are re-exported here.
+//! above it. Public ones are the API; the rest are internals. `docs/`
+//! holds the contract (`docs/contract.md`) and the claim protocol
+//! (`docs/claim.md`) that the code cites.
 //!
 //! * [`codes`]: every wire error code idemq puts on the wire, one table.
 //! * [`key`]: the seed-compatible [`IdempotencyKey`]: derive, parse, display.
 //! * [`intent`]: the envelope: decode, validate, fingerprint ([`Intent`]).
 //! * `reply_policy`: where a reply may go: never where the caller could
-//!   turn the worker's credentials against the bucket or the JetStream API.
-//! * [`outcome`]: [`Outcome`], the stored [`Record`], the [`Reply`].
-//! * [`store`]: the [`IdempotencyStore`] trait and the claim protocol;
+//!   turn the worker's credentials against the bucket, the JetStream API or
+//!   the worker's own subjects.
+//! * [`outcome`]: [`Outcome`] and the stored [`Record`].
+//! * [`reply`]: the [`Reply`] on the wire and its headers; every answer
+//!   encoded once.
+//! * [`store`]: the backend trait [`IdempotencyStore`] (storage only) and
+//!   the claim protocol over it, [`store::ClaimProtocol`];
 //!   [`store::kv`] on JetStream KV, [`store::memory`] in process.
 //! * [`handler`]: the [`Handler`] trait; [`handler::Echo`] and
 //!   [`handler::Forward`].
@@ -28,27 +33,30 @@
 //! * [`seed`]: the seed's helpers on [`Idempotent`] (the migration path).
 //! * [`auth`]: NATS authentication flags (token, user/password, nkey,
 //!   credentials, TLS) applied to every connection.
-//! * [`nats`]: [`nats::NatsArgs`], `connect`, and telling a refused
-//!   permission from other server errors.
-//! * [`config`]: [`WorkerConfig`] with the contract's defaults and its validation.
+//! * [`nats`]: [`nats::NatsArgs`], `connect`, credentials in URLs, and
+//!   telling a refused permission or a cluster not ready yet from other
+//!   server errors.
+//! * [`config`]: [`WorkerConfig`] with the contract's defaults, bounds and validation.
 //! * `config_file`: the optional TOML file under the flags; `--print-config`.
 //! * `service`: the `idemq` NATS micro service (discovery, stats).
-//! * `cache`: stored outcomes kept in memory for replays; purge notices.
-//! * `verdict`: what became of a delivery ([`Verdict`]) and the
-//!   [`Rejection`]s, each mapped to its wire code in one place.
+//! * `cache`: stored outcomes kept in memory for replays.
+//! * `in_flight`: the keys this worker is working on, so local copies wait.
+//! * `purge`: purging a stored outcome, and the notices every worker acts on.
+//! * `verdict`: what became of a delivery, and the refusals, each mapped to
+//!   its wire code in one place.
 //! * `pipeline`: one delivery's path, decode to verdict, the execution
 //!   step through [`run_once`].
-//! * [`intake`]: the permit-bounded intake both delivery modes (and the
+//! * `intake`: the permit-bounded intake both delivery modes (and the
 //!   benchmark's baselines) share.
-//! * `delivery`: core request/reply, and the JetStream pull consumer
-//!   (acks, naks, dead letters).
+//! * `delivery`: core request/reply with its byte-bounded intake, and the
+//!   JetStream pull consumer (acks, naks), its reply routes and dead letters.
 //! * [`worker`]: a [`Worker`]: the pipeline, a delivery, registration and shutdown.
 //! * [`http`]: `/metrics`, `/healthz`, `/readyz` on `--metrics-addr`.
 //! * [`server`]: the one start-up path ([`server::Server::start`]): what
 //!   `idemq serve`, the tests, the benchmark and `examples/embed.rs` call.
 //! * [`admin`]: the data behind `idemq stats` and what `idemq purge` does.
-//! * [`cli`]: the `idemq` command line, one file per command; it renders
-//!   what the library returns.
+//! * `cli`: the `idemq` command line, one file per command; it renders
+//!   what the library returns (public for the binary, not an API).
 //!
 //! The benchmark is the workspace's other crate, `bench/` (`idemq-bench`).
 //!
@@ -174,12 +182,14 @@ mod in_flight;
 mod purge;
 mod verdict;
 mod pipeline;
+#[doc(hidden)]
 pub mod intake;
 mod delivery;
 pub mod worker;
 pub mod http;
 pub mod server;
 pub mod admin;
+#[doc(hidden)]
 pub mod cli;
 
 pub use config::WorkerConfig;
@@ -191,5 +201,4 @@ pub use outcome::{Outcome, Record};
 pub use reply::Reply;
 pub use run_once::Idempotent;
 pub use store::IdempotencyStore;
-pub use verdict::Rejection;
 pub use worker::Worker;

@@ -23,8 +23,9 @@ pub struct NatsArgs {
     /// [default: nats://127.0.0.1:4222]
     #[arg(long, env = "IDEMQ_NATS_URL", hide_env = true)]
     pub nats_url: Option<String>,
-    /// Prefix of this connection's request inboxes (default `_INBOX`), so a
-    /// user can be allowed `_INBOX_<user>.>` instead of every client's
+    /// Prefix of this connection's request inboxes (default `_INBOX`; for
+    /// `serve`, `_INBOX.<id>`, inboxes of its own that no reply may target),
+    /// so a user can be allowed `_INBOX_<user>.>` instead of every client's
     /// `_INBOX.>`.
     #[arg(long, env = "IDEMQ_INBOX_PREFIX")]
     pub inbox_prefix: Option<String>,
@@ -214,7 +215,8 @@ const NOT_READY_CODES: [async_nats::jetstream::ErrorCode; 4] = [
 
 /// Whether a JetStream API call failed in a way that passes once a
 /// just-started cluster has its leaders: the request timed out or found no
-/// responders, or the API answered with one of [`NOT_READY_CODES`]. Read
+/// responders, or the API answered that the cluster or the asset has no
+/// leader yet or too few peers (10008, 10005, 10004, 10009). Read
 /// from the client's typed errors, through their sources.
 pub fn not_ready_yet(error: &(dyn std::error::Error + 'static)) -> bool {
     use async_nats::jetstream::context::{
@@ -311,7 +313,7 @@ where
 }
 
 // ---------------------------------------------------------------------------
-// Credentials in `--nats-url` (PROTOCOL.md v1.1 and v1.2 §7)
+// Credentials in `--nats-url` (docs/contract.md v1.1 and v1.2 §7)
 
 /// The entries of a comma-separated `--nats-url` list. A comma ends an
 /// entry, except inside its credentials, which may hold any character

@@ -163,7 +163,7 @@ impl PartialEq for Record {
 
 /// The time a record is stamped with: now, to the millisecond (records
 /// are read by people and tools; finer digits only lengthen every copy).
-pub fn now() -> DateTime<Utc> {
+pub(crate) fn now() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(3)
 }
 

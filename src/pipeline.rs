@@ -102,7 +102,7 @@ impl Pipeline {
 /// `idemq.status.<instance>`, `idemq.dlq.<stream>`.
 const OWN_NAMESPACE: &str = "idemq.>";
 
-/// Where this worker's replies may go (PROTOCOL.md v1.2 §2): never to a
+/// Where this worker's replies may go (docs/contract.md v1.2 §2): never to a
 /// subject it takes intents from or publishes to on its own behalf: what
 /// the handler calls, the dead-letter subject, purge notices, the status
 /// endpoints (all of `idemq.>`), and its own inboxes (when they have a prefix of their own:

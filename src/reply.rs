@@ -1,5 +1,5 @@
 //! What goes back on the wire: the [`Reply`] every delivery of an intent
-//! gets (PROTOCOL.md §3), its headers, and [`EncodedReply`], a reply
+//! gets (docs/contract.md §3), its headers, and `EncodedReply`, a reply
 //! encoded once for sending, the one place replies are serialised.
 
 use std::sync::Arc;
@@ -22,7 +22,7 @@ pub const STATUS_HEADER: &str = "Idem-Status";
 /// Reply header: the error code of an `Error` outcome.
 pub const ERROR_CODE_HEADER: &str = "Idem-Error-Code";
 /// Reply header, `false` on an executed outcome the store did not take
-/// before the lease was lost (PROTOCOL.md v1.2 §3): a retry may run the
+/// before the lease was lost (docs/contract.md v1.2 §3): a retry may run the
 /// key again.
 pub const STORED_HEADER: &str = "Idem-Stored";
 

@@ -1,4 +1,4 @@
-//! Where the worker may publish a reply (PROTOCOL.md v1.1, "Reply targets").
+//! Where the worker may publish a reply (docs/contract.md v1.1, "Reply targets").
 //!
 //! A reply goes out with the worker's own NATS credentials, so the caller
 //! must not be able to choose where it lands: a reply subject of

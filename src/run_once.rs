@@ -107,7 +107,7 @@ impl Default for RunOptions {
 
 impl RunOptions {
     /// These options within the bounds the store and the timers can hold
-    /// (PROTOCOL.md v1.2 §7): a lease of whole seconds from 1 s to a day,
+    /// (docs/contract.md v1.2 §7): a lease of whole seconds from 1 s to a day,
     /// a wait and a timeout of at most a day, a TTL from 1 s to ten years.
     /// [`Idempotent::new`] takes them so: no setting can make it panic or
     /// overflow.
@@ -237,7 +237,7 @@ pub enum RunError {
         execution: Execution,
     },
     /// The closure ran, but the store did not take its outcome while the
-    /// lease could hold (PROTOCOL.md v1.2 §4: the owner kept writing it
+    /// lease could hold (docs/contract.md v1.2 §4: the owner kept writing it
     /// until the store said the lease was lost, or until a lease past its
     /// last acknowledged one). Nothing is settled: a retry finds the key
     /// free once the lease ends, and runs again. The worker answers it with
@@ -319,6 +319,28 @@ impl Idempotent {
     /// Runs `f` once per `key` (while its outcome is kept) and returns the
     /// outcome, or replays the one stored by an earlier call; see the
     /// module docs. `fingerprint` names what is asked under the key.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use idemq::run_once::{fingerprint_of, Idempotent, RunOptions};
+    /// use idemq::store::memory::MemoryStore;
+    /// use idemq::{IdempotencyKey, Outcome};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let once = Idempotent::new(Arc::new(MemoryStore::new()), RunOptions::default());
+    /// let key = IdempotencyKey::generate("order-7", "checkout", 0);
+    /// let fingerprint = fingerprint_of(&serde_json::json!({"amount": 42}))?;
+    /// let charge = || async { Ok(Outcome::Success(serde_json::json!({"charged": 42}))) };
+    /// let first = once.run(&key, &fingerprint, |_| charge()).await?;
+    /// let again = once.run(&key, &fingerprint, |_| charge()).await?;
+    /// assert!(!first.replayed && again.replayed);
+    /// assert_eq!(first.outcome(), again.outcome());
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn run<F, Fut>(
         &self,
         key: &IdempotencyKey,
@@ -475,7 +497,7 @@ impl Idempotent {
                 Err(error) => error,
             };
             // The store did not take it while the lease could hold: the
-            // outcome is answered as it is, marked unstored (PROTOCOL.md
+            // outcome is answered as it is, marked unstored (docs/contract.md
             // v1.2 §3, §4), and a retry may run the key again.
             self.stats.unstored.inc();
             tracing::warn!(%error, "the outcome was executed but not stored; answered unstored");
@@ -592,7 +614,7 @@ fn corrupt(key: &IdempotencyKey) -> RunError {
     })
 }
 
-/// The execution log line (PROTOCOL.md v1.1 §7): one `info` event per
+/// The execution log line (docs/contract.md v1.1 §7): one `info` event per
 /// closure run, never per replay, inside the caller's span (the worker's
 /// carries `idem_key`, `intent_id` and `capability`). It names the
 /// outcome, not its content: params, results and payloads never reach a log.

@@ -77,6 +77,25 @@ pub struct Server {
 impl Server {
     /// Checks the server's version, opens `config.bucket` and starts the
     /// worker with `handler` until `shutdown`; returns once it takes intents.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use std::sync::Arc;
+    /// use idemq::handler::Echo;
+    /// use idemq::server::{Server, ServerConfig};
+    /// use tokio_util::sync::CancellationToken;
+    ///
+    /// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+    /// let client = async_nats::connect("nats://127.0.0.1:4222").await?;
+    /// let shutdown = CancellationToken::new();
+    /// let server = Server::start(client, Arc::new(Echo), ServerConfig::default(), shutdown.clone()).await?;
+    /// // It takes intents now; `shutdown.cancel()` stops it, `wait` sees it out.
+    /// shutdown.cancel();
+    /// server.wait().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn start(
         client: Client,
         handler: Arc<dyn Handler>,
@@ -88,7 +107,7 @@ impl Server {
         let js = async_nats::jetstream::new(client.clone());
         let mut store = KvStore::open(js, &config.bucket).await?;
         // A redelivery may come this late: until then, a marker must say
-        // the key ran (its attempt number, PROTOCOL.md v1.2 §4).
+        // the key ran (its attempt number, docs/contract.md v1.2 §4).
         if let Delivery::JetStream(delivery) = &config.worker.delivery {
             store.keep_markers_for(delivery.redelivery_horizon()).await;
         }

@@ -15,7 +15,7 @@ use crate::store::StoreError;
 /// Why the worker refused to execute an intent. Each variant is one wire
 /// error code; [`Rejection::code`] is the only place that mapping lives.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum Rejection {
+pub(crate) enum Rejection {
     /// The intent failed validation.
     #[error(transparent)]
     Invalid(#[from] IntentError),
@@ -49,11 +49,9 @@ pub enum Rejection {
 
 impl Rejection {
     /// The wire error code.
-    pub fn code(&self) -> &'static str {
+    pub(crate) fn code(&self) -> &'static str {
         match self {
-            Rejection::Invalid(IntentError::PayloadTooLarge { .. }) => codes::PAYLOAD_TOO_LARGE,
-            Rejection::Invalid(IntentError::InvalidKey(_)) => codes::INVALID_KEY,
-            Rejection::Invalid(_) => codes::INVALID_INTENT,
+            Rejection::Invalid(invalid) => invalid.code(),
             Rejection::KeyReused => codes::KEY_REUSED,
             Rejection::InProgress { .. } => codes::IN_PROGRESS,
             Rejection::Overloaded { .. } => codes::OVERLOADED,
@@ -63,7 +61,7 @@ impl Rejection {
     }
 
     /// The `Error` outcome that carries this rejection.
-    pub fn outcome(&self) -> Outcome {
+    pub(crate) fn outcome(&self) -> Outcome {
         let retry_after_ms = match self {
             Rejection::InProgress { retry_after } | Rejection::Overloaded { retry_after } => {
                 Some(u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX))

@@ -54,6 +54,28 @@ pub struct Worker {
 
 impl Worker {
     /// A worker over `store`, executing with `handler`.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use std::sync::Arc;
+    /// use idemq::handler::Echo;
+    /// use idemq::store::memory::MemoryStore;
+    /// use idemq::{Worker, WorkerConfig};
+    /// use tokio_util::sync::CancellationToken;
+    ///
+    /// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+    /// let client = async_nats::connect("nats://127.0.0.1:4222").await?;
+    /// let config = WorkerConfig {
+    ///     subjects: vec!["intents.>".into()],
+    ///     ..WorkerConfig::default()
+    /// };
+    /// let worker = Worker::new(client, Arc::new(MemoryStore::new()), Arc::new(Echo), config);
+    /// // Takes intents until the token is cancelled, then stops cleanly.
+    /// worker.run(CancellationToken::new()).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn new(
         client: Client,
         store: Arc<dyn IdempotencyStore>,

@@ -348,7 +348,7 @@ fn every_corpus_case_gets_the_code_its_name_says() {
         let decoded = Intent::decode("intents.ok", None, &payload, limits(None).with_max(1 << 20));
         let code = match &decoded {
             Ok(_) => "ok",
-            Err(invalid) => idemq::Rejection::Invalid(invalid.error.clone()).code(),
+            Err(invalid) => invalid.error.code(),
         };
         assert!(name.starts_with(&format!("{code}-")), "{name}: got {code}");
         cases += 1;

@@ -596,13 +596,13 @@ where
     let intake = Intake::new(concurrency, shutdown);
     while let Some((permit, message)) = intake.next(&mut source).await {
         let work = Arc::clone(&work);
-        intake.tracker.spawn(async move {
+        intake.tracker().spawn(async move {
             let _permit = permit;
             message.answer(work).await;
         });
     }
-    intake.tracker.close();
-    if tokio::time::timeout(STOP_BOUND, intake.tracker.wait())
+    intake.tracker().close();
+    if tokio::time::timeout(STOP_BOUND, intake.tracker().wait())
         .await
         .is_err()
     {

@@ -32,8 +32,10 @@ pub struct ServeArgs {
     )]
     pub subjects: Vec<String>,
     /// Only reply to subjects matching these patterns (e.g. `results.>`,
-    /// `_INBOX.>`); system subjects, wildcards and the intent subjects are
-    /// refused whatever this says.
+    /// `_INBOX.>`); system subjects, wildcards, the intent subjects and every
+    /// subject the worker publishes to itself (the --forward subjects,
+    /// dead letters, `idemq.>`, its own inboxes) are refused whatever this
+    /// says.
     #[arg(long = "reply-allow", env = "IDEMQ_REPLY_ALLOW", value_delimiter = ',')]
     pub reply_allow: Vec<String>,
     /// Scope keys by tenant: the N-th token (from 1) of an intent's subject
@@ -80,7 +82,7 @@ pub struct ServeArgs {
     /// JetStream mode: the durable consumer shared by the workers.
     #[arg(long, env = "IDEMQ_DURABLE", requires = "stream")]
     pub durable: Option<String>,
-    /// JetStream mode: where dead letters go [default: idemq.dlq.<stream>]
+    /// JetStream mode: where dead letters go (default: `idemq.dlq.<stream>`)
     #[arg(long, env = "IDEMQ_DEAD_LETTER_SUBJECT", requires = "stream")]
     pub dead_letter_subject: Option<String>,
     /// JetStream mode: how long the server waits for an ack before redelivering.
@@ -185,7 +187,7 @@ pub(super) async fn run(args: ServeArgs) -> Result<ExitCode, CliError> {
     let url = args.nats.url();
     let (errors, mut server_errors) = tokio::sync::mpsc::channel(16);
     // Inboxes of the worker's own, so that no reply can be aimed at them
-    // (PROTOCOL.md v1.2 §2); still under `_INBOX.>` for permission sets.
+    // (docs/contract.md v1.2 §2); still under `_INBOX.>` for permission sets.
     let mut nats = args.nats.clone();
     nats.inbox_prefix
         .get_or_insert_with(|| format!("_INBOX.{}", nuid::next()));

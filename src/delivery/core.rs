@@ -10,7 +10,7 @@
 //! read as fast as messages arrive, by a reader that does nothing else,
 //! into an intake queue bounded by bytes ([`IntakeBytes`], `--intake-bytes`):
 //! what fits waits there for a permit of the in-flight bound, what does
-//! not is answered `OVERLOADED` at once (PROTOCOL.md v1.2 §6, `CLAIM.md`
+//! not is answered `OVERLOADED` at once (docs/contract.md v1.2 §6, `docs/claim.md`
 //! "Overload"). The in-flight bound limits work; the byte bound limits
 //! what waits for it.
 

@@ -1,6 +1,6 @@
 //! Dead letters: an intent that is invalid, or out of deliveries, goes to
 //! the dead-letter subject with its payload and headers and the reason
-//! (PROTOCOL.md v1.1 §6), kept before the intent is terminated.
+//! (docs/contract.md v1.1 §6), kept before the intent is terminated.
 
 use async_nats::HeaderMap;
 use bytes::Bytes;

@@ -16,7 +16,7 @@
 //! * a delivery past `--max-deliver` (its last delivery's worker died, or
 //!   another client took it): dead-lettered without executing. The
 //!   consumer redelivers without limit, so no message depends on anyone
-//!   hearing the server's max-deliveries advisory (PROTOCOL.md v1.2 §6).
+//!   hearing the server's max-deliveries advisory (docs/contract.md v1.2 §6).
 //!
 //! Until the message is acked, terminated or nak'ed, progress acks keep it
 //! from being redelivered: under a slow handler, and while it is answered
@@ -351,7 +351,7 @@ impl Consumer {
         // answer. Any other answer (a refusal, a transient error given up
         // on) is keyed by the message's own sequence: an intent published
         // again later must not find its final outcome taken for a
-        // duplicate of that answer (PROTOCOL.md v1.2 §6).
+        // duplicate of that answer (docs/contract.md v1.2 §6).
         let msg_id = match (&reply.idem_key, fingerprint) {
             (Some(key), Some(fingerprint)) if reply.stored => {
                 Some(format!("{key}.{fingerprint:016x}"))

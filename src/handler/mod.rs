@@ -56,7 +56,7 @@ pub trait Handler: Send + Sync + 'static {
     /// The subjects this handler publishes to with the worker's
     /// credentials, as a NATS pattern (`exec.*` for `--forward
     /// 'exec.{capability}'`): the worker never accepts them as reply
-    /// targets (PROTOCOL.md v1.2 §2). `None` for a handler that publishes
+    /// targets (docs/contract.md v1.2 §2). `None` for a handler that publishes
     /// nothing.
     fn publishes_to(&self) -> Option<String> {
         None

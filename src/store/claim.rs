@@ -1,4 +1,4 @@
-//! The claim protocol (`CLAIM.md`, PROTOCOL.md §4), written once over the
+//! The claim protocol (`docs/claim.md`, docs/contract.md §4), written once over the
 //! backend's primitives: claim, acquire (claim or wait for the holder),
 //! renew, complete, release, and the reads they settle conflicts with.
 //!
@@ -57,7 +57,7 @@ pub trait ClaimProtocol: IdempotencyStore {
     ///
     /// `attempt` is the execution attempt to record (1, or one more than the
     /// attempt of an owner we saw lose its lease; at least 2 over a marker,
-    /// which says the key ran within [`MARKER_TTL`]); `expected` the
+    /// which says the key ran within [`MARKER_TTL`](super::MARKER_TTL)); `expected` the
     /// revision we believe is latest (0: none).
     async fn claim(
         &self,
@@ -300,8 +300,8 @@ pub trait ClaimProtocol: IdempotencyStore {
     /// A plain read (which a replica may answer) counts only when it shows
     /// a revision newer than `seen`: a replica behind the writes may show
     /// an older revision or no message at all, and neither is evidence
-    /// (`CLAIM.md`, "Stale replicas"). Anything else is asked of the
-    /// writes' authority ([`read_leader`](Self::read_leader)), whose answer
+    /// (`docs/claim.md`, "Stale replicas"). Anything else is asked of the
+    /// writes' authority ([`read_leader`](IdempotencyStore::read_leader)), whose answer
     /// is the key's state, "no message" included. A cluster answers a
     /// conflict while the winning write is still being proposed (error
     /// 10164), so while the authority still shows `seen`, it is asked
@@ -514,7 +514,7 @@ enum Followed {
 /// the holder's revision or older, or no message. A key the authority
 /// holds no message for (the holder's expiry marker aged out before the
 /// follower looked) is free at revision 0; no revision is ever made up
-/// (`CLAIM.md`, "Stale replicas": the holder's revision + 1 could be its
+/// (`docs/claim.md`, "Stale replicas": the holder's revision + 1 could be its
 /// very next write, and a claim there would overwrite it).
 ///
 /// [`wakeups`]: IdempotencyStore::wakeups
@@ -615,7 +615,7 @@ async fn follow<S: IdempotencyStore + ?Sized>(
     }
 }
 
-/// How long an owner keeps writing its outcome (PROTOCOL.md v1.2 §4):
+/// How long an owner keeps writing its outcome (docs/contract.md v1.2 §4):
 /// until its lease is surely lost, one lease past the end of the last one
 /// acknowledged. Every try is fenced by the claim's revision, so one that
 /// lands is the owner's to make, however late; one of ours that landed

@@ -96,6 +96,24 @@ impl KvStore {
     /// TTLs with limit markers (so watchers see expiries), file storage and
     /// the configured replicas. An existing bucket is used as it is, unless
     /// it cannot hold per-message TTLs: that is a [`StoreError::Setup`].
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use idemq::store::kv::{BucketConfig, KvStore};
+    ///
+    /// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+    /// let client = async_nats::connect("nats://127.0.0.1:4222").await?;
+    /// let js = async_nats::jetstream::new(client);
+    /// let config = BucketConfig {
+    ///     bucket: "PAYMENTS_IDEMPOTENCY".into(),
+    ///     replicas: 3,
+    /// };
+    /// let store = KvStore::open(js, &config).await?;
+    /// # let _ = store;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn open(js: Context, config: &BucketConfig) -> Result<KvStore, StoreError> {
         let bucket = &config.bucket;
         let find = || crate::nats::patiently("find the bucket", || js.get_key_value(bucket));
@@ -122,7 +140,7 @@ impl KvStore {
     /// Makes the bucket keep the markers that expiries, releases and purges
     /// leave for at least `at_least` (and [`MARKER_TTL`]): as long as a
     /// marker is there, a claim knows the key ran before, and its attempt
-    /// number says so (PROTOCOL.md v1.2 §4). JetStream mode asks for its
+    /// number says so (docs/contract.md v1.2 §4). JetStream mode asks for its
     /// redelivery horizon. A bucket made with shorter markers (by an
     /// earlier idemq) is updated; where the server refuses, the worker warns
     /// and goes on: attempt numbers then restart at 1 sooner.

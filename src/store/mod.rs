@@ -9,7 +9,7 @@
 //! ([`memory::MemoryStore`]) cannot drift apart: they differ only in how a
 //! revision is kept.
 //!
-//! The invariants (see `CLAIM.md`): a claim exists only as the key's latest
+//! The invariants (see `docs/claim.md`): a claim exists only as the key's latest
 //! revision and every write is a compare-and-swap on the revision the writer
 //! last saw; the revision is the fencing token of the lease; leases and
 //! outcome lifetimes are TTLs enforced by the store, never by worker clocks.
@@ -32,7 +32,7 @@ pub use claim::ClaimProtocol;
 /// How long the marker that an expiry, a release or a purge leaves under a
 /// key is kept, at least (the bucket's limit-marker TTL and the TTL of the
 /// markers idemq writes). While it is there, a claim over it knows the key
-/// ran before, and its attempt number is at least 2 (PROTOCOL.md v1.2 §4:
+/// ran before, and its attempt number is at least 2 (docs/contract.md v1.2 §4:
 /// an upstream can rely on `Idem-Attempt: 1` meaning that no earlier
 /// execution of the key started within this window). Watchers see it, and
 /// a freed key costs the bucket one small message for this long.
@@ -128,8 +128,8 @@ pub struct ClaimRequest {
 
 /// A held claim: the revision that fences every later write of its owner.
 ///
-/// The owner's writes update it in place ([`IdempotencyStore::renew`],
-/// [`complete`](IdempotencyStore::complete), [`release`](IdempotencyStore::release)
+/// The owner's writes update it in place ([`ClaimProtocol::renew`],
+/// [`complete`](ClaimProtocol::complete), [`release`](ClaimProtocol::release)
 /// take it by `&mut`), because a write whose acknowledgement was lost
 /// leaves an uncertainty that must outlive the call: see `unsettled`.
 #[derive(Debug, Clone, PartialEq)]
@@ -169,7 +169,7 @@ pub enum Claim {
     },
 }
 
-/// The result of [`IdempotencyStore::acquire`]: claim, or wait for the holder.
+/// The result of [`ClaimProtocol::acquire`]: claim, or wait for the holder.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Acquire {
     /// We hold the key: execute.
@@ -217,7 +217,7 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     /// per write attempt (spurious ones are fine), and ends only when the
     /// store goes away. A write made after this returns always wakes it.
     /// Expiries may go unannounced: a follower also reads when the record
-    /// it saw must have run out, and every [`FOLLOW_POLL`].
+    /// it saw must have run out, and every `FOLLOW_POLL` (2 s).
     async fn wakeups(&self, key: &IdempotencyKey) -> Result<Wakeups, StoreError>;
 
     /// The JetStream KV bucket this store lives in, if it is one: `idemq
