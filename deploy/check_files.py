@@ -46,7 +46,7 @@ COUNTERS = {
     "idemq_takeovers_total",
     "idemq_dead_lettered_total",
 }
-GAUGES = {"idemq_intents_in_flight"}
+GAUGES = {"idemq_intents_in_flight", "idemq_cache_entries", "idemq_cache_bytes"}
 HISTOGRAMS = {"idemq_handler_duration_seconds", "idemq_intent_duration_seconds"}
 
 # Keys of idemq.toml: the long names of serve's flags, NATS authentication

@@ -29,6 +29,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::time::Instant;
 
 use async_nats::Subject;
@@ -173,9 +174,40 @@ impl Inner {
     }
 }
 
+/// The cache's lock, held: what it holds is shown on the gauges when it
+/// is let go, whatever was done with it.
+struct Held<'a> {
+    inner: MutexGuard<'a, Inner>,
+    gauges: &'a (Gauge, Gauge),
+}
+
+impl std::ops::Deref for Held<'_> {
+    type Target = Inner;
+
+    fn deref(&self) -> &Inner {
+        &self.inner
+    }
+}
+
+impl std::ops::DerefMut for Held<'_> {
+    fn deref_mut(&mut self) -> &mut Inner {
+        &mut self.inner
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        let (entries, bytes) = self.gauges;
+        entries.set(i64::try_from(self.inner.entries.len()).unwrap_or(i64::MAX));
+        bytes.set(i64::try_from(self.inner.bytes).unwrap_or(i64::MAX));
+    }
+}
+
 /// The outcome cache, bounded by the memory its entries hold.
 pub struct OutcomeCache {
     budget: usize,
+    /// What it holds, shown as metrics: entries and their cost.
+    gauges: (Gauge, Gauge),
     /// Purge notices so far: an outcome read before one is not let in
     /// after it (see [`OutcomeCache::insert`]).
     purges: std::sync::atomic::AtomicU64,
@@ -189,10 +221,17 @@ impl OutcomeCache {
     pub fn new(budget: usize) -> Self {
         Self {
             budget,
+            gauges: (Gauge::default(), Gauge::default()),
             purges: std::sync::atomic::AtomicU64::new(0),
             epoch: Instant::now(),
             inner: Mutex::default(),
         }
+    }
+
+    /// Shows what it holds on these gauges (entries, bytes).
+    pub(crate) fn shown_on(mut self, entries: Gauge, bytes: Gauge) -> Self {
+        self.gauges = (entries, bytes);
+        self
     }
 
     /// Tenths of a second from the epoch to `at` (saturating).
@@ -200,11 +239,16 @@ impl OutcomeCache {
         u32::try_from(at.duration_since(self.epoch).as_millis() / 100).unwrap_or(u32::MAX)
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
+    fn lock(&self) -> Held<'_> {
         // Only a cache: a panic while holding it leaves it usable.
-        self.inner
+        let inner = self
+            .inner
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Held {
+            inner,
+            gauges: &self.gauges,
+        }
     }
 
     /// Whether the cache keeps anything (`--cache` above 0).
@@ -701,6 +745,31 @@ mod tests {
         }
         cache.remove(&records[9].idem_key);
         assert_eq!(cache.usage(), (2, 2 * one));
+    }
+
+    #[test]
+    fn the_gauges_show_what_the_cache_holds_after_each_change() {
+        let (entries, bytes) = (Gauge::default(), Gauge::default());
+        let records: Vec<Record> = (0..4).map(|i| record(i, FP, 60)).collect();
+        let one = {
+            let probe = OutcomeCache::new(1 << 20);
+            put(&probe, &records[0], 0);
+            probe.usage().1
+        };
+        let cache = OutcomeCache::new(2 * one).shown_on(entries.clone(), bytes.clone());
+        let shown = || (entries.get(), bytes.get());
+        let one = i64::try_from(one).expect("small");
+        put(&cache, &records[0], 0);
+        assert_eq!(shown(), (1, one));
+        // Past the budget: the oldest goes, the gauges follow.
+        for r in &records[1..] {
+            put(&cache, r, 0);
+        }
+        assert_eq!(shown(), (2, 2 * one));
+        cache.remove(&records[3].idem_key);
+        assert_eq!(shown(), (1, one));
+        cache.remove(&records[2].idem_key);
+        assert_eq!(shown(), (0, 0));
     }
 
     #[test]

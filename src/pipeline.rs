@@ -73,6 +73,8 @@ impl Pipeline {
         let instance = nuid::next().to_string();
         let options = config.run_options();
         let replies = reply_policy(&client, handler.as_ref(), &config);
+        let cache = OutcomeCache::new(config.cache_bytes)
+            .shown_on(stats.cache_entries.clone(), stats.cache_bytes.clone());
         Pipeline {
             client,
             once: Idempotent::with_stats(
@@ -83,7 +85,7 @@ impl Pipeline {
             ),
             stats,
             instance,
-            cache: OutcomeCache::new(config.cache_bytes),
+            cache,
             in_flight: InFlightKeys::default(),
             odds: ReplayOdds::default(),
             replies,

@@ -61,6 +61,10 @@ pub struct Stats {
     pub dead_lettered: Counter,
     /// Intents being processed now.
     pub in_flight: Gauge,
+    /// Outcomes the cache holds now.
+    pub cache_entries: Gauge,
+    /// What they cost, as the cache counts it against `--cache`.
+    pub cache_bytes: Gauge,
     /// How long handlers ran.
     pub handler_seconds: Histogram,
     /// From receipt of a message to its answer.
@@ -88,6 +92,8 @@ pub struct Snapshot {
     pub store_errors: u64,
     pub dead_lettered: u64,
     pub in_flight: u64,
+    pub cache_entries: u64,
+    pub cache_bytes: u64,
 }
 
 impl Snapshot {
@@ -274,6 +280,18 @@ impl Default for Stats {
             "Intents being processed now",
             in_flight.clone(),
         );
+        let cache_entries = Gauge::default();
+        registry.register(
+            "cache_entries",
+            "Outcomes the replay cache holds",
+            cache_entries.clone(),
+        );
+        let cache_bytes = Gauge::default();
+        registry.register(
+            "cache_bytes",
+            "What the cached outcomes cost, counted against --cache",
+            cache_bytes.clone(),
+        );
         let handler_seconds = seconds_histogram();
         registry.register(
             "handler_duration_seconds",
@@ -302,6 +320,8 @@ impl Default for Stats {
             store_errors,
             dead_lettered,
             in_flight,
+            cache_entries,
+            cache_bytes,
             handler_seconds,
             intent_seconds,
             registry,
@@ -354,6 +374,8 @@ impl Stats {
             store_errors: self.store_errors.get(),
             dead_lettered: self.dead_lettered.get(),
             in_flight: u64::try_from(self.in_flight.get()).unwrap_or_default(),
+            cache_entries: u64::try_from(self.cache_entries.get()).unwrap_or_default(),
+            cache_bytes: u64::try_from(self.cache_bytes.get()).unwrap_or_default(),
         }
     }
 }

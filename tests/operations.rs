@@ -10,18 +10,12 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use common::workers::{code, request, run_idemq, send, WorkerProcess, BIN};
+use common::intents::{code, intent, key_of};
+use common::poll::eventually;
+use common::stores::FaultyStore;
+use common::workers::{request, run_idemq, send, WorkerProcess, BIN};
 use common::NatsServer;
-use idemq::IdempotencyKey;
 use serde_json::{json, Value};
-
-fn intent(id: &str, params: Value) -> Value {
-    json!({ "intent_id": id, "actor": "agent", "episode": "ep", "params": params })
-}
-
-fn key_of(id: &str) -> String {
-    IdempotencyKey::from_intent_metadata(id, "agent", "ep", None).to_string()
-}
 
 /// A loopback port nobody listens on right now.
 fn free_port() -> u16 {
@@ -54,16 +48,17 @@ async fn http_get(url: String) -> (u16, String) {
     .expect("http task")
 }
 
-/// Polls `url` until it answers `status` (at most `bound`).
+/// Polls `url` until it answers `status` (at most `bound`); the answer.
 async fn wait_for_status(url: &str, status: u16, bound: Duration) -> (u16, String) {
-    let deadline = tokio::time::Instant::now() + bound;
-    loop {
+    eventually(bound, format!("{url} answering {status}"), async || {
         let answer = http_get(url.to_owned()).await;
-        if answer.0 == status || tokio::time::Instant::now() >= deadline {
-            return answer;
+        if answer.0 == status {
+            Ok(answer)
+        } else {
+            Err(format!("{} {}", answer.0, answer.1))
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await
 }
 
 /// Runs `idemq ARGS...` to completion (bounded), at its default log level.
@@ -143,16 +138,21 @@ async fn metrics_count_what_the_worker_did_and_match_its_service_stats() {
 
     // The end-to-end histogram is observed just after each reply is
     // published, so the scrape may briefly lag the last reply.
-    let mut metrics = HashMap::new();
-    for _ in 0..50 {
-        let (status, text) = http_get(format!("{base}/metrics")).await;
-        assert_eq!(status, 200);
-        metrics = samples(&text);
-        if metrics.get("idemq_intent_duration_seconds_count") == Some(&4.0) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let metrics = eventually(
+        Duration::from_secs(5),
+        "the histogram counting all four replies",
+        async || {
+            let (status, text) = http_get(format!("{base}/metrics")).await;
+            assert_eq!(status, 200);
+            let metrics = samples(&text);
+            let count = metrics.get("idemq_intent_duration_seconds_count").copied();
+            match count {
+                Some(4.0) => Ok(metrics),
+                count => Err(format!("count {count:?}")),
+            }
+        },
+    )
+    .await;
     assert_eq!(sample(&metrics, "idemq_intents_received_total"), 4.0);
     assert_eq!(sample(&metrics, "idemq_intents_executed_total"), 1.0);
     assert_eq!(sample(&metrics, "idemq_intents_replayed_total"), 1.0);
@@ -172,6 +172,13 @@ async fn metrics_count_what_the_worker_did_and_match_its_service_stats() {
         0.0
     );
     assert_eq!(sample(&metrics, "idemq_intents_in_flight"), 0.0);
+    // The one executed outcome is cached; its cost is counted.
+    assert_eq!(sample(&metrics, "idemq_cache_entries"), 1.0);
+    let cached = sample(&metrics, "idemq_cache_bytes");
+    assert!(
+        cached > body.to_string().len() as f64 && cached < 64.0 * 1024.0,
+        "cache bytes {cached}"
+    );
     assert_eq!(
         sample(&metrics, "idemq_handler_duration_seconds_count"),
         1.0
@@ -520,18 +527,12 @@ async fn purge_from_the_command_line_makes_the_next_copy_execute() {
         String::from_utf8_lossy(&out.stderr)
     );
     // The worker's cache forgets it within a second: a copy executes again.
-    let mut executed_again = false;
-    for _ in 0..10 {
-        if send(&client, "intents.echo", &body).await["replayed"] == false {
-            executed_again = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(
-        executed_again,
-        "the purge did not reach the worker within a second"
-    );
+    eventually(
+        Duration::from_secs(1),
+        "the purge reaching the worker: a copy executes again",
+        async || send(&client, "intents.echo", &body).await["replayed"] == false,
+    )
+    .await;
     assert_eq!(send(&client, "intents.echo", &body).await["replayed"], true);
 
     let out = purge(key_of("never-sent")).await;
@@ -552,7 +553,7 @@ async fn an_outcome_read_just_before_a_purge_is_not_served_from_the_cache_after_
     // hold, answers copies on a subject of its own.
     let _first = WorkerProcess::serve(&server.url(), &["--subject", "intents.first.>"]);
     common::workers::wait_for_workers(&client, 1).await;
-    let store = common::stores::HeldReads::new(common::stores::kv_store(&server).await);
+    let store = FaultyStore::new(common::stores::kv_store(&server).await);
     let config = idemq::WorkerConfig {
         subjects: vec!["intents.second.>".to_owned()],
         ..common::workers::test_config()
@@ -573,7 +574,7 @@ async fn an_outcome_read_just_before_a_purge_is_not_served_from_the_cache_after_
 
     // The second worker reads the record; before it acts on what it read,
     // the key is purged and every worker told.
-    store.arm();
+    store.hold_next_read();
     let copy = {
         let (client, body) = (client.clone(), body.clone());
         tokio::spawn(async move { send(&client, "intents.second.echo", &body).await })
@@ -611,60 +612,11 @@ async fn an_outcome_read_just_before_a_purge_is_not_served_from_the_cache_after_
     drop(second);
 }
 
-/// A store that counts the reads it serves.
-struct CountingReads {
-    inner: idemq::store::memory::MemoryStore,
-    reads: std::sync::atomic::AtomicU32,
-}
-
-#[async_trait::async_trait]
-impl idemq::store::IdempotencyStore for CountingReads {
-    async fn read(
-        &self,
-        key: &idemq::IdempotencyKey,
-    ) -> Result<Option<idemq::store::Versioned>, idemq::store::StoreError> {
-        self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        self.inner.read(key).await
-    }
-    async fn write(
-        &self,
-        key: &idemq::IdempotencyKey,
-        expected: u64,
-        record: &idemq::outcome::Record,
-        ttl: Duration,
-    ) -> Result<u64, idemq::store::StoreError> {
-        self.inner.write(key, expected, record, ttl).await
-    }
-    async fn remove(
-        &self,
-        key: &idemq::IdempotencyKey,
-        expected: u64,
-    ) -> Result<(), idemq::store::StoreError> {
-        self.inner.remove(key, expected).await
-    }
-    async fn purge(
-        &self,
-        key: &idemq::IdempotencyKey,
-        expected: u64,
-    ) -> Result<(), idemq::store::StoreError> {
-        self.inner.purge(key, expected).await
-    }
-    async fn wakeups(
-        &self,
-        key: &idemq::IdempotencyKey,
-    ) -> Result<idemq::store::Wakeups, idemq::store::StoreError> {
-        self.inner.wakeups(key).await
-    }
-}
-
 #[tokio::test]
 async fn readiness_reads_the_bucket_at_most_once_a_second_and_still_sees_nats_go() {
     let mut server = NatsServer::start();
     let client = server.connect().await;
-    let store = std::sync::Arc::new(CountingReads {
-        inner: idemq::store::memory::MemoryStore::new(),
-        reads: Default::default(),
-    });
+    let store = FaultyStore::new(std::sync::Arc::new(idemq::store::memory::MemoryStore::new()));
     let readiness = idemq::http::Readiness::new(
         client.clone(),
         store.clone(),
@@ -674,7 +626,7 @@ async fn readiness_reads_the_bucket_at_most_once_a_second_and_still_sees_nats_go
     for _ in 0..500 {
         assert_eq!(readiness.check().await, Ok(()));
     }
-    let reads = store.reads.load(std::sync::atomic::Ordering::SeqCst);
+    let reads = store.reads();
     let seconds = u32::try_from(started.elapsed().as_secs()).unwrap_or(u32::MAX);
     assert!(
         reads <= seconds + 1,
@@ -682,15 +634,12 @@ async fn readiness_reads_the_bucket_at_most_once_a_second_and_still_sees_nats_go
     );
 
     server.stop();
-    let mut flipped = false;
-    for _ in 0..40 {
-        if readiness.check().await.is_err() {
-            flipped = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(flipped, "not ready within 2 s of NATS going away");
+    eventually(
+        Duration::from_secs(2),
+        "not ready once NATS went away",
+        async || readiness.check().await.is_err(),
+    )
+    .await;
 }
 
 /// Runs a worker at the default log level in `format`, sends one intent

@@ -156,7 +156,11 @@ impl KvStore {
         }
         let had = config.subject_delete_marker_ttl;
         config.subject_delete_marker_ttl = Some(wanted);
-        match self.js.update_stream(&config).await {
+        let js = &self.js;
+        let update = crate::nats::patiently("keep the bucket's markers longer", || {
+            js.update_stream(&config)
+        });
+        match update.await {
             Ok(_) => tracing::info!(
                 bucket = %self.kv.name,
                 markers = %humantime::format_duration(wanted),
