@@ -200,7 +200,10 @@ async fn bucket_stats(client: &Client, bucket: &str) -> Result<Option<BucketStat
 }
 
 /// Asks `$SRV.STATS.idemq` and collects the answers for `window`.
-async fn worker_stats(client: &Client, window: Duration) -> Result<Vec<WorkerStats>, AdminError> {
+pub async fn worker_stats(
+    client: &Client,
+    window: Duration,
+) -> Result<Vec<WorkerStats>, AdminError> {
     let inbox = client.new_inbox();
     let mut answers = client
         .subscribe(inbox.clone())

@@ -210,6 +210,11 @@ pub struct BenchArgs {
     /// With --target: the worker's process id, to read its CPU time and peak RSS.
     #[arg(long, env = "IDEMQ_WORKER_PID", requires = "target")]
     pub worker_pid: Option<u32>,
+    /// The worker's `--cache` (e.g. `16MiB`): the worker in process gets
+    /// it; with --target, say what the external worker has, for the peak
+    /// RSS target. Default: idemq's default.
+    #[arg(long, env = "IDEMQ_WORKER_CACHE")]
+    pub worker_cache: Option<bytesize::ByteSize>,
     /// The nats-server's process id, to read its CPU time per request.
     #[arg(long, env = "IDEMQ_SERVER_PID")]
     pub server_pid: Option<u32>,
@@ -240,6 +245,7 @@ impl BenchArgs {
             rss_concurrency: self.rss_concurrency,
             target: self.target.clone(),
             worker_pid: self.worker_pid,
+            worker_cache: self.worker_cache.map(|size| size.as_u64()),
             server_pid: self.server_pid,
             timeout: self.timeout,
             max_duration: self.max_duration,
@@ -268,6 +274,9 @@ pub struct BenchOptions {
     pub target: Option<String>,
     /// The external worker's process id, for its CPU time and peak RSS.
     pub worker_pid: Option<u32>,
+    /// The worker's `--cache` (the external worker's, as told); `None`:
+    /// idemq's default.
+    pub worker_cache: Option<u64>,
     /// The nats-server's process id, for its CPU time.
     pub server_pid: Option<u32>,
     /// How long each request waits for its reply.
@@ -288,6 +297,7 @@ impl Default for BenchOptions {
             rss_concurrency: 1024,
             target: None,
             worker_pid: None,
+            worker_cache: None,
             server_pid: None,
             timeout: Duration::from_secs(5),
             max_duration: Duration::from_secs(120),
@@ -421,6 +431,9 @@ pub async fn run(
                     "release"
                 },
                 paced_rate: None,
+                cache_budget_bytes: options
+                    .worker_cache
+                    .unwrap_or(idemq::config::WorkerConfig::default().cache_bytes as u64),
             },
             scenarios: Vec::new(),
             targets: Vec::new(),
@@ -834,6 +847,7 @@ impl<P: FnMut(&str)> Bench<'_, P> {
                     concurrency,
                     delivery,
                     replicas,
+                    self.report.settings.cache_budget_bytes,
                 )
                 .await?;
                 self.buckets.push(bucket);
@@ -933,6 +947,7 @@ impl<P: FnMut(&str)> Bench<'_, P> {
         } else {
             None
         };
+        let cache = responder.cache_use(&self.client).await;
         let tally = responder.executions.as_ref().map(|e| e.take());
         let (executions, duplicates) = match (tally, responder.in_process) {
             (Some(tally), _) => (Some(tally.executions), Some(tally.duplicates)),
@@ -968,6 +983,8 @@ impl<P: FnMut(&str)> Bench<'_, P> {
             client_cpu_us: per_reply(measured.client_cpu),
             server_cpu_us: per_reply(delta(server_before, server_after)),
             peak_rss_bytes: peak_rss,
+            reply_bytes: (measured.ok > 0).then(|| measured.ok_bytes as f64 / measured.ok as f64),
+            cache,
             truncated: measured.truncated,
             ratios: Vec::new(),
             curve: curve(&measured.latency),

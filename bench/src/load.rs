@@ -89,6 +89,9 @@ pub(super) struct Measured {
     pub failures: u64,
     /// The first error seen, for the report.
     pub first_error: Option<String>,
+    /// Bytes of the successful replies: headers and payload, as the
+    /// server carried them.
+    pub ok_bytes: u64,
     /// Successful replies marked `Idem-Replayed: false`: executions, as
     /// an external worker reports them.
     pub fresh_replies: u64,
@@ -187,7 +190,11 @@ async fn serve(
 
 /// What became of one request.
 enum Sample {
-    Ok { latency: Duration, fresh: bool },
+    Ok {
+        latency: Duration,
+        fresh: bool,
+        bytes: usize,
+    },
     ErrorReply(String),
     TimedOut,
     Failed(String),
@@ -275,6 +282,7 @@ async fn execute(
         timeouts: 0,
         failures: 0,
         first_error: None,
+        ok_bytes: 0,
         fresh_replies: 0,
         duplicate_fresh_replies: 0,
         wall: Duration::ZERO,
@@ -357,8 +365,13 @@ fn tally(measured: &mut Measured, samples: Vec<Sample>) {
     for sample in samples {
         measured.requests += 1;
         let error = match sample {
-            Sample::Ok { latency, fresh } => {
+            Sample::Ok {
+                latency,
+                fresh,
+                bytes,
+            } => {
                 measured.ok += 1;
+                measured.ok_bytes += bytes as u64;
                 fresh_for_key += u64::from(fresh);
                 let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
                 measured.latency.saturating_record(micros.max(1));
@@ -436,6 +449,11 @@ fn classify(reply: &Message, latency: Duration) -> Sample {
         None | Some("Success") => Sample::Ok {
             latency,
             fresh: header(REPLAYED_HEADER) == Some("false"),
+            // The client counts the subjects in too.
+            bytes: reply
+                .length
+                .saturating_sub(reply.subject.len())
+                .saturating_sub(reply.reply.as_ref().map_or(0, |r| r.len())),
         },
         Some(status) => {
             let code = header(ERROR_CODE_HEADER).unwrap_or(status);

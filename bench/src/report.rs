@@ -56,6 +56,33 @@ pub struct Settings {
     /// Requests per second offered in the paced passes (half of idemq's
     /// all-fresh throughput), once known.
     pub paced_rate: Option<f64>,
+    /// The worker's `--cache`, in bytes: the peak RSS target is
+    /// [`RSS_BASE_MIB`] on top of it.
+    pub cache_budget_bytes: u64,
+}
+
+/// The worker's own memory at `--rss-concurrency` in flight, in MiB: its
+/// peak RSS target is this plus `--cache` (operator's memory to spend).
+pub const RSS_BASE_MIB: f64 = 48.0;
+
+/// Most a cache entry may cost, as a multiple of the reply it holds.
+pub const CACHE_ENTRY_OVER_REPLY: f64 = 1.5;
+
+/// What the worker's outcome cache held after a pass (its
+/// `idemq_cache_entries` and `idemq_cache_bytes`).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct CacheUse {
+    /// Outcomes held.
+    pub entries: u64,
+    /// What they cost, as the cache counts them against `--cache`.
+    pub bytes: u64,
+}
+
+impl CacheUse {
+    /// Bytes per entry; `None` when it held none.
+    pub fn per_entry(&self) -> Option<f64> {
+        (self.entries > 0).then(|| self.bytes as f64 / self.entries as f64)
+    }
 }
 
 /// One pass: a load against one responder.
@@ -104,6 +131,10 @@ pub struct Scenario {
     pub server_cpu_us: Option<f64>,
     /// Peak RSS during the pass, in bytes (see the docs for what it covers).
     pub peak_rss_bytes: Option<u64>,
+    /// Mean bytes of a successful reply (headers and payload).
+    pub reply_bytes: Option<f64>,
+    /// What idemq's outcome cache held after the pass (idemq passes).
+    pub cache: Option<CacheUse>,
     /// True when `--max-duration` cut the pass short.
     pub truncated: bool,
     /// This pass's figure as a multiple of its baselines'.
@@ -214,6 +245,7 @@ impl Report {
                 met: duplicates.map(|d| d == 0),
             }
         };
+        let cache = self.cache_target();
         if self.settings.mode == Mode::JetStream {
             return vec![
                 at_least(
@@ -235,6 +267,7 @@ impl Report {
                     IDEMQ_JS_FRESH,
                     1.0,
                 ),
+                cache,
             ];
         }
         let paced = self.ratio("p99", IDEMQ_PACED, B_PACED);
@@ -282,14 +315,48 @@ impl Report {
                 met: paced.map(|v| v <= 2.0),
             },
             Target {
-                goal: "peak RSS < 64 MiB, saturated at --rss-concurrency 1024",
+                goal: "peak RSS <= 48 MiB + --cache, saturated at --rss-concurrency",
                 measured: saturated.map(|(s, bytes)| {
                     let mib = bytes as f64 / MIB;
-                    format!("{mib:.1} MiB at concurrency {}", s.concurrency)
+                    format!(
+                        "{mib:.1} MiB at concurrency {} (at most {:.1} MiB)",
+                        s.concurrency,
+                        self.rss_limit() / MIB
+                    )
                 }),
-                met: saturated.map(|(_, bytes)| (bytes as f64) < 64.0 * MIB),
+                met: saturated.map(|(_, bytes)| (bytes as f64) <= self.rss_limit()),
             },
+            cache,
         ]
+    }
+
+    /// The peak RSS target, in bytes.
+    fn rss_limit(&self) -> f64 {
+        RSS_BASE_MIB * MIB + self.settings.cache_budget_bytes as f64
+    }
+
+    /// The cache's bytes per entry after the replayed pass, against the
+    /// replies it answered with (the entries hold exactly those replies).
+    fn cache_target(&self) -> Target {
+        let replayed = match self.settings.mode {
+            Mode::Core => IDEMQ_REPLAYED,
+            Mode::JetStream => IDEMQ_JS_REPLAYED,
+        };
+        let measured = self.scenario(replayed).and_then(|s| {
+            let per_entry = s.cache?.per_entry()?;
+            let reply = s.reply_bytes.filter(|bytes| *bytes > 0.0)?;
+            Some((per_entry, reply))
+        });
+        Target {
+            goal: "cache: an entry costs <= 1.5 x the reply it holds",
+            measured: measured.map(|(per_entry, reply)| {
+                format!(
+                    "{:.2} x ({per_entry:.0} B per entry, replies of {reply:.0} B)",
+                    per_entry / reply
+                )
+            }),
+            met: measured.map(|(per_entry, reply)| per_entry <= CACHE_ENTRY_OVER_REPLY * reply),
+        }
     }
 
     /// The report as a text table, one row per pass, then the targets.
@@ -341,6 +408,25 @@ impl Report {
         }
         for skipped in &self.skipped {
             let _ = writeln!(out, "{skipped:<24} not run: --max-duration reached");
+        }
+        for s in &self.scenarios {
+            if let Some(cache) = s.cache {
+                let per_entry = cache
+                    .per_entry()
+                    .map_or("-".to_owned(), |bytes| format!("{bytes:.0} B"));
+                let reply = s
+                    .reply_bytes
+                    .map_or("-".to_owned(), |bytes| format!("{bytes:.0} B"));
+                let _ = writeln!(
+                    out,
+                    "{:<24} cache after it: {} entries, {:.1} MiB of --cache {:.0} MiB, {per_entry} \
+                     per entry; replies of {reply}",
+                    s.name,
+                    cache.entries,
+                    cache.bytes as f64 / MIB,
+                    self.settings.cache_budget_bytes as f64 / MIB,
+                );
+            }
         }
         let _ = writeln!(
             out,

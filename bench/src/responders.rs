@@ -24,6 +24,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::report::CacheUse;
 use super::BenchError;
 use idemq::config::{Delivery, JetStreamConfig, WorkerConfig};
 use idemq::handler::{Call, Echo, Handler, HandlerError};
@@ -42,6 +43,8 @@ const STOP_BOUND: Duration = Duration::from_secs(15);
 const WORKER_GRACE: Duration = Duration::from_secs(2);
 /// How long a responder may take to answer its first probe.
 const READY_BOUND: Duration = Duration::from_secs(10);
+/// How long an external worker has to answer `$SRV.STATS.idemq`.
+const STATS_WINDOW: Duration = Duration::from_millis(500);
 /// Timeout of one readiness probe.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Pause between probes that found no responder yet.
@@ -266,6 +269,8 @@ pub(super) struct Responder {
     /// True when requests go into a stream the responder consumes
     /// (JetStream mode), false for core request/reply.
     pub jetstream: bool,
+    /// An idemq worker in process: its counters and gauges.
+    stats: Option<Arc<idemq::stats::Stats>>,
     shutdown: CancellationToken,
     /// The responder's task; it ends with an error only if it could not start.
     task: Option<JoinHandle<Result<(), String>>>,
@@ -393,6 +398,7 @@ impl Responder {
             executions: runs_handler.then_some(executions),
             in_process: true,
             jetstream,
+            stats: None,
             shutdown,
             task: Some(task),
         }
@@ -409,6 +415,7 @@ impl Responder {
         concurrency: usize,
         delivery: Delivery,
         replicas: usize,
+        cache_bytes: u64,
     ) -> Result<Responder, BenchError> {
         let jetstream = matches!(delivery, Delivery::JetStream(_));
         let executions = Arc::new(Executions::default());
@@ -421,6 +428,7 @@ impl Responder {
                 concurrency,
                 grace: WORKER_GRACE,
                 delivery,
+                cache_bytes: usize::try_from(cache_bytes).unwrap_or(usize::MAX),
                 ..WorkerConfig::default()
             },
             bucket: BucketConfig {
@@ -437,12 +445,14 @@ impl Responder {
                 what: format!("idemq worker on bucket {bucket}"),
                 reason: e.to_string(),
             })?;
+        let stats = Some(server.stats());
         let task = tokio::spawn(async move { server.wait().await.map_err(|e| e.to_string()) });
         Ok(Responder {
             subject: Subject::from(format!("{prefix}.echo")),
             executions: Some(executions),
             in_process: true,
             jetstream,
+            stats,
             shutdown,
             task: Some(task),
         })
@@ -455,9 +465,33 @@ impl Responder {
             executions: None,
             in_process: false,
             jetstream: false,
+            stats: None,
             shutdown: CancellationToken::new(),
             task: None,
         }
+    }
+
+    /// What an idemq worker's outcome cache holds now: read in process,
+    /// or from the one external worker answering `$SRV.STATS.idemq`
+    /// (`None` when none or several answer). `None` for a baseline.
+    pub async fn cache_use(&self, client: &Client) -> Option<CacheUse> {
+        let snapshot = match (&self.stats, self.in_process) {
+            (Some(stats), _) => stats.snapshot(),
+            (None, true) => return None,
+            (None, false) => {
+                let workers = idemq::admin::worker_stats(client, STATS_WINDOW)
+                    .await
+                    .ok()?;
+                match workers.as_slice() {
+                    [one] => one.stats,
+                    _ => return None,
+                }
+            }
+        };
+        Some(CacheUse {
+            entries: snapshot.cache_entries,
+            bytes: snapshot.cache_bytes,
+        })
     }
 
     /// Waits until `probe` gets a reply, whatever it says: as a core

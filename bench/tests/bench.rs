@@ -83,6 +83,17 @@ async fn every_pass_runs_and_the_counts_add_up() {
         (replayed.executions, replayed.duplicates),
         (Some(0), Some(0))
     );
+    // The worker's cache holds every fresh outcome (and the warm-up's),
+    // at a cost the report states per entry, beside the replies' size.
+    let cache = replayed.cache.expect("the worker's cache read");
+    assert!(cache.entries >= COUNT as u64, "{cache:?}");
+    assert!(cache.per_entry().is_some_and(|bytes| bytes > 0.0));
+    let reply = replayed.reply_bytes.expect("replies measured");
+    assert!(reply > 0.0 && reply < 2.0 * report.settings.payload_bytes as f64 + 512.0);
+    assert_eq!(
+        scenario(&report, names::A_ECHO).cache.map(|c| c.entries),
+        None
+    );
     let storm = scenario(&report, names::IDEMQ_STORM);
     let storm_keys = (COUNT / COPIES) as u64;
     assert_eq!((storm.keys, storm.copies), (COUNT / COPIES, COPIES));
@@ -100,7 +111,20 @@ async fn every_pass_runs_and_the_counts_add_up() {
 
     // Ratios and targets are filled in; the storm's duplicates target holds.
     assert_eq!(fresh.ratios.len(), 2);
-    assert_eq!(report.targets.len(), 8);
+    assert_eq!(report.targets.len(), 9);
+    let measured = |word: &str| {
+        report
+            .targets
+            .iter()
+            .find(|t| t.goal.contains(word))
+            .and_then(|t| t.met)
+    };
+    assert!(measured("cache").is_some(), "{:?}", report.targets);
+    assert!(measured("RSS").is_some(), "{:?}", report.targets);
+    assert_eq!(
+        report.settings.cache_budget_bytes,
+        idemq::config::WorkerConfig::default().cache_bytes as u64
+    );
     let zero_duplicates = report
         .targets
         .iter()
@@ -194,7 +218,8 @@ async fn jetstream_mode_runs_every_pass_and_the_counts_add_up() {
     assert_eq!(against(names::IDEMQ_JS_STORM), [names::IDEMQ_JS_FRESH]);
     // Every target measured; the duplicates one is met (a debug build's
     // ratios say nothing).
-    assert_eq!(report.targets.len(), 4);
+    assert_eq!(report.targets.len(), 5);
+    assert!(replayed.cache.is_some_and(|c| c.entries >= JS_COUNT as u64));
     assert!(report.targets.iter().all(|t| t.met.is_some()));
     let duplicates = report
         .targets
