@@ -45,10 +45,10 @@ pub struct WorkerConfig {
     /// Where intents come from.
     pub delivery: Delivery,
     /// Memory, in bytes, for stored outcomes kept to answer replays without
-    /// a KV read (0 turns the cache off). The default, 16 MiB, holds about
-    /// 20 000 outcomes of a few hundred bytes (each with the digest of a
-    /// copy answered with it) and keeps a worker with 1024
-    /// intents in flight under 64 MiB.
+    /// a KV read (0 turns the cache off). The default, 64 MiB, holds about
+    /// 80 000 outcomes of a few hundred bytes (each with the digest of a
+    /// copy answered with it): memory the operator chooses to spend, on
+    /// top of the worker's own (docs/performance.md).
     pub cache_bytes: usize,
 }
 
@@ -195,7 +195,7 @@ impl Default for WorkerConfig {
             max_payload: 1024 * 1024,
             grace: Duration::from_secs(10),
             delivery: Delivery::Core,
-            cache_bytes: 16 << 20,
+            cache_bytes: 64 << 20,
         }
     }
 }

@@ -99,7 +99,7 @@ pub struct ServeArgs {
     pub max_ack_pending: u32,
     /// Memory for stored outcomes kept to answer replays without a KV read
     /// (e.g. `64MiB`; 0 turns the cache off).
-    #[arg(long, env = "IDEMQ_CACHE", default_value = "16MiB")]
+    #[arg(long, env = "IDEMQ_CACHE", default_value = "64MiB")]
     pub cache: bytesize::ByteSize,
     /// How long shutdown waits for in-flight intents.
     #[arg(long, env = "IDEMQ_GRACE", default_value = "10s", value_parser = crate::config::duration_up_to_a_day)]
