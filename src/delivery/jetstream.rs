@@ -326,12 +326,12 @@ impl Consumer {
 
     /// Publishes the reply, if the intent named somewhere to send it.
     ///
-    /// The ack that follows removes the intent for good, so the reply must
-    /// be safe first. When a stream captures the reply subject the reply is
-    /// a JetStream publish with a `Nats-Msg-Id`, retried (bounded)
-    /// until the stream acknowledges it: through a leader election too, and
-    /// the stream keeps each outcome once. Otherwise it is a core publish
-    /// that must at least reach the server.
+    /// The ack that follows removes the intent for good. When a stream
+    /// captures the reply subject the reply is a JetStream publish with a
+    /// `Nats-Msg-Id`, retried (bounded) until the stream acknowledges it:
+    /// through a leader election too, and the stream keeps each outcome
+    /// once. Otherwise it is a core publish that goes out before the ack
+    /// on the same connection ([`ReplyRoutes::publish_kept`]).
     async fn answer(
         &self,
         pipeline: &Pipeline,

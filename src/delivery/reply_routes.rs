@@ -15,7 +15,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::reply_policy::subject_matches;
 
-/// How long a reply may take to be safe before the intent is nak'ed instead of acked.
+/// How long a reply into a stream may take to be acknowledged before the
+/// intent is nak'ed instead of acked.
 const REPLY_BOUND: Duration = Duration::from_secs(5);
 /// Pause between attempts to store a reply in the stream that captures it.
 pub(crate) const REPLY_RETRY_PAUSE: Duration = Duration::from_millis(200);
@@ -128,12 +129,18 @@ impl ReplyRoutes {
         Ok(routes)
     }
 
-    /// Publishes so that the message is kept before the intent is settled:
-    /// when a stream captures `subject`, a JetStream publish retried
-    /// (bounded by [`REPLY_BOUND`]) until the stream acknowledges it,
-    /// through a leader election too; otherwise a core publish that must at
-    /// least reach the server. Either way an `Err` leaves the intent to be
-    /// redelivered.
+    /// Publishes before the intent is settled: when a stream captures
+    /// `subject`, a JetStream publish retried (bounded by [`REPLY_BOUND`])
+    /// until the stream acknowledges it, through a leader election too, so
+    /// the message is kept before the ack. Otherwise a core publish, at
+    /// most once like any: the ack that follows goes out on the same
+    /// connection after it, so the server routes the reply first. No flush
+    /// between them: a flush only hands the bytes to the socket, and a
+    /// connection that breaks loses a reply in the socket's buffer as it
+    /// loses one in the client's, while the ack may follow on the next
+    /// connection; only a round trip per intent would close that, and a
+    /// caller without its answer retries and gets it from the store. An
+    /// `Err` leaves the intent to be redelivered.
     pub(crate) async fn publish_kept(
         &self,
         client: &async_nats::Client,
@@ -142,14 +149,10 @@ impl ReplyRoutes {
         payload: Bytes,
     ) -> Result<(), String> {
         if self.captured(subject) == Some(false) {
-            client
+            return client
                 .publish_with_headers(Subject::from(subject), headers, payload)
                 .await
-                .map_err(|e| e.to_string())?;
-            return match tokio::time::timeout(REPLY_BOUND, client.flush()).await {
-                Ok(Ok(())) => Ok(()),
-                _ => Err("the message did not reach the server".to_owned()),
-            };
+                .map_err(|e| e.to_string());
         }
         let deadline = tokio::time::Instant::now() + REPLY_BOUND;
         loop {
