@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use async_nats::Client;
+use common::intents::{error_code, intent_for};
 use common::upstream::{Upstream, FORWARD};
 use common::workers::{wait_for_workers, WorkerProcess};
 use common::NatsServer;
@@ -48,11 +49,7 @@ fn workers(
 
 /// The body of copy `copy` of intent `key`: the same bytes for every copy.
 fn body(key: usize) -> String {
-    json!({
-        "intent_id": format!("burst-{key}"), "actor": "agent", "episode": "ep",
-        "capability": "ok", "params": {"n": key},
-    })
-    .to_string()
+    intent_for(&format!("burst-{key}"), "ok", json!({ "n": key })).to_string()
 }
 
 /// One reply, or `None` when none came within [`REPLY_BOUND`].
@@ -71,10 +68,6 @@ async fn burst(client: &Client) -> Vec<(usize, Option<Value>)> {
         .flat_map(|_| 0..KEYS)
         .map(|key| async move { (key, send(client, body(key)).await) });
     futures::future::join_all(sends).await
-}
-
-fn code(reply: &Value) -> &str {
-    reply["result"]["data"]["code"].as_str().unwrap_or_default()
 }
 
 /// Every worker's log, checked for drops inside its client.
@@ -119,7 +112,9 @@ async fn a_burst_of_6000_copies_over_three_default_workers_is_answered_in_full()
         if reply["result"]["status"] == "Success" {
             successes.entry(key).or_default().push(reply);
         } else {
-            *by_code.entry(code(&reply).to_owned()).or_default() += 1;
+            *by_code
+                .entry(error_code(&reply).unwrap_or_default().to_owned())
+                .or_default() += 1;
         }
     }
     println!(
@@ -158,9 +153,9 @@ async fn past_a_small_intake_every_copy_is_answered_overloaded_and_its_retry_get
     let mut overloaded = Vec::new();
     let mut others = Vec::new();
     for (key, reply) in replies.into_iter().filter_map(|(k, r)| Some((k, r?))) {
-        match (reply["result"]["status"].as_str(), code(&reply)) {
+        match (reply["result"]["status"].as_str(), error_code(&reply)) {
             (Some("Success"), _) => successes.entry(key).or_default().push(reply),
-            (Some("Error"), "OVERLOADED") => overloaded.push((key, reply)),
+            (Some("Error"), Some("OVERLOADED")) => overloaded.push((key, reply)),
             _ => others.push(reply),
         }
     }
@@ -199,7 +194,7 @@ async fn past_a_small_intake_every_copy_is_answered_overloaded_and_its_retry_get
             // Bounded: each retry waits at least its hint.
             for _ in 0..20 {
                 let reply = send(client, body(*key)).await.expect("a reply");
-                if code(&reply) != "OVERLOADED" {
+                if error_code(&reply) != Some("OVERLOADED") {
                     return (*key, reply);
                 }
                 let after = reply["result"]["data"]["retry_after_ms"]

@@ -39,8 +39,12 @@ use std::time::Duration;
 use async_nats::jetstream;
 use async_nats::{Client, HeaderMap};
 use common::cluster::NatsCluster;
+use common::intents::error_code;
+use common::poll::eventually;
 use common::proxy::{Direction, FaultProxy, Mode};
-use common::workers::{stream_replies, wait_for_workers, WorkerProcess};
+use common::workers::{
+    proc_status_kib, publish_acked, stream_replies, wait_for_workers, WorkerProcess,
+};
 use common::NatsServer;
 use futures::StreamExt;
 use serde_json::{json, Value};
@@ -263,34 +267,15 @@ impl Workers {
     }
 }
 
-/// The resident set of a process now, in KiB (0 once it is gone).
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|kib| kib.parse().ok())
-        .unwrap_or(0)
-}
-
-/// Publishes into the stream until the server takes it (bounded).
+/// Publishes into the stream until the server takes it (60 s at most).
 async fn publish(js: &jetstream::Context, body: &Value) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let acked = match js.publish("intents.work", body.to_string().into()).await {
-            Ok(ack) => ack.await.is_ok(),
-            Err(_) => false,
-        };
-        if acked {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the stream took no intent for 60 s"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    publish_acked(
+        js,
+        "intents.work",
+        body.to_string().into(),
+        Duration::from_secs(60),
+    )
+    .await;
 }
 
 /// Error codes that leave an intent unsettled: the client retries.
@@ -310,7 +295,7 @@ type Answer = (Value, bool);
 /// store). An outcome marked unstored is not: the client retries it
 /// (docs/contract.md v1.2 §3).
 fn settled((reply, unstored): &Answer) -> bool {
-    let code = reply["result"]["data"]["code"].as_str().unwrap_or_default();
+    let code = error_code(reply).unwrap_or_default();
     let refused = reply["result"]["status"] == "Error" && UNSETTLED.contains(&code);
     !(*unstored || refused)
 }
@@ -486,7 +471,8 @@ async fn soak(delivery: Delivery, mut servers: Servers) {
         let pause = dice.millis(500, 2500);
         let until = Instant::now() + pause;
         while Instant::now() < until {
-            rss.push(rss_kib(steady));
+            // The resident set in KiB (0 once the worker is gone).
+            rss.push(proc_status_kib(steady, "VmRSS").unwrap_or(0));
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
         let worker = 1 + dice.below(2) as usize;
@@ -562,8 +548,8 @@ async fn soak(delivery: Delivery, mut servers: Servers) {
     let answers: Vec<Answer> = match delivery {
         Delivery::Core => answers.lock().expect("lock").clone(),
         Delivery::JetStream => {
-            let settle = Instant::now() + SETTLE_BOUND;
-            loop {
+            let what = format!("every intent answered after the chaos (seed {seed})");
+            eventually(SETTLE_BOUND, what, async || {
                 let replies = stream_replies(&js, "RESULTS").await;
                 let answered: std::collections::HashSet<&str> = replies
                     .iter()
@@ -573,18 +559,14 @@ async fn soak(delivery: Delivery, mut servers: Servers) {
                     .keys()
                     .filter(|k| !answered.contains(k.as_str()))
                     .count();
-                if missing == 0 {
-                    // JetStream mode never answers an unstored outcome: it
-                    // naks it, and the redelivery settles.
-                    break replies.into_iter().map(|r| (r, false)).collect();
+                if missing > 0 {
+                    return Err(format!("{missing} of {} intents unanswered", sent.len()));
                 }
-                assert!(
-                    Instant::now() < settle,
-                    "{missing} of {} intents unanswered {SETTLE_BOUND:?} after the chaos (seed {seed})",
-                    sent.len()
-                );
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
+                // JetStream mode never answers an unstored outcome: it
+                // naks it, and the redelivery settles.
+                Ok(replies.into_iter().map(|r| (r, false)).collect())
+            })
+            .await
         }
     };
 

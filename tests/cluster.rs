@@ -9,29 +9,18 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use common::cluster::{Lagged, LaggingCluster, NatsCluster, StaleReads};
+use common::poll::eventually;
 use common::upstream::{Upstream, FORWARD};
-use common::workers::{request_within, stream_replies, wait_for_workers, WorkerProcess};
+use common::workers::{
+    publish_acked, request_within, stream_replies, wait_for_workers, WorkerProcess,
+};
 use serde_json::{json, Value};
 
 const INTENTS: usize = 200;
 
-async fn leader(js: &jetstream::Context, stream: &str) -> Option<String> {
-    let mut stream = js.get_stream(stream).await.ok()?;
-    let info = stream.info().await.ok()?;
-    info.cluster.as_ref().and_then(|c| c.leader.clone())
-}
-
-/// Publishes into the stream, retrying (bounded) while a leader is elected.
+/// Publishes into the stream, retrying (20 s at most) while a leader is elected.
 async fn publish_with_retry(js: &jetstream::Context, body: String) {
-    for _ in 0..100 {
-        if let Ok(ack) = js.publish("intents.work", body.clone().into()).await {
-            if ack.await.is_ok() {
-                return;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    panic!("the stream did not accept an intent within ~20s");
+    publish_acked(js, "intents.work", body.into(), Duration::from_secs(20)).await;
 }
 
 #[tokio::test]
@@ -75,7 +64,7 @@ async fn a_node_lost_mid_run_loses_no_intent_and_repeats_none() {
         let replicas = stream.info().await.expect("info").config.num_replicas;
         assert_eq!(replicas, 3, "{name} is R3");
     }
-    let victim = match leader(&js, "KV_IDEMPOTENCY")
+    let victim = match NatsCluster::leader_of(&js, "KV_IDEMPOTENCY")
         .await
         .and_then(|l| cluster.index_of(&l))
     {
@@ -94,17 +83,26 @@ async fn a_node_lost_mid_run_loses_no_intent_and_repeats_none() {
         }
     }
 
-    let mut answered = 0;
-    for _ in 0..300 {
-        // JetStream API calls may time out while leaders move: keep asking.
-        if let Ok(mut results) = js.get_stream("RESULTS").await {
-            answered = results.info().await.map_or(answered, |i| i.state.messages);
-        }
-        if answered >= INTENTS as u64 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let answered = eventually(
+        Duration::from_secs(60),
+        "every intent answered",
+        async || {
+            // JetStream API calls may time out while leaders move: keep asking.
+            let mut results = js.get_stream("RESULTS").await.map_err(|e| e.to_string())?;
+            let answered = results
+                .info()
+                .await
+                .map_err(|e| e.to_string())?
+                .state
+                .messages;
+            if answered >= INTENTS as u64 {
+                Ok(answered)
+            } else {
+                Err(format!("{answered} of {INTENTS} answered"))
+            }
+        },
+    )
+    .await;
     assert_eq!(answered, INTENTS as u64, "every intent answered once");
     let replies = stream_replies(&js, "RESULTS").await;
     let mut keys = std::collections::HashSet::new();
@@ -381,7 +379,7 @@ async fn a_lagging_follower_never_makes_a_waiting_copy_run_a_key_twice() {
         FOLLOWER_LAG,
     )
     .await;
-    let leader_after = LaggingCluster::leader_of(&js, &stream).await;
+    let leader_after = NatsCluster::leader_of(&js, &stream).await;
 
     let mut violations = Vec::new();
     let (mut replies, mut fresh_total, mut replays, mut in_progress, mut lost) = (0, 0, 0, 0, 0);
@@ -469,7 +467,8 @@ async fn a_worker_started_before_its_cluster_has_quorum_waits_for_it() {
     let mut cluster = NatsCluster::start(3);
     cluster.kill(1);
     cluster.kill(2);
-    let mut worker = WorkerProcess::serve(
+    // In a cell: the wait below says whether it exited.
+    let worker = std::cell::RefCell::new(WorkerProcess::serve(
         &cluster.url(0),
         &[
             "--replicas",
@@ -479,26 +478,26 @@ async fn a_worker_started_before_its_cluster_has_quorum_waits_for_it() {
             "--durable",
             "workers",
         ],
-    );
+    ));
     // Longer than the client's request timeout (5 s): the old worker gave
     // up and exited by now.
     tokio::time::sleep(Duration::from_secs(8)).await;
     cluster.restart(1);
     cluster.restart(2);
     let client = cluster.connect_to(0).await;
-    let mut ready = false;
-    for _ in 0..60 {
-        if !common::workers::ping(&client).await.is_empty() {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    assert!(
-        ready,
-        "the worker takes intents once the cluster is back (exited: {:?})",
-        worker.try_wait()
-    );
+    // Room for sixty looks, each a 200 ms ping and a 500 ms pause.
+    eventually(
+        Duration::from_secs(42),
+        "the worker taking intents once the cluster is back",
+        async || {
+            if common::workers::ping(&client).await.is_empty() {
+                Err(format!("exited: {:?}", worker.borrow_mut().try_wait()))
+            } else {
+                Ok(())
+            }
+        },
+    )
+    .await;
     let js = jetstream::new(client.clone());
     let mut replies = client.subscribe("results.quorum").await.expect("subscribe");
     client.flush().await.expect("flush");

@@ -9,35 +9,31 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, kv, stream};
 use common::cluster::NatsCluster;
+use common::poll::eventually;
 
 /// Bound on one JetStream call.
 const CALL: Duration = Duration::from_secs(5);
 /// Bound on recovering after a node is killed or restarted.
 const RECOVERY: Duration = Duration::from_secs(20);
 
-/// Retries `op` until it succeeds or `RECOVERY` has passed; panics with the
-/// last error then. Returns the value and how long it took.
+/// Retries `op` (each call bounded by `CALL`) until it succeeds or
+/// `RECOVERY` has passed; panics with the last error then. Returns the
+/// value and how long it took.
 async fn retry<T, F, Fut>(what: &str, mut op: F) -> (T, Duration)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, String>>,
 {
     let start = Instant::now();
-    let mut attempts = 0u32;
-    loop {
-        attempts += 1;
-        let last = match tokio::time::timeout(CALL, op()).await {
-            Ok(Ok(value)) => return (value, start.elapsed()),
-            Ok(Err(e)) => e,
-            Err(_) => format!("timed out after {CALL:?}"),
-        };
-        assert!(
-            start.elapsed() < RECOVERY,
-            "{what}: still failing after {attempts} attempts in {:?}: {last}",
-            start.elapsed()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let value = eventually(RECOVERY, what, || {
+        let call = tokio::time::timeout(CALL, op());
+        async move {
+            call.await
+                .unwrap_or_else(|_| Err(format!("timed out after {CALL:?}")))
+        }
+    })
+    .await;
+    (value, start.elapsed())
 }
 
 /// Puts `value` under `key` and reads it back.

@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
-use common::workers::{code, send, start_worker, test_config};
+use common::intents::code;
+use common::workers::{send, start_worker, test_config};
 use common::NatsServer;
 use idemq::IdempotencyKey;
 use serde_json::{json, Value};

@@ -5,6 +5,8 @@ mod common;
 
 use std::time::Duration;
 
+use common::intents::{intent_for, intent_key};
+use common::poll::eventually;
 use common::proxy::{Direction, FaultProxy, Mode};
 use common::upstream::{Upstream, FORWARD};
 use common::workers::{start_worker_on, test_config};
@@ -14,15 +16,14 @@ use idemq::store::ClaimProtocol;
 use idemq::IdempotencyKey;
 use serde_json::{json, Value};
 
-/// Polls (bounded) until the upstream has seen `n` executions.
+/// Polls (5 s at most) until the upstream has seen `n` executions.
 async fn until_executed(upstream: &Upstream, n: u32) {
-    for _ in 0..100 {
-        if upstream.total() >= n {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the upstream saw fewer than {n} executions within 5s");
+    eventually(
+        Duration::from_secs(5),
+        format!("{n} executions upstream"),
+        async || upstream.total() >= n,
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -44,10 +45,7 @@ async fn a_handler_running_across_a_stalled_renewal_keeps_its_lease_and_runs_onc
     };
     let worker = start_worker_on(through_proxy, config, Some(FORWARD)).await;
 
-    let body = json!({
-        "intent_id": "stalled", "actor": "agent", "episode": "ep",
-        "capability": "slow", "params": {"sleep_ms": 35_000},
-    });
+    let body = intent_for("stalled", "slow", json!({"sleep_ms": 35_000}));
     let sent = {
         let client = client.clone();
         tokio::spawn(async move {
@@ -109,10 +107,7 @@ async fn an_outcome_the_store_never_took_is_not_acked_away() {
     };
     let worker = start_worker_on(through_proxy, config, Some(FORWARD)).await;
     let js = async_nats::jetstream::new(client.clone());
-    let body = json!({
-        "intent_id": "unstored", "actor": "agent", "episode": "ep",
-        "capability": "slow", "params": {"sleep_ms": 1000},
-    });
+    let body = intent_for("unstored", "slow", json!({"sleep_ms": 1000}));
     js.publish("intents.work", body.to_string().into())
         .await
         .expect("publish")
@@ -129,41 +124,38 @@ async fn an_outcome_the_store_never_took_is_not_acked_away() {
     let store = KvStore::open(js.clone(), &BucketConfig::default())
         .await
         .expect("bucket");
-    let key = IdempotencyKey::from_intent_metadata("unstored", "agent", "ep", None);
-    let mut stored = None;
-    for _ in 0..150 {
-        if let Some(record) = store.get(&key).await.expect("get") {
-            if record.result.is_some() {
-                stored = Some(record);
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(
-        stored.is_some(),
-        "the intent stayed in its stream and its outcome was stored in the end"
-    );
+    let key = intent_key("unstored");
+    eventually(
+        Duration::from_secs(15),
+        "the intent stayed in its stream and its outcome was stored in the end",
+        async || {
+            let record = store.get(&key).await.expect("get");
+            record.is_some_and(|record| record.result.is_some())
+        },
+    )
+    .await;
     // The lease ran out while the store was unreachable: the documented
     // window, so a second execution is allowed, never a third.
     assert!(upstream.total() <= 2, "{} executions", upstream.total());
-    let mut consumer = js
+    let consumer = js
         .get_stream("INTENTS")
         .await
         .expect("stream")
         .get_consumer::<async_nats::jetstream::consumer::pull::Config>("workers")
         .await
         .expect("consumer");
-    let mut pending = u64::MAX;
-    for _ in 0..100 {
-        let info = consumer.info().await.expect("info");
-        pending = info.num_pending + info.num_ack_pending as u64;
-        if pending == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(pending, 0, "acked once the outcome was stored");
+    eventually(
+        Duration::from_secs(10),
+        "acked once the outcome was stored",
+        async || {
+            let info = consumer.get_info().await.expect("info");
+            match info.num_pending + info.num_ack_pending as u64 {
+                0 => Ok(()),
+                pending => Err(format!("{pending} pending")),
+            }
+        },
+    )
+    .await;
     worker.stop().await;
 }
 
@@ -261,8 +253,7 @@ async fn stored(client: &async_nats::Client, intent_id: &str) -> Option<idemq::R
     )
     .await
     .expect("bucket");
-    let key = IdempotencyKey::from_intent_metadata(intent_id, "agent", "ep", None);
-    store.get(&key).await.expect("get")
+    store.get(&intent_key(intent_id)).await.expect("get")
 }
 
 /// Asserts `reply` is the outcome the bucket holds, answered as stored.

@@ -32,12 +32,13 @@ use std::time::Duration;
 
 use async_nats::{Client, HeaderMap, Message, Subject};
 use bytes::Bytes;
+use common::intents::{code, intent, intent_key, key_of};
 use common::workers::{start_worker, test_config, wait_for_workers, RunningWorker, WorkerProcess};
 use common::NatsServer;
 use futures::StreamExt;
 use idemq::store::kv::{BucketConfig, KvStore};
 use idemq::store::{IdempotencyStore, Slot, StoreError, Versioned};
-use idemq::{IdempotencyKey, Outcome, WorkerConfig};
+use idemq::{Outcome, WorkerConfig};
 use serde_json::{json, Value};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
@@ -296,14 +297,6 @@ async fn flush(client: &Client, state: &Mutex<State>) {
 // Talking to the worker
 // ---------------------------------------------------------------------
 
-fn intent(id: &str, params: Value) -> Value {
-    json!({ "intent_id": id, "actor": "agent", "episode": "ep", "params": params })
-}
-
-fn key_of(id: &str) -> String {
-    IdempotencyKey::from_intent_metadata(id, "agent", "ep", None).to_string()
-}
-
 /// Sends a request and returns the reply message (bounded; panics on none).
 async fn ask(client: &Client, subject: &str, payload: Bytes) -> Message {
     let request = async_nats::Request::new()
@@ -373,8 +366,7 @@ async fn read_record(client: &Client, id: &str) -> Result<Option<Versioned>, Sto
         .await
         .expect("bucket opens in time")
         .expect("bucket");
-    let key = IdempotencyKey::parse(&key_of(id)).expect("key");
-    tokio::time::timeout(BOUND, store.read(&key))
+    tokio::time::timeout(BOUND, store.read(&intent_key(id)))
         .await
         .expect("read in time")
 }
@@ -394,13 +386,6 @@ async fn stored_outcome(client: &Client, id: &str) -> Outcome {
 
 fn outcome(result: &Value) -> Outcome {
     serde_json::from_value(result.clone()).expect("an outcome")
-}
-
-/// The reply's `data.code` (for error outcomes).
-fn code(reply: &Value) -> &str {
-    reply["result"]["data"]["code"]
-        .as_str()
-        .unwrap_or_else(|| panic!("not an error reply: {reply}"))
 }
 
 fn config(handler_timeout: Duration) -> WorkerConfig {
@@ -896,23 +881,6 @@ async fn a_deeply_nested_answer_is_stored_readably_and_replayed_from_the_store()
 // 5. A client that floods one key
 // ---------------------------------------------------------------------
 
-/// Resident set size now (`VmRSS`), in bytes.
-fn rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
-    let line = status
-        .lines()
-        .find(|line| line.starts_with("VmRSS:"))
-        .expect("VmRSS line");
-    let kib: u64 = line
-        .trim_start_matches("VmRSS:")
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .expect("VmRSS in kB");
-    kib * 1024
-}
-
 /// 2000 copies of one key (64 KiB each, so 125 MiB in all), at most 200 in
 /// flight, against `idemq serve`; the upstream holds that key for a second
 /// while 50 other keys are sent in between. The flooded key runs once and
@@ -938,7 +906,7 @@ async fn a_flooded_key_runs_once_stalls_no_other_key_and_memory_stays_bounded() 
         &["--forward", TEMPLATE, "--handler-timeout", "5s"],
     );
     wait_for_workers(&client, 1).await;
-    let started_rss = rss(worker.id());
+    let started_rss = worker.rss();
 
     let flood: Bytes = intent("flood", json!({ "pad": "p".repeat(PAD) }))
         .to_string()

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::PullConsumer};
 use async_nats::{Client, HeaderMap, Subscriber};
+use common::intents::intent_for;
+use common::poll::eventually;
 use common::proxy::{Direction, FaultProxy, Mode};
 use common::rig::Rig;
 use common::upstream::{Upstream, FORWARD};
@@ -32,11 +34,11 @@ fn js_config(tune: impl FnOnce(&mut JetStreamConfig)) -> WorkerConfig {
     }
 }
 
+/// An intent answered on `results.out`.
 fn intent(id: &str, capability: &str, params: Value) -> Value {
-    json!({
-        "intent_id": id, "actor": "agent", "episode": "ep",
-        "capability": capability, "params": params, "reply_to": "results.out",
-    })
+    let mut body = intent_for(id, capability, params);
+    body["reply_to"] = json!("results.out");
+    body
 }
 
 /// Publishes into the stream and waits for the stream's ack.
@@ -76,17 +78,18 @@ async fn consumer(js: &jetstream::Context) -> PullConsumer {
         .expect("consumer")
 }
 
-/// Waits (bounded) until the consumer has nothing pending or unacked.
+/// Waits (10 s at most) until the consumer has nothing pending or unacked.
 async fn until_drained(js: &jetstream::Context) {
-    let mut consumer = consumer(js).await;
-    for _ in 0..100 {
-        let info = consumer.info().await.expect("consumer info");
-        if info.num_pending == 0 && info.num_ack_pending == 0 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("the consumer still has pending or unacked messages after 10s");
+    let consumer = consumer(js).await;
+    eventually(
+        Duration::from_secs(10),
+        "the consumer with nothing pending or unacked",
+        async || {
+            let info = consumer.get_info().await.expect("consumer info");
+            info.num_pending == 0 && info.num_ack_pending == 0
+        },
+    )
+    .await;
 }
 
 /// A server, an upstream, one in-process worker in JetStream mode, and a
@@ -445,12 +448,12 @@ async fn an_intent_whose_last_delivery_died_is_dead_lettered_whoever_else_pulls(
     wait_for_workers(&client, 1).await;
     publish(&js, &intent("dies", "slow", json!({"sleep_ms": 60_000}))).await;
     for delivery in 1..=2 {
-        for _ in 0..200 {
-            if upstream.total() >= delivery {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        eventually(
+            Duration::from_secs(10),
+            format!("delivery {delivery} executing"),
+            async || upstream.total() >= delivery,
+        )
+        .await;
         assert_eq!(upstream.total(), delivery, "delivery {delivery} executing");
         worker.signal("-KILL");
         worker.wait(Duration::from_secs(5)).await;
@@ -483,16 +486,15 @@ async fn an_intent_whose_last_delivery_died_is_dead_lettered_whoever_else_pulls(
         .and_then(|h| h.get("Idem-Dead-Reason"))
         .map(|v| v.as_str().to_owned());
     assert_eq!(reason.as_deref(), Some("max_deliver"));
-    let mut held = u64::MAX;
-    for _ in 0..100 {
-        let mut stream = js.get_stream(STREAM).await.expect("stream");
-        held = stream.info().await.expect("info").state.messages;
-        if held == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(held, 0, "the intent left its stream");
+    eventually(
+        Duration::from_secs(10),
+        "the intent left its stream",
+        async || {
+            let stream = js.get_stream(STREAM).await.expect("stream");
+            stream.get_info().await.expect("info").state.messages == 0
+        },
+    )
+    .await;
     assert_eq!(upstream.total(), 2, "never executed past --max-deliver");
 }
 
@@ -527,13 +529,10 @@ async fn a_message_stays_protected_while_its_answer_is_slow_to_be_kept() {
         .await
         .expect("the stream is full now");
     publish(&js, &intent("slow-to-keep", "ok", json!(1))).await;
-    for _ in 0..100 {
-        if upstream.total() == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(upstream.total(), 1);
+    eventually(Duration::from_secs(5), "the intent executing", async || {
+        upstream.total() == 1
+    })
+    .await;
     // Progress acks while it is answered: no redelivery within the bound.
     tokio::time::sleep(Duration::from_millis(3500)).await;
     assert_eq!(
@@ -584,29 +583,25 @@ async fn a_nats_server_restart_mid_run_loses_no_intent() {
         )
         .await;
     }
-    let mut results = js.get_stream("RESULTS").await.expect("results stream");
-    let mut stored = 0;
-    for _ in 0..150 {
-        stored = results.info().await.expect("info").state.messages;
-        if stored >= 200 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let results = js.get_stream("RESULTS").await.expect("results stream");
+    let stored = eventually(Duration::from_secs(30), "200 replies stored", async || {
+        let stored = results.get_info().await.expect("info").state.messages;
+        (stored >= 200).then_some(stored)
+    })
+    .await;
     assert_eq!(stored, 200, "one reply per intent, none lost");
     until_drained(&js).await;
 }
 
-/// Polls (bounded) until `stream` holds `count` messages.
+/// Polls (10 s at most) until `stream` holds `count` messages.
 async fn until_stream_holds(js: &jetstream::Context, stream: &str, count: u64) {
-    let mut handle = js.get_stream(stream).await.expect("stream");
-    for _ in 0..100 {
-        if handle.info().await.expect("stream info").state.messages >= count {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{stream} holds fewer than {count} messages after 10s");
+    let handle = js.get_stream(stream).await.expect("stream");
+    eventually(
+        Duration::from_secs(10),
+        format!("{stream} holding {count} messages"),
+        async || handle.get_info().await.expect("stream info").state.messages >= count,
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -898,13 +893,12 @@ async fn workers_that_can_be_given_nothing_do_not_spin_on_pulls() {
     // A pull that waits its 1 s expiry, or one answered at once followed
     // by a 250 ms pause: at most about 10 in 2 s. Spinning is thousands.
     assert!(pulls <= 40, "{pulls} pull requests in 2 s");
-    for _ in 0..200 {
-        if upstream.total() == 5 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(upstream.total(), 5, "every intent still runs");
+    eventually(
+        Duration::from_secs(20),
+        "every intent still runs",
+        async || upstream.total() == 5,
+    )
+    .await;
 }
 
 /// Stream lookups (`STREAM.NAMES`, `STREAM.LIST`) seen on `api` until `bound` passes.

@@ -7,22 +7,15 @@ mod common;
 use std::process::Output;
 use std::time::Duration;
 
+use common::intents::{intent, intent_for, key_of};
+use common::poll::eventually;
 use common::upstream::{Upstream, FORWARD};
 use common::workers::{
     run_idemq, send, start_worker, test_config, wait_for_workers, WorkerProcess,
 };
 use common::NatsServer;
 use futures::StreamExt;
-use idemq::IdempotencyKey;
 use serde_json::{json, Value};
-
-fn intent(id: &str, params: Value) -> Value {
-    json!({ "intent_id": id, "actor": "agent", "episode": "ep", "params": params })
-}
-
-fn key_of(id: &str) -> String {
-    IdempotencyKey::from_intent_metadata(id, "agent", "ep", None).to_string()
-}
 
 /// Runs the CLI without blocking the test's runtime (in-process workers
 /// share it).
@@ -52,17 +45,12 @@ async fn a_killed_worker_is_taken_over_after_its_lease() {
             client.send_request("intents.slow", request).await
         })
     };
-    for _ in 0..100 {
-        if upstream.executions(&key_of("crash")) == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(
-        upstream.executions(&key_of("crash")),
-        1,
-        "first attempt started"
-    );
+    eventually(
+        Duration::from_secs(5),
+        "first attempt started",
+        async || upstream.executions(&key_of("crash")) == 1,
+    )
+    .await;
     first.signal("-KILL");
     first.wait(Duration::from_secs(5)).await;
 
@@ -101,13 +89,10 @@ async fn an_intent_resent_long_after_its_dead_owners_lease_runs_as_attempt_2() {
         .publish("intents.slow", body.to_string().into())
         .await
         .expect("publish");
-    for _ in 0..100 {
-        if upstream.executions(&key_of("late")) == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(upstream.executions(&key_of("late")), 1, "attempt 1 started");
+    eventually(Duration::from_secs(5), "attempt 1 started", async || {
+        upstream.executions(&key_of("late")) == 1
+    })
+    .await;
     first.signal("-KILL");
     first.wait(Duration::from_secs(5)).await;
     let _second = WorkerProcess::serve(&server.url(), &args);
@@ -120,12 +105,10 @@ async fn an_intent_resent_long_after_its_dead_owners_lease_runs_as_attempt_2() {
         let (client, body) = (client.clone(), body.clone());
         tokio::spawn(async move { send(&client, "intents.slow", &body).await })
     };
-    for _ in 0..100 {
-        if upstream.executions(&key_of("late")) == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(Duration::from_secs(5), "attempt 2 started", async || {
+        upstream.executions(&key_of("late")) == 2
+    })
+    .await;
     assert_eq!(upstream.attempts(&key_of("late")), vec![1, 2]);
     let reply = resent.await.expect("the resend");
     assert_eq!(reply["result"]["status"], "Success", "{reply}");
@@ -144,12 +127,10 @@ async fn sigterm_with_an_intent_in_flight_still_replies_and_exits_zero() {
         let client = client.clone();
         tokio::spawn(async move { send(&client, "intents.slow", &body).await })
     };
-    for _ in 0..100 {
-        if upstream.executions(&key_of("in-flight")) == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(Duration::from_secs(2), "the intent running", async || {
+        upstream.executions(&key_of("in-flight")) == 1
+    })
+    .await;
     worker.signal("-TERM");
     let reply = tokio::time::timeout(Duration::from_secs(10), pending)
         .await
@@ -207,20 +188,19 @@ async fn the_worker_survives_a_nats_server_restart() {
     server.restart();
     let client = server.connect().await;
     // The worker reconnects by itself; bounded retries until it answers.
-    let mut after = None;
-    for _ in 0..30 {
-        let request = async_nats::Request::new()
-            .payload(intent("after", json!(2)).to_string().into())
-            .timeout(Some(Duration::from_secs(1)));
-        if let Ok(reply) = client.send_request("intents.echo", request).await {
-            if !reply.payload.is_empty() {
-                after = Some(serde_json::from_slice::<Value>(&reply.payload).expect("JSON"));
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-    let after = after.expect("the worker answers within ~40s of the restart");
+    let after = eventually(
+        Duration::from_secs(40),
+        "the worker answering after the restart",
+        async || {
+            let request = async_nats::Request::new()
+                .payload(intent("after", json!(2)).to_string().into())
+                .timeout(Some(Duration::from_secs(1)));
+            let reply = client.send_request("intents.echo", request).await.ok()?;
+            (!reply.payload.is_empty())
+                .then(|| serde_json::from_slice::<Value>(&reply.payload).expect("JSON"))
+        },
+    )
+    .await;
     assert_eq!(
         after["result"],
         json!({"status": "Success", "data": {"echo": 2}}),
@@ -406,11 +386,8 @@ async fn a_flood_of_max_size_intents_is_answered_in_full_within_the_intake_bound
     // worker runs 4 at a time, and the rest arrive much faster than that.
     let filler = "x".repeat(1_000_000);
     let sends = (0..FLOOD).map(|i| {
-        let body = json!({
-            "intent_id": format!("flood-{i}"), "actor": "agent", "episode": "ep",
-            "capability": "slow", "params": {"sleep_ms": 200, "filler": filler},
-        })
-        .to_string();
+        let params = json!({"sleep_ms": 200, "filler": filler});
+        let body = intent_for(&format!("flood-{i}"), "slow", params).to_string();
         let client = &client;
         async move {
             let request = async_nats::Request::new()
@@ -504,21 +481,15 @@ async fn a_stop_past_grace_with_the_store_unreachable_still_exits_cleanly_in_bou
         ],
     );
     wait_for_workers(&client, 1).await;
-    let body = json!({
-        "intent_id": "outlives-grace", "actor": "agent", "episode": "ep",
-        "capability": "slow", "params": {"sleep_ms": 30_000},
-    });
+    let body = intent_for("outlives-grace", "slow", json!({"sleep_ms": 30_000}));
     client
         .publish("intents.slow", body.to_string().into())
         .await
         .expect("publish");
-    for _ in 0..100 {
-        if upstream.total() == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(upstream.total(), 1, "the handler runs");
+    eventually(Duration::from_secs(5), "the handler runs", async || {
+        upstream.total() == 1
+    })
+    .await;
     // The worker's traffic to the server stalls (its release, its reply),
     // and it is told to stop while the handler still runs.
     proxy.set(common::proxy::Direction::Up, common::proxy::Mode::Hold);

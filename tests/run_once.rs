@@ -16,6 +16,7 @@ use idemq::{seed, IdempotencyKey};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use common::poll::eventually;
 use common::stores::Store;
 
 fn key(step: u32) -> IdempotencyKey {
@@ -43,15 +44,12 @@ fn spawn_run(
     tokio::spawn(async move { once.run(&key, "fp", |_| counted(&runs, took, value)).await })
 }
 
-/// Polls (bounded) until `runs` has counted one run.
+/// Polls (2 s at most) until `runs` has counted one run.
 async fn until_running(runs: &AtomicU32) {
-    for _ in 0..100 {
-        if runs.load(Ordering::SeqCst) == 1 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("the closure did not start within 2 s");
+    eventually(Duration::from_secs(2), "the closure starting", async || {
+        runs.load(Ordering::SeqCst) == 1
+    })
+    .await;
 }
 
 /// A closure's body that counts its runs and answers `value` after `took`.

@@ -11,6 +11,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, kv};
 use async_nats::{Client, HeaderMap, Subscriber};
 use bytes::Bytes;
+use common::intents::intent_for;
 use common::upstream::{Upstream, FORWARD};
 use common::workers::{request, start_worker, test_config, RunningWorker};
 use common::NatsServer;
@@ -18,8 +19,9 @@ use futures::StreamExt;
 use idemq::config::{Delivery, JetStreamConfig};
 use serde_json::{json, Value};
 
+/// An `ok` intent whose params are its id.
 fn intent(id: &str) -> Value {
-    json!({ "intent_id": id, "actor": "agent", "episode": "ep", "capability": "ok", "params": id })
+    intent_for(id, "ok", json!(id))
 }
 
 /// A stored outcome another intent's reply must never touch: its key's

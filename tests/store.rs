@@ -4,19 +4,17 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use idemq::outcome::{Outcome, RecordState};
 use idemq::store::kv::{BucketConfig, KvStore};
-use idemq::store::{
-    Acquire, Claim, ClaimProtocol, ClaimRequest, IdempotencyStore, StoreError, Versioned, Wakeups,
-};
+use idemq::store::{Acquire, Claim, ClaimProtocol, ClaimRequest, StoreError};
 use idemq::IdempotencyKey;
 use serde_json::json;
 
-use common::stores::Store;
+use common::poll::eventually;
+use common::stores::{FaultyStore, Store};
 
 const LONG: Duration = Duration::from_secs(30);
 const SHORT_LEASE: Duration = Duration::from_secs(1);
@@ -49,15 +47,14 @@ async fn owned(store: &Store, request: &ClaimRequest) -> idemq::store::Lease {
     }
 }
 
-/// Polls (bounded) until the key holds no record.
+/// Polls (10 s at most) until the key holds no record.
 async fn until_gone(store: &Store, key: &IdempotencyKey) {
-    for _ in 0..200 {
-        if store.get(key).await.expect("get").is_none() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{key} did not expire within 10s");
+    eventually(
+        Duration::from_secs(10),
+        format!("{key} expiring"),
+        async || store.get(key).await.expect("get").is_none(),
+    )
+    .await;
 }
 
 async fn first_claim_acquires_and_second_sees_it_taken(store: Store) {
@@ -306,86 +303,12 @@ async fn acquire_from_a_read_decides_from_what_it_saw(store: Store) {
     }
 }
 
-/// A store whose writes land but whose acknowledgements can be lost, and
-/// whose reads can fail for a while: what an owner sees when the network
-/// drops the answers to its writes.
-struct LossyAcks {
-    inner: Store,
-    lose_acks: AtomicU32,
-    reads_fail: AtomicBool,
-}
-
-impl LossyAcks {
-    fn new(inner: Store) -> Arc<LossyAcks> {
-        Arc::new(LossyAcks {
-            inner,
-            lose_acks: AtomicU32::new(0),
-            reads_fail: AtomicBool::new(false),
-        })
-    }
-
-    /// The next `n` writes land, and their callers are told they timed out.
-    fn lose_next_acks(&self, n: u32) {
-        self.lose_acks.store(n, Ordering::SeqCst);
-    }
-
-    fn fail_reads(&self, fail: bool) {
-        self.reads_fail.store(fail, Ordering::SeqCst);
-    }
-
-    /// What the writer of a landed write hears: its result, or a lost ack.
-    fn acked<T>(&self, landed: T) -> Result<T, StoreError> {
-        let lost = self
-            .lose_acks
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok();
-        if lost {
-            return Err(StoreError::Unacknowledged("ack lost".to_owned()));
-        }
-        Ok(landed)
-    }
-}
-
-#[async_trait::async_trait]
-impl IdempotencyStore for LossyAcks {
-    async fn read(&self, key: &IdempotencyKey) -> Result<Option<Versioned>, StoreError> {
-        if self.reads_fail.load(Ordering::SeqCst) {
-            return Err(StoreError::Unavailable("reads fail".to_owned()));
-        }
-        self.inner.read(key).await
-    }
-
-    async fn write(
-        &self,
-        key: &IdempotencyKey,
-        expected: u64,
-        record: &idemq::outcome::Record,
-        ttl: Duration,
-    ) -> Result<u64, StoreError> {
-        let revision = self.inner.write(key, expected, record, ttl).await?;
-        self.acked(revision)
-    }
-
-    async fn remove(&self, key: &IdempotencyKey, expected: u64) -> Result<(), StoreError> {
-        self.inner.remove(key, expected).await?;
-        self.acked(())
-    }
-
-    async fn purge(&self, key: &IdempotencyKey, expected: u64) -> Result<(), StoreError> {
-        self.inner.purge(key, expected).await
-    }
-
-    async fn wakeups(&self, key: &IdempotencyKey) -> Result<Wakeups, StoreError> {
-        self.inner.wakeups(key).await
-    }
-}
-
 /// Lease for the lost-ack tests: short, so a renewal's patience (a third
 /// of it) runs out quickly while reads fail.
 const LOSSY_LEASE: Duration = Duration::from_secs(3);
 
 async fn a_renewal_whose_ack_was_lost_keeps_the_lease(store: Store) {
-    let lossy = LossyAcks::new(store);
+    let lossy = FaultyStore::new(store);
     let store: Store = lossy.clone();
     let first = request(14, "fp", LOSSY_LEASE);
     let mut lease = owned(&store, &first).await;
@@ -414,7 +337,7 @@ async fn a_renewal_whose_ack_was_lost_keeps_the_lease(store: Store) {
 }
 
 async fn a_completion_whose_ack_was_lost_is_stored_once(store: Store) {
-    let lossy = LossyAcks::new(store);
+    let lossy = FaultyStore::new(store);
     let store: Store = lossy.clone();
     let first = request(15, "fp", LOSSY_LEASE);
     let mut lease = owned(&store, &first).await;
@@ -436,11 +359,11 @@ async fn a_completion_whose_ack_was_lost_is_stored_once(store: Store) {
     assert_eq!(stored.result, Some(outcome));
 }
 
-/// Found by the model check (`tests/model.rs`): a completion lands, its ack
+/// Found by the model check (`tests/model/`): a completion lands, its ack
 /// and read-back are lost, and the owner then renews or releases the same
 /// lease. Neither may touch the outcome it stored.
 async fn after_a_completion_whose_ack_was_lost_renew_and_release_keep_the_outcome(store: Store) {
-    let lossy = LossyAcks::new(store);
+    let lossy = FaultyStore::new(store);
     let store: Store = lossy.clone();
     let first = request(18, "fp", LOSSY_LEASE);
     let mut lease = owned(&store, &first).await;
@@ -468,7 +391,7 @@ async fn after_a_completion_whose_ack_was_lost_renew_and_release_keep_the_outcom
 }
 
 async fn an_unsettled_owner_still_loses_to_another_owner(store: Store) {
-    let lossy = LossyAcks::new(store);
+    let lossy = FaultyStore::new(store);
     let store: Store = lossy.clone();
     let first = request(16, "fp", Duration::from_secs(1));
     let mut lease = owned(&store, &first).await;

@@ -5,9 +5,13 @@
 
 mod common;
 
+use std::time::Duration;
+
 use async_nats::HeaderMap;
+use common::intents::{code, intent_key};
+use common::poll::eventually;
 use common::upstream::{Upstream, FORWARD};
-use common::workers::{code, request, run_idemq, start_worker, test_config, WorkerProcess};
+use common::workers::{request, run_idemq, start_worker, test_config, WorkerProcess};
 use common::{include_path, NatsServer};
 use idemq::IdempotencyKey;
 use serde_json::{json, Value};
@@ -34,8 +38,9 @@ fn colliding_key(target: &IdempotencyKey, tenant: &str) -> IdempotencyKey {
     key
 }
 
+/// The intent every tenant sends (`same`), with `params`, as text.
 fn intent(params: Value) -> String {
-    json!({ "intent_id": "same", "actor": "agent", "episode": "ep", "params": params }).to_string()
+    common::intents::intent("same", params).to_string()
 }
 
 async fn ask(client: &async_nats::Client, subject: &str, body: String) -> Value {
@@ -52,7 +57,7 @@ async fn tenants_sending_identical_intents_each_execute_once_and_never_see_each_
         ..test_config()
     };
     let worker = start_worker(&server, config, Some(FORWARD)).await;
-    let bare = IdempotencyKey::from_intent_metadata("same", "agent", "ep", None);
+    let bare = intent_key("same");
 
     // The very same intent from two tenants: each runs it (replayed:
     // false), neither is answered with the other's outcome.
@@ -187,20 +192,19 @@ async fn under_the_shipped_tenant_permissions_a_tenant_cannot_publish_another_te
         .await
         .expect("acme connects");
     let body = intent(json!(1));
-    let mut own = None;
-    for _ in 0..100 {
-        let request = async_nats::Request::new()
-            .payload(body.clone().into())
-            .timeout(Some(std::time::Duration::from_secs(2)));
-        if let Ok(reply) = acme.send_request("intents.acme.echo", request).await {
-            own = Some(reply);
-            break;
-        }
-        // No responders yet: the worker process is still starting.
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    let own: Value = serde_json::from_slice(&own.expect("acme's own intent is answered").payload)
-        .expect("reply");
+    let own = eventually(
+        Duration::from_secs(10),
+        "acme's own intent answered",
+        async || {
+            let request = async_nats::Request::new()
+                .payload(body.clone().into())
+                .timeout(Some(Duration::from_secs(2)));
+            // No responders yet: the worker process is still starting.
+            acme.send_request("intents.acme.echo", request).await
+        },
+    )
+    .await;
+    let own: Value = serde_json::from_slice(&own.payload).expect("reply");
     assert_eq!(own["result"]["status"], "Success", "{own}");
 
     // Into globex's subjects: refused by the server, never reaches the worker.
@@ -208,27 +212,19 @@ async fn under_the_shipped_tenant_permissions_a_tenant_cannot_publish_another_te
         .await
         .expect("publish");
     acme.flush().await.expect("flush");
-    let mut refused = false;
-    for _ in 0..50 {
-        if server
-            .log()
-            .lines()
-            .any(|l| l.contains("Publish Violation") && l.contains("intents.globex.echo"))
-        {
-            refused = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    assert!(
-        refused,
-        "the server refuses acme's publish into intents.globex.>"
-    );
+    eventually(
+        Duration::from_millis(2500),
+        "the server refusing acme's publish into intents.globex.>",
+        async || {
+            server
+                .log()
+                .lines()
+                .any(|l| l.contains("Publish Violation") && l.contains("intents.globex.echo"))
+        },
+    )
+    .await;
     worker.signal("-TERM");
-    assert!(worker
-        .wait(std::time::Duration::from_secs(20))
-        .await
-        .success());
+    assert!(worker.wait(Duration::from_secs(20)).await.success());
 }
 
 /// Sends one intent as a core request, or publishes it into the stream
@@ -257,7 +253,7 @@ async fn send_as_tenant(
         .expect("publish")
         .await
         .expect("stream ack");
-    let reply = tokio::time::timeout(std::time::Duration::from_secs(15), replies.next())
+    let reply = tokio::time::timeout(Duration::from_secs(15), replies.next())
         .await
         .expect("a reply within 15 s")
         .expect("subscribed");
@@ -282,9 +278,7 @@ async fn a_crafted_key_cannot_touch_another_tenants_intent(jetstream: bool) {
     }
     let worker = start_worker(&server, config, Some(FORWARD)).await;
     let mut replies = client.subscribe("results.>").await.expect("subscribe");
-    let victim = IdempotencyKey::from_intent_metadata("same", "agent", "ep", None)
-        .in_tenant("acme")
-        .expect("tenant");
+    let victim = intent_key("same").in_tenant("acme").expect("tenant");
     let crafted = colliding_key(&victim, "evil");
     let js = async_nats::jetstream::new(client.clone());
     let (js, r) = (&js, &mut replies);

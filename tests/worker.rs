@@ -6,21 +6,14 @@ mod common;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
+use common::intents::{code, intent, intent_key, key_of};
+use common::poll::eventually;
 use common::rig::Rig;
 use common::upstream::FORWARD;
-use common::workers::{code, request, send, start_worker, test_config, REPLY_TIMEOUT};
+use common::workers::{request, send, start_worker, test_config, REPLY_TIMEOUT};
 use common::NatsServer;
 use futures::StreamExt;
-use idemq::IdempotencyKey;
 use serde_json::{json, Value};
-
-fn intent(id: &str, params: Value) -> Value {
-    json!({ "intent_id": id, "actor": "agent", "episode": "ep", "params": params })
-}
-
-fn key_of(id: &str) -> String {
-    IdempotencyKey::from_intent_metadata(id, "agent", "ep", None).to_string()
-}
 
 #[tokio::test]
 async fn every_invalid_input_gets_its_code_and_nothing_executes() {
@@ -420,16 +413,15 @@ async fn outcome_ttl_expiry_frees_the_key() {
             .expect("timestamp");
     assert_eq!((expires - stored).num_seconds(), 1);
 
-    let mut fresh = None;
-    for _ in 0..40 {
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        let reply = send(&client, "intents.ok", &body).await;
-        if reply["replayed"] == false {
-            fresh = Some(reply);
-            break;
-        }
-    }
-    let fresh = fresh.expect("the key is free again within 10s");
+    let fresh = eventually(
+        Duration::from_secs(10),
+        "the key free again: a copy executes",
+        async || {
+            let reply = send(&client, "intents.ok", &body).await;
+            (reply["replayed"] == false).then_some(reply)
+        },
+    )
+    .await;
     assert_ne!(fresh["stored_at"], first["stored_at"]);
     assert_eq!(upstream.executions(&key_of("short-lived")), 2);
     worker.stop().await;
@@ -670,7 +662,7 @@ async fn a_purge_reaches_the_cache_of_every_worker_at_once() {
     )
     .await
     .expect("bucket");
-    let key = IdempotencyKey::parse(&key_of("purged")).expect("key");
+    let key = intent_key("purged");
     let purged = idemq::admin::purge(&client, &store, "IDEMPOTENCY", &key, false)
         .await
         .expect("purge");
@@ -682,24 +674,19 @@ async fn a_purge_reaches_the_cache_of_every_worker_at_once() {
     // copy runs again or gets the new one.
     let mut new_outcome = None;
     for subject in ["intents.a.ok", "intents.b.ok"] {
-        let mut forgot = false;
-        for _ in 0..10 {
-            let copy = send(&client, subject, &body).await;
-            if copy["stored_at"] != old["stored_at"] {
-                let at = copy["stored_at"].clone();
-                assert_eq!(
-                    *new_outcome.get_or_insert(at.clone()),
-                    at,
-                    "one new outcome"
-                );
-                forgot = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        assert!(
-            forgot,
-            "{subject}: the purged outcome was still answered after a second"
+        let at = eventually(
+            Duration::from_secs(1),
+            format!("{subject}: the purged outcome no longer answered"),
+            async || {
+                let copy = send(&client, subject, &body).await;
+                (copy["stored_at"] != old["stored_at"]).then(|| copy["stored_at"].clone())
+            },
+        )
+        .await;
+        assert_eq!(
+            *new_outcome.get_or_insert(at.clone()),
+            at,
+            "one new outcome"
         );
     }
     assert_eq!(

@@ -1,6 +1,6 @@
 //! `idemq-bench` connects with idemq's authentication flags, and its
 //! secrets (URL credentials, `--password`, `IDEMQ_PASSWORD`) never reach
-//! its output at `trace` (the checks `tests/auth.rs` makes of `idemq`).
+//! its output at `trace` (the checks `tests/auth/secrets.rs` makes of `idemq`).
 
 #[path = "../../tests/common/server.rs"]
 mod common;

@@ -31,6 +31,7 @@ use std::process::Child;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use super::poll::eventually;
 use super::proxy::{Direction, FaultProxy};
 use super::server::{
     check_alive, find_nats_server, log_tail, port_from_url, respawn, spawn, wait_for_ports_file,
@@ -65,6 +66,24 @@ struct Node {
 }
 
 impl Node {
+    /// Node `n<i+1>` in a directory of its own under `root`, with the
+    /// configuration `config` writes for its name; not started yet.
+    fn create(root: &Path, i: usize, route_port: u16, config: impl FnOnce(&str) -> String) -> Node {
+        let name = format!("n{}", i + 1);
+        let dir = root.join(&name);
+        fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+        let conf = dir.join("node.conf");
+        fs::write(&conf, config(&name)).unwrap_or_else(|e| panic!("write {}: {e}", conf.display()));
+        Node {
+            name,
+            dir,
+            conf,
+            client_port: 0,
+            route_port,
+            child: None,
+        }
+    }
+
     fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.client_port)
     }
@@ -91,7 +110,50 @@ pub struct NatsCluster {
     root: tempfile::TempDir,
 }
 
+/// The failed attempts to start a cluster, for the panic once all failed.
+struct FailedStarts {
+    what: String,
+    failures: Vec<String>,
+}
+
+impl FailedStarts {
+    fn new(what: String) -> FailedStarts {
+        FailedStarts {
+            what,
+            failures: Vec::new(),
+        }
+    }
+
+    /// Notes attempt `attempt`'s failure, and says so at once (visible
+    /// with --nocapture): a retry is normal after a lost port race,
+    /// frequent ones are worth a look.
+    fn note(&mut self, attempt: u32, msg: String) {
+        let first = msg.lines().next().unwrap_or_default();
+        eprintln!(
+            "{} start attempt {attempt}/{START_ATTEMPTS} failed: {first}",
+            self.what
+        );
+        self.failures.push(format!("attempt {attempt}: {msg}"));
+    }
+
+    /// Panics with every attempt's failure.
+    fn give_up(self) -> ! {
+        panic!(
+            "{} failed to start:\n{}",
+            self.what,
+            self.failures.join("\n")
+        );
+    }
+}
+
 impl NatsCluster {
+    /// The stream's leader, as its info says (`None`: unknown now).
+    pub async fn leader_of(js: &async_nats::jetstream::Context, stream: &str) -> Option<String> {
+        let mut stream = js.get_stream(stream).await.ok()?;
+        let info = stream.info().await.ok()?;
+        info.cluster.as_ref()?.leader.clone()
+    }
+
     /// Starts an `n`-node cluster (n = 3 for R3 streams) with empty stores and
     /// returns once JetStream accepts an R3 stream. Panics, with the tail of
     /// every node's log, if that fails [`START_ATTEMPTS`] times.
@@ -101,25 +163,14 @@ impl NatsCluster {
     pub fn start(n: usize) -> NatsCluster {
         assert!(n >= 1, "a cluster needs at least one node");
         let bin = find_nats_server();
-        let mut failures = Vec::new();
+        let mut failed = FailedStarts::new(format!("{n}-node nats-server cluster"));
         for attempt in 1..=START_ATTEMPTS {
             match NatsCluster::try_start(&bin, n) {
                 Ok(cluster) => return cluster,
-                Err(msg) => {
-                    // Visible with --nocapture; a retry is normal after a
-                    // lost port race, frequent ones are worth a look.
-                    let first = msg.lines().next().unwrap_or_default();
-                    eprintln!(
-                        "nats cluster start attempt {attempt}/{START_ATTEMPTS} failed: {first}"
-                    );
-                    failures.push(format!("attempt {attempt}: {msg}"));
-                }
+                Err(msg) => failed.note(attempt, msg),
             }
         }
-        panic!(
-            "{n}-node nats-server cluster failed to start:\n{}",
-            failures.join("\n")
-        );
+        failed.give_up()
     }
 
     /// One attempt; on failure every node of it is killed (by `Drop`) and the
@@ -137,21 +188,9 @@ impl NatsCluster {
             .iter()
             .enumerate()
             .map(|(i, &route_port)| {
-                let name = format!("n{}", i + 1);
-                let dir = root.path().join(&name);
-                fs::create_dir_all(&dir)
-                    .unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
-                let conf = dir.join("node.conf");
-                fs::write(&conf, node_config(&name, route_port, &routes))
-                    .unwrap_or_else(|e| panic!("write {}: {e}", conf.display()));
-                Node {
-                    name,
-                    dir,
-                    conf,
-                    client_port: 0,
-                    route_port,
-                    child: None,
-                }
+                Node::create(root.path(), i, route_port, |name| {
+                    node_config(name, route_port, &routes)
+                })
             })
             .collect();
         let mut cluster = NatsCluster {
@@ -582,23 +621,15 @@ impl LaggingCluster {
     /// with every node's log tail after [`START_ATTEMPTS`] failures.
     pub async fn start() -> LaggingCluster {
         let bin = find_nats_server();
-        let mut failures = Vec::new();
+        let mut failed =
+            FailedStarts::new("3-node nats-server cluster with a proxied n3".to_owned());
         for attempt in 1..=START_ATTEMPTS {
             match LaggingCluster::try_start(&bin).await {
                 Ok(cluster) => return cluster,
-                Err(msg) => {
-                    let first = msg.lines().next().unwrap_or_default();
-                    eprintln!(
-                        "lagging cluster start attempt {attempt}/{START_ATTEMPTS} failed: {first}"
-                    );
-                    failures.push(format!("attempt {attempt}: {msg}"));
-                }
+                Err(msg) => failed.note(attempt, msg),
             }
         }
-        panic!(
-            "3-node nats-server cluster with a proxied n3 failed to start:\n{}",
-            failures.join("\n")
-        );
+        failed.give_up()
     }
 
     async fn try_start(bin: &Path) -> Result<LaggingCluster, String> {
@@ -620,26 +651,13 @@ impl LaggingCluster {
             .iter()
             .enumerate()
             .map(|(i, &route_port)| {
-                let name = format!("n{}", i + 1);
-                let dir = root.path().join(&name);
-                fs::create_dir_all(&dir)
-                    .unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
-                let conf = dir.join("node.conf");
-                let config = if i == LAGGING {
-                    lagging_node_config(&name, route_port, &through_proxy, Some(proxy.addr()))
-                } else {
-                    lagging_node_config(&name, route_port, &healthy_routes, None)
-                };
-                fs::write(&conf, config)
-                    .unwrap_or_else(|e| panic!("write {}: {e}", conf.display()));
-                Node {
-                    name,
-                    dir,
-                    conf,
-                    client_port: 0,
-                    route_port,
-                    child: None,
-                }
+                Node::create(root.path(), i, route_port, |name| {
+                    if i == LAGGING {
+                        lagging_node_config(name, route_port, &through_proxy, Some(proxy.addr()))
+                    } else {
+                        lagging_node_config(name, route_port, &healthy_routes, None)
+                    }
+                })
             })
             .collect();
         let mut lagging = LaggingCluster {
@@ -795,13 +813,6 @@ impl LaggingCluster {
         }
     }
 
-    /// The stream's leader, as its info says (`None`: unknown now).
-    pub async fn leader_of(js: &async_nats::jetstream::Context, stream: &str) -> Option<String> {
-        let mut stream = js.get_stream(stream).await.ok()?;
-        let info = stream.info().await.ok()?;
-        info.cluster.as_ref()?.leader.clone()
-    }
-
     /// Makes sure `stream`'s leader is not `n3` (asking it to step down in
     /// favour of `n1` while it is) and returns the leader's name.
     pub async fn keep_leader_off_lagging(
@@ -809,12 +820,11 @@ impl LaggingCluster {
         js: &async_nats::jetstream::Context,
         stream: &str,
     ) -> String {
-        let deadline = tokio::time::Instant::now() + LAGGING_WAIT;
-        let mut last = None;
-        loop {
-            let leader = Self::leader_of(js, stream).await;
+        let what = format!("{stream}: its leader off {}", self.server_name(LAGGING));
+        eventually(LAGGING_WAIT, what, async || {
+            let leader = NatsCluster::leader_of(js, stream).await;
             match leader.as_deref() {
-                Some(name) if name != self.server_name(LAGGING) => return name.to_owned(),
+                Some(name) if name != self.server_name(LAGGING) => return Ok(name.to_owned()),
                 Some(_) => {
                     let request =
                         serde_json::json!({"placement": {"preferred": self.server_name(0)}});
@@ -830,23 +840,19 @@ impl LaggingCluster {
                 }
                 None => {}
             }
-            last = leader.or(last);
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{stream}: leader still {last:?} after {LAGGING_WAIT:?}"
-            );
-            tokio::time::sleep(PROBE_STEP).await;
-        }
+            Err(format!("leader {leader:?}"))
+        })
+        .await
     }
 
     /// Waits until `n3` is a current replica of `stream`, caught up.
     pub async fn wait_lagging_current(&self, js: &async_nats::jetstream::Context, stream: &str) {
-        let deadline = tokio::time::Instant::now() + LAGGING_WAIT;
         let name = self.server_name(LAGGING);
-        loop {
+        let what = format!("{stream}: {name} a current replica");
+        eventually(LAGGING_WAIT, what, async || {
             let mut replicas = None;
-            if let Ok(mut handle) = js.get_stream(stream).await {
-                if let Ok(info) = handle.info().await {
+            if let Ok(handle) = js.get_stream(stream).await {
+                if let Ok(info) = handle.get_info().await {
                     replicas = info.cluster.as_ref().map(|c| c.replicas.clone());
                 }
             }
@@ -854,14 +860,12 @@ impl LaggingCluster {
                 peer.name == name && peer.current && !peer.offline && peer.lag.unwrap_or(0) == 0
             });
             if current {
-                return;
+                Ok(())
+            } else {
+                Err(format!("{replicas:?}"))
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{stream}: {name} not current after {LAGGING_WAIT:?}: {replicas:?}"
-            );
-            tokio::time::sleep(PROBE_STEP).await;
-        }
+        })
+        .await;
     }
 
     /// The fixture's own check: `writes` times, writes a fresh key of

@@ -1,11 +1,17 @@
 //! Both stores for one suite: [`kv_store`] opens JetStream KV on a test
 //! server, and [`both_stores!`](crate::both_stores) runs each named test
-//! function once on the in-memory store and once on JetStream KV.
+//! function once on the in-memory store and once on JetStream KV;
+//! [`FaultyStore`] puts faults under either.
 
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
+use idemq::outcome::Record;
 use idemq::store::kv::{BucketConfig, KvStore};
-use idemq::store::IdempotencyStore;
+use idemq::store::{IdempotencyStore, StoreError, Versioned, Wakeups};
+use idemq::IdempotencyKey;
+use tokio::sync::Notify;
 
 use super::NatsServer;
 
@@ -60,36 +66,51 @@ macro_rules! both_stores {
     };
 }
 
-/// A store whose plain reads, once armed, are held after they read: each
-/// waits for [`HeldReads::release`] before it returns what it read (a
-/// worker paused between reading a record and acting on it), and
-/// [`HeldReads::until_held`] tells the test one is waiting.
-pub struct HeldReads {
+/// A store over another one with the faults the tests inject, each off
+/// until a test turns it on: it counts the reads it serves
+/// ([`FaultyStore::reads`]), holds a plain read after it read
+/// ([`FaultyStore::hold_next_read`]: a worker paused between reading a
+/// record and acting on it), fails every read ([`FaultyStore::fail_reads`]),
+/// and lets writes land but loses their acknowledgements
+/// ([`FaultyStore::lose_next_acks`]: what an owner sees when the network
+/// drops the answers to its writes). Everything else is the inner store's.
+pub struct FaultyStore {
     inner: Store,
-    armed: std::sync::atomic::AtomicBool,
-    held: tokio::sync::Notify,
-    released: tokio::sync::Notify,
+    reads: AtomicU32,
+    hold: AtomicBool,
+    held: Notify,
+    released: Notify,
+    reads_fail: AtomicBool,
+    lose_acks: AtomicU32,
 }
 
-impl HeldReads {
-    /// Wraps `inner`, disarmed.
-    pub fn new(inner: Store) -> Arc<HeldReads> {
-        Arc::new(HeldReads {
+impl FaultyStore {
+    /// Wraps `inner`, with no fault on.
+    pub fn new(inner: Store) -> Arc<FaultyStore> {
+        Arc::new(FaultyStore {
             inner,
-            armed: Default::default(),
-            held: tokio::sync::Notify::new(),
-            released: tokio::sync::Notify::new(),
+            reads: AtomicU32::new(0),
+            hold: AtomicBool::new(false),
+            held: Notify::new(),
+            released: Notify::new(),
+            reads_fail: AtomicBool::new(false),
+            lose_acks: AtomicU32::new(0),
         })
     }
 
-    /// Holds the next plain read.
-    pub fn arm(&self) {
-        self.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    /// The reads served so far (plain and the leader's, failed or not).
+    pub fn reads(&self) -> u32 {
+        self.reads.load(Ordering::SeqCst)
+    }
+
+    /// Holds the next plain read once it has read, until [`release`](Self::release).
+    pub fn hold_next_read(&self) {
+        self.hold.store(true, Ordering::SeqCst);
     }
 
     /// Waits (10 s at most) until a read is held.
     pub async fn until_held(&self) {
-        tokio::time::timeout(std::time::Duration::from_secs(10), self.held.notified())
+        tokio::time::timeout(Duration::from_secs(10), self.held.notified())
             .await
             .expect("a read held within 10 s");
     }
@@ -98,57 +119,82 @@ impl HeldReads {
     pub fn release(&self) {
         self.released.notify_one();
     }
+
+    /// Every read (plain and the leader's) fails `Unavailable` while `fail` holds.
+    pub fn fail_reads(&self, fail: bool) {
+        self.reads_fail.store(fail, Ordering::SeqCst);
+    }
+
+    /// The next `n` writes and removes land, and their callers are told
+    /// they timed out (`Unacknowledged`).
+    pub fn lose_next_acks(&self, n: u32) {
+        self.lose_acks.store(n, Ordering::SeqCst);
+    }
+
+    /// A read as served: counted, and failed if reads fail.
+    fn serve_read(&self) -> Result<(), StoreError> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        if self.reads_fail.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("reads fail".to_owned()));
+        }
+        Ok(())
+    }
+
+    /// What the writer of a landed write hears: its result, or a lost ack.
+    fn acked<T>(&self, landed: T) -> Result<T, StoreError> {
+        let lost = self
+            .lose_acks
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if lost {
+            return Err(StoreError::Unacknowledged("ack lost".to_owned()));
+        }
+        Ok(landed)
+    }
 }
 
 #[async_trait::async_trait]
-impl IdempotencyStore for HeldReads {
-    async fn read(
-        &self,
-        key: &idemq::IdempotencyKey,
-    ) -> Result<Option<idemq::store::Versioned>, idemq::store::StoreError> {
+impl IdempotencyStore for FaultyStore {
+    async fn read(&self, key: &IdempotencyKey) -> Result<Option<Versioned>, StoreError> {
+        self.serve_read()?;
         let read = self.inner.read(key).await;
-        if self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+        if self.hold.swap(false, Ordering::SeqCst) {
             let released = self.released.notified();
             self.held.notify_one();
             released.await;
         }
         read
     }
-    async fn read_leader(
-        &self,
-        key: &idemq::IdempotencyKey,
-    ) -> Result<Option<idemq::store::Versioned>, idemq::store::StoreError> {
+
+    async fn read_leader(&self, key: &IdempotencyKey) -> Result<Option<Versioned>, StoreError> {
+        self.serve_read()?;
         self.inner.read_leader(key).await
     }
+
     async fn write(
         &self,
-        key: &idemq::IdempotencyKey,
+        key: &IdempotencyKey,
         expected: u64,
-        record: &idemq::outcome::Record,
-        ttl: std::time::Duration,
-    ) -> Result<u64, idemq::store::StoreError> {
-        self.inner.write(key, expected, record, ttl).await
+        record: &Record,
+        ttl: Duration,
+    ) -> Result<u64, StoreError> {
+        let revision = self.inner.write(key, expected, record, ttl).await?;
+        self.acked(revision)
     }
-    async fn remove(
-        &self,
-        key: &idemq::IdempotencyKey,
-        expected: u64,
-    ) -> Result<(), idemq::store::StoreError> {
-        self.inner.remove(key, expected).await
+
+    async fn remove(&self, key: &IdempotencyKey, expected: u64) -> Result<(), StoreError> {
+        self.inner.remove(key, expected).await?;
+        self.acked(())
     }
-    async fn purge(
-        &self,
-        key: &idemq::IdempotencyKey,
-        expected: u64,
-    ) -> Result<(), idemq::store::StoreError> {
+
+    async fn purge(&self, key: &IdempotencyKey, expected: u64) -> Result<(), StoreError> {
         self.inner.purge(key, expected).await
     }
-    async fn wakeups(
-        &self,
-        key: &idemq::IdempotencyKey,
-    ) -> Result<idemq::store::Wakeups, idemq::store::StoreError> {
+
+    async fn wakeups(&self, key: &IdempotencyKey) -> Result<Wakeups, StoreError> {
         self.inner.wakeups(key).await
     }
+
     fn bucket(&self) -> Option<&str> {
         self.inner.bucket()
     }

@@ -14,6 +14,7 @@ use idemq::WorkerConfig;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+use super::poll::eventually;
 use super::NatsServer;
 
 /// How long a test request waits for its reply.
@@ -120,15 +121,17 @@ pub async fn ping(client: &Client) -> HashSet<String> {
     ids
 }
 
-/// Waits (at most about 15s) until `count` idemq services answer a ping.
+/// Waits until `count` idemq services answer a ping: at most a minute,
+/// idemq's own start-up patience, for workers on a cluster that is still
+/// electing the leaders of their bucket, stream and consumer (three R3
+/// assets each) on two loaded cores.
 pub async fn wait_for_workers(client: &Client, count: usize) {
-    for _ in 0..50 {
-        if ping(client).await.len() >= count {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("fewer than {count} idemq workers answered $SRV.PING.idemq within 15s");
+    eventually(
+        Duration::from_secs(60),
+        format!("{count} idemq workers answering $SRV.PING.idemq"),
+        async || ping(client).await.len() >= count,
+    )
+    .await;
 }
 
 /// Sends an intent as a request; returns the reply JSON and headers.
@@ -169,13 +172,6 @@ pub async fn send(client: &Client, subject: &str, intent: &Value) -> Value {
         .0
 }
 
-/// The `data.code` of an error reply.
-pub fn code(reply: &Value) -> &str {
-    reply["result"]["data"]["code"]
-        .as_str()
-        .unwrap_or_else(|| panic!("not an error reply: {reply}"))
-}
-
 /// The `idemq` binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_idemq");
 
@@ -196,6 +192,25 @@ pub async fn stream_replies(js: &async_nats::jetstream::Context, stream: &str) -
         }
     }
     replies
+}
+
+/// Publishes `payload` into a stream on `subject` until the stream acks
+/// it (at most `bound`): a leader may be elected, a server restarted.
+pub async fn publish_acked(
+    js: &async_nats::jetstream::Context,
+    subject: &str,
+    payload: bytes::Bytes,
+    bound: Duration,
+) {
+    eventually(
+        bound,
+        format!("a stream taking a message on {subject}"),
+        async || match js.publish(subject.to_owned(), payload.clone()).await {
+            Ok(ack) => ack.await.is_ok(),
+            Err(_) => false,
+        },
+    )
+    .await;
 }
 
 /// Bound on one `idemq` one-shot command in a test.
@@ -278,20 +293,12 @@ impl WorkerProcess {
 
     /// Peak resident set size so far (`VmHWM`), in bytes.
     pub fn peak_rss(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.0.id()))
-            .expect("read /proc/<pid>/status");
-        let line = status
-            .lines()
-            .find(|line| line.starts_with("VmHWM:"))
-            .expect("VmHWM line");
-        let kib: u64 = line
-            .trim_start_matches("VmHWM:")
-            .trim()
-            .trim_end_matches("kB")
-            .trim()
-            .parse()
-            .expect("VmHWM in kB");
-        kib * 1024
+        proc_status_kib(self.id(), "VmHWM").expect("VmHWM in /proc/<pid>/status") * 1024
+    }
+
+    /// Resident set size now (`VmRSS`), in bytes.
+    pub fn rss(&self) -> u64 {
+        proc_status_kib(self.id(), "VmRSS").expect("VmRSS in /proc/<pid>/status") * 1024
     }
 
     /// Sends a signal (`-TERM`, `-KILL`) with kill(1).
@@ -310,18 +317,25 @@ impl WorkerProcess {
 
     /// Waits (at most `bound`) for the process to exit.
     pub async fn wait(&mut self, bound: Duration) -> ExitStatus {
-        let deadline = tokio::time::Instant::now() + bound;
-        loop {
-            if let Some(status) = self.0.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "worker still running after {bound:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        eventually(bound, "the worker exiting", || {
+            std::future::ready(self.0.try_wait().expect("try_wait"))
+        })
+        .await
     }
+}
+
+/// A `kB` field of `/proc/<pid>/status` (`VmRSS`, `VmHWM`) in KiB; `None`
+/// once the process is gone (or the field is not there).
+pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()
 }
 
 impl Drop for WorkerProcess {
