@@ -55,35 +55,53 @@ pub enum Lookup {
     Miss,
 }
 
-/// An entry: keyed by the key's 64 bits, with the fingerprint as 256
-/// bits, so the key's text lives once (in the reply) and nothing else
-/// is allocated per entry. The bits find it; the key in its reply, the
-/// whole scoped key, is what a hit is compared with.
+/// What an entry keeps of a SHA-256 (an intent's fingerprint, a copy's
+/// digest) to compare with: its first 128 bits. Another intent or message
+/// that matched them would take a second preimage of 128 bits of SHA-256.
+type Half = [u64; 2];
+
+/// A fingerprint's first 128 bits.
+fn fingerprint_half(fingerprint: &Fingerprint) -> Half {
+    [fingerprint[0], fingerprint[1]]
+}
+
+/// A copy digest's first 128 bits.
+fn digest_half(digest: &CopyDigest) -> Half {
+    let word = |at: usize| {
+        let mut bytes = [0; 8];
+        bytes.copy_from_slice(&digest[at..at + 8]);
+        u64::from_le_bytes(bytes)
+    };
+    [word(0), word(8)]
+}
+
+/// An entry: keyed by the key's 64 bits, so the key's text lives once
+/// (in the reply) and nothing else is allocated per entry. The bits find
+/// it; the key in its reply, the whole scoped key, is what a hit is
+/// compared with.
 struct Entry {
-    fingerprint: Fingerprint,
+    fingerprint: Half,
     replay: Arc<EncodedReply>,
     /// When it stops being served, in tenths of a second since the cache
     /// was made (rounded down: an entry never lives longer than asked).
     until: u32,
-    /// What the entry costs, its alias included (an entry is never
-    /// near 4 GiB: records are capped by the server's max payload).
-    cost: u32,
     /// When the outcome was stored, in whole seconds of the writer's
     /// clock since [`STORED_EPOCH`]: when the cache is full, an outcome
     /// stored before the oldest one held is not let in.
     stored: u32,
     /// The digest of the last message answered with it, if any: its one
-    /// alias (an alias whose entry names another digest is stale).
-    alias: Option<CopyDigest>,
+    /// alias, held in the aliases' slot of its first 64 bits.
+    alias: Option<Half>,
 }
 
-/// A message's bytes answered with an entry: the entry's key bits and
-/// where the message asked to be answered (already vetted by the reply
-/// policy). The entry names its alias's digest back, so an alias whose
-/// entry was replaced or evicted finds nothing.
+/// A message's bytes answered with an entry, in the slot of its digest's
+/// first 64 bits: the entry's key bits and where the message asked to be
+/// answered (already vetted by the reply policy). A hit needs the entry
+/// to name the digest's 128 bits back: an alias whose entry was replaced
+/// or evicted, or whose slot another digest took, finds nothing.
 struct Alias {
     bits: u64,
-    reply_to: Option<Subject>,
+    reply_to: Option<Box<str>>,
 }
 
 /// A replay found by a message's digest ([`OutcomeCache::lookup_copy`]).
@@ -105,24 +123,35 @@ fn stored_seconds(at: chrono::DateTime<chrono::Utc>) -> u32 {
     u32::try_from((at.timestamp() - STORED_EPOCH).max(0)).unwrap_or(u32::MAX)
 }
 
-/// What an entry costs: the reply and its allocation, the map slot (at
-/// the map's load factor) and the eviction order's slot.
+/// A hash map's slot of `size` bytes, as what it costs per entry: the
+/// slot and its control byte, at the table's mean load. hashbrown keeps
+/// a table between 7/16 and 7/8 full; over the sizes a cache grows
+/// through, that is 8 / (7 ln 2), about 1.65 slots per entry.
+const fn table_slot(size: usize) -> usize {
+    (size + 1) * 33 / 20
+}
+
+/// What an entry costs: its reply's allocations (see
+/// [`EncodedReply::size`]), its map slot and its eviction order's (a
+/// growing deque, which also keeps names of entries gone until it is
+/// swept).
 fn entry_cost(replay: &EncodedReply) -> usize {
-    const SLOTS: usize = 2 * (8 + std::mem::size_of::<Entry>()) + 16;
-    const ALLOCATION: usize = 32;
-    replay.size() + SLOTS + 2 * ALLOCATION
+    const SLOTS: usize = table_slot(8 + std::mem::size_of::<Entry>()) + 16;
+    replay.size() + SLOTS
 }
 
-/// What an alias costs: its slot in the aliases' map (digest and alias,
-/// at the map's load factor) and the reply subject it keeps.
+/// What an alias costs: its map slot and the reply subject it keeps.
 fn alias_cost(reply_to: Option<&str>) -> usize {
-    2 * (32 + std::mem::size_of::<Alias>()) + reply_to.map_or(0, |subject| 32 + subject.len())
+    const SLOT: usize = table_slot(8 + std::mem::size_of::<Alias>());
+    SLOT + reply_to.map_or(0, str::len)
 }
 
+/// What the cache holds. Every alias in `aliases` is named back by its
+/// entry, and `bytes` counts each entry and each alias in the map.
 #[derive(Default)]
 struct Inner {
     entries: HashMap<u64, Entry>,
-    aliases: HashMap<CopyDigest, Alias>,
+    aliases: HashMap<u64, Alias>,
     order: VecDeque<u64>,
     bytes: usize,
 }
@@ -130,24 +159,23 @@ struct Inner {
 impl Inner {
     fn evict(&mut self, bits: u64) {
         if let Some(entry) = self.entries.remove(&bits) {
-            self.bytes -= entry.cost as usize;
-            if let Some(digest) = entry.alias {
-                self.aliases.remove(&digest);
+            self.bytes -= entry_cost(&entry.replay);
+            if let Some(alias) = entry.alias {
+                self.free_alias_slot(alias[0]);
             }
         }
     }
 
-    /// Forgets an alias and what it cost its entry.
-    fn unalias(&mut self, digest: &CopyDigest) {
-        let Some(alias) = self.aliases.remove(digest) else {
+    /// Empties the aliases' slot `slot` (a digest's first 64 bits), and
+    /// the entry whose alias it held forgets it.
+    fn free_alias_slot(&mut self, slot: u64) {
+        let Some(alias) = self.aliases.remove(&slot) else {
             return;
         };
+        self.bytes -= alias_cost(alias.reply_to.as_deref());
         if let Some(entry) = self.entries.get_mut(&alias.bits) {
-            if entry.alias.as_ref() == Some(digest) {
-                let cost = alias_cost(alias.reply_to.as_deref());
+            if entry.alias.is_some_and(|named| named[0] == slot) {
                 entry.alias = None;
-                entry.cost -= cost as u32;
-                self.bytes -= cost;
             }
         }
     }
@@ -261,11 +289,12 @@ impl OutcomeCache {
     /// before it is decoded. Expiry, purges and the budget apply as to
     /// the entry itself, which the alias goes with.
     pub fn lookup_copy(&self, digest: &CopyDigest) -> Option<CopyHit> {
+        let half = digest_half(digest);
         let mut inner = self.lock();
-        let alias = inner.aliases.get(digest)?;
-        let (bits, reply_to) = (alias.bits, alias.reply_to.clone());
+        let alias = inner.aliases.get(&half[0])?;
+        let (bits, reply_to) = (alias.bits, alias.reply_to.as_deref().map(Subject::from));
         let entry = inner.entries.get(&bits)?;
-        if entry.alias.as_ref() != Some(digest) {
+        if entry.alias != Some(half) {
             return None;
         }
         if entry.until <= self.tick(Instant::now()) {
@@ -294,37 +323,39 @@ impl OutcomeCache {
         fingerprint: &Fingerprint,
         reply_to: Option<&str>,
     ) {
-        let fingerprint = *fingerprint;
+        let (half, fingerprint) = (digest_half(&digest), fingerprint_half(fingerprint));
         let bits = key.bits();
         let mut inner = self.lock();
-        match inner.entries.get(&bits) {
+        let old = match inner.entries.get(&bits) {
             Some(entry)
                 if entry.fingerprint == fingerprint
                     && entry.replay.idem_key.as_ref() == Some(key) =>
             {
-                if entry.alias == Some(digest) {
+                if entry.alias == Some(half) {
                     return;
                 }
+                entry.alias
             }
             _ => return,
-        }
-        if let Some(old) = inner.entries.get(&bits).and_then(|entry| entry.alias) {
-            inner.unalias(&old);
-        }
-        // The same bytes under another entry (64-bit keys that collide).
-        inner.unalias(&digest);
-        let cost = alias_cost(reply_to);
-        let alias = Alias {
-            bits,
-            reply_to: reply_to.map(Subject::from),
         };
-        let Some(entry) = inner.entries.get_mut(&bits) else {
-            return;
-        };
-        entry.alias = Some(digest);
-        entry.cost += cost as u32;
-        inner.bytes += cost;
-        inner.aliases.insert(digest, alias);
+        if let Some(old) = old {
+            inner.free_alias_slot(old[0]);
+        }
+        // The slot may hold another entry's alias (the same bytes under
+        // 64-bit keys that collide, or digests alike in 64 bits): this one
+        // takes it, and that one is then answered after decoding.
+        inner.free_alias_slot(half[0]);
+        inner.bytes += alias_cost(reply_to);
+        inner.aliases.insert(
+            half[0],
+            Alias {
+                bits,
+                reply_to: reply_to.map(Into::into),
+            },
+        );
+        if let Some(entry) = inner.entries.get_mut(&bits) {
+            entry.alias = Some(half);
+        }
         inner.trim(self.budget);
     }
 
@@ -345,7 +376,7 @@ impl OutcomeCache {
             inner.evict(bits);
             return Lookup::Miss;
         }
-        if Some(&entry.fingerprint) == fingerprint {
+        if fingerprint.map(fingerprint_half) == Some(entry.fingerprint) {
             Lookup::Stored(Arc::clone(&entry.replay))
         } else {
             Lookup::Reused
@@ -399,10 +430,9 @@ impl OutcomeCache {
         }
         let stored = stored_seconds(record.stored_at);
         let entry = Entry {
-            fingerprint,
+            fingerprint: fingerprint_half(&fingerprint),
             replay: Arc::clone(replay),
             until: self.tick(Instant::now() + left.min(MAX_AGE)),
-            cost: u32::try_from(cost).unwrap_or(u32::MAX),
             stored,
             alias: None,
         };
@@ -423,9 +453,9 @@ impl OutcomeCache {
         inner.bytes += cost;
         match inner.entries.insert(bits, entry) {
             Some(old) => {
-                inner.bytes -= old.cost as usize;
-                if let Some(digest) = old.alias {
-                    inner.aliases.remove(&digest);
+                inner.bytes -= entry_cost(&old.replay);
+                if let Some(alias) = old.alias {
+                    inner.free_alias_slot(alias[0]);
                 }
             }
             None => inner.order.push_back(bits),
@@ -581,6 +611,49 @@ mod tests {
         put(&tight, &stored, 0);
         tight.alias(digest("a"), &stored.idem_key, &bits(FP), None);
         assert!(tight.usage().1 <= bare, "{:?}", tight.usage());
+    }
+
+    #[test]
+    fn digests_alike_in_their_first_64_bits_take_turns_and_never_answer_for_each_other() {
+        let cache = OutcomeCache::new(1 << 20);
+        let (first, second) = (record(15, FP, 60), record(16, OTHER, 60));
+        let first_replay = put(&cache, &first, 0);
+        let second_replay = put(&cache, &second, 0);
+        let bare = cache.usage();
+        // Two messages whose digests share the aliases' slot (first 64
+        // bits) and differ after it, one per entry.
+        let a = digest("a");
+        let mut b = a;
+        b[8] ^= 1;
+        cache.alias(a, &first.idem_key, &bits(FP), None);
+        let one_alias = cache.usage();
+        assert_eq!(
+            cache.lookup_copy(&a).map(|hit| hit.replay),
+            Some(first_replay)
+        );
+        assert!(cache.lookup_copy(&b).is_none(), "b is not a's copy");
+        // b takes the slot: a is answered after decoding from now on, and
+        // the first entry's alias and its cost are gone.
+        cache.alias(b, &second.idem_key, &bits(OTHER), None);
+        assert!(cache.lookup_copy(&a).is_none());
+        assert_eq!(
+            cache.lookup_copy(&b).map(|hit| hit.replay),
+            Some(second_replay)
+        );
+        assert_eq!(cache.usage(), one_alias);
+        // Differing past 128 bits is the same copy as far as the cache
+        // knows (a second preimage of 128 bits of SHA-256 away).
+        let mut far = b;
+        far[20] ^= 1;
+        assert!(cache.lookup_copy(&far).is_some());
+        cache.remove(&second.idem_key);
+        assert!(cache.lookup_copy(&b).is_none());
+        assert_eq!(cache.usage().0, 1);
+        assert_eq!(
+            cache.usage().1,
+            bare.1 / 2,
+            "the second entry and b's alias went"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -364,10 +364,10 @@ impl Pipeline {
         // formatting pass per field even when nothing is printed.
         if tracing::enabled!(tracing::Level::DEBUG) {
             let answer = verdict.answer();
-            span.record("outcome", answer.status);
+            span.record("outcome", answer.status.as_str());
             span.record("replayed", answer.replayed);
-            if let Some(code) = &answer.code {
-                span.record("code", &**code);
+            if let Some(code) = answer.status.code() {
+                span.record("code", code);
             }
             span.in_scope(|| tracing::debug!("answered"));
         }

@@ -92,6 +92,11 @@ impl<'a> ReplyView<'a> {
     fn to_bytes(&self) -> Bytes {
         let mut body = Vec::with_capacity(REPLY_CAPACITY);
         serde_json::to_writer(&mut body, self).unwrap_or_default();
+        // A reply may be kept for minutes in the outcome cache: not with
+        // the room it did not use (shrinking in place may keep the block).
+        if body.capacity() - body.len() > body.len() / 8 {
+            return Bytes::copy_from_slice(&body);
+        }
         body.into()
     }
 }
@@ -178,10 +183,8 @@ pub(crate) struct EncodedReply {
     pub(crate) idem_key: Option<IdempotencyKey>,
     /// `Idem-Replayed`.
     pub(crate) replayed: bool,
-    /// `Idem-Status`.
-    pub(crate) status: &'static str,
-    /// `Idem-Error-Code`, for `Error` outcomes.
-    pub(crate) code: Option<Box<str>>,
+    /// `Idem-Status`, and `Idem-Error-Code` for an `Error`.
+    pub(crate) status: Status,
     /// Whether it carries a stored outcome (not a refusal, a transient
     /// error or an outcome the store did not take).
     pub(crate) stored: bool,
@@ -200,8 +203,7 @@ impl EncodedReply {
         Some(Arc::new(EncodedReply {
             idem_key: Some(record.idem_key.clone()),
             replayed,
-            status: view.result.status(),
-            code: view.result.error_code().map(Into::into),
+            status: Status::of(view.result),
             stored: true,
             executed_unstored: false,
             body: view.to_bytes(),
@@ -213,8 +215,7 @@ impl EncodedReply {
         EncodedReply {
             idem_key: reply.idem_key.clone(),
             replayed: reply.replayed,
-            status: reply.result.status(),
-            code: reply.result.error_code().map(Into::into),
+            status: Status::of(&reply.result),
             stored: false,
             executed_unstored: reply.executed_unstored,
             body: ReplyView::of_reply(reply).to_bytes(),
@@ -230,9 +231,9 @@ impl EncodedReply {
         }
         let replayed = if self.replayed { "true" } else { "false" };
         headers.insert(HeaderName::from_static(REPLAYED_HEADER), replayed);
-        headers.insert(HeaderName::from_static(STATUS_HEADER), self.status);
-        if let Some(code) = &self.code {
-            headers.insert(HeaderName::from_static(ERROR_CODE_HEADER), &**code);
+        headers.insert(HeaderName::from_static(STATUS_HEADER), self.status.as_str());
+        if let Some(code) = self.status.code() {
+            headers.insert(HeaderName::from_static(ERROR_CODE_HEADER), code);
         }
         if self.executed_unstored {
             headers.insert(HeaderName::from_static(STORED_HEADER), "false");
@@ -240,12 +241,66 @@ impl EncodedReply {
         headers
     }
 
-    /// About how much memory this reply holds, for the cache's budget.
+    /// The memory this reply holds in an `Arc`, for the cache's budget:
+    /// the `Arc`'s allocation, the body's (and the header `Bytes` adds to
+    /// it once shared), the key's and the error code's (the allocator's
+    /// rounding to its size classes aside).
     pub(crate) fn size(&self) -> usize {
-        std::mem::size_of::<Self>()
+        /// An `Arc`'s two counts.
+        const ARC_COUNTS: usize = 16;
+        /// What `Bytes` allocates when a vector's bytes are first shared.
+        const BYTES_SHARED: usize = 24;
+        ARC_COUNTS
+            + std::mem::size_of::<Self>()
             + self.body.len()
+            + BYTES_SHARED
             + self.idem_key.as_ref().map_or(0, |key| key.as_str().len())
-            + self.code.as_ref().map_or(0, |code| code.len())
+            + self.status.code().map_or(0, str::len)
+    }
+}
+
+/// `Idem-Status`, with `Idem-Error-Code` for an `Error`: one field, the
+/// size of the code's pointer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Status {
+    /// `Success`.
+    Success,
+    /// `Error`, with its code.
+    Error(Box<str>),
+    /// `Timeout`.
+    Timeout,
+    /// `Killed`.
+    Killed,
+}
+
+impl Status {
+    /// An outcome's status.
+    pub(crate) fn of(outcome: &crate::outcome::Outcome) -> Status {
+        use crate::outcome::Outcome;
+        match outcome {
+            Outcome::Success(_) => Status::Success,
+            Outcome::Error { code, .. } => Status::Error(code.as_str().into()),
+            Outcome::Timeout => Status::Timeout,
+            Outcome::Killed => Status::Killed,
+        }
+    }
+
+    /// The `status` tag as text (as [`Outcome::status`](crate::outcome::Outcome::status)).
+    pub(crate) fn as_str(&self) -> &'static str {
+        match self {
+            Status::Success => "Success",
+            Status::Error(_) => "Error",
+            Status::Timeout => "Timeout",
+            Status::Killed => "Killed",
+        }
+    }
+
+    /// The error code, for an `Error`.
+    pub(crate) fn code(&self) -> Option<&str> {
+        match self {
+            Status::Error(code) => Some(code),
+            _ => None,
+        }
     }
 }
 

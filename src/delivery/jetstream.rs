@@ -301,8 +301,8 @@ impl Consumer {
                 .map(|()| AckKind::Ack),
             Verdict::Invalid(reply) => {
                 let reason = reply
-                    .code
-                    .as_deref()
+                    .status
+                    .code()
                     .unwrap_or(codes::INVALID_INTENT)
                     .to_owned();
                 self.give_up(pipeline, message, reply_to, fingerprint, &reply, &reason)
