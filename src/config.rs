@@ -46,9 +46,9 @@ pub struct WorkerConfig {
     pub delivery: Delivery,
     /// Memory, in bytes, for stored outcomes kept to answer replays without
     /// a KV read (0 turns the cache off). The default, 64 MiB, holds about
-    /// 80 000 outcomes of a few hundred bytes (each with the digest of a
-    /// copy answered with it): memory the operator chooses to spend, on
-    /// top of the worker's own (docs/performance.md).
+    /// 90 000 outcomes whose replies are about 480 bytes (each with the
+    /// digest of a copy answered with it): memory the operator chooses to
+    /// spend, on top of the worker's own (docs/performance.md).
     pub cache_bytes: usize,
 }
 
