@@ -6,12 +6,6 @@ use std::process::ExitCode;
 use idemq::cli::{CliError, Command, LogFormat};
 use tracing_subscriber::EnvFilter;
 
-/// mimalloc: less CPU per intent than glibc's malloc for a few MiB more
-/// memory (docs/performance.md, round 4).
-#[cfg(feature = "mimalloc")]
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = match idemq::cli::parse_from(std::env::args_os()) {

@@ -7,11 +7,6 @@ use clap::Parser;
 use idemq_bench::{BenchArgs, BenchError};
 use tracing_subscriber::EnvFilter;
 
-/// The allocator the `idemq` binary ships with, so the worker in process
-/// runs as `idemq serve` does (the baselines get it too).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// idemq-bench: idemq's worker measured beside raw NATS baselines on one nats-server.
 #[derive(Debug, Parser)]
 #[command(name = "idemq-bench", version, about)]
