@@ -56,8 +56,12 @@ pub enum Lookup {
 }
 
 /// What an entry keeps of a SHA-256 (an intent's fingerprint, a copy's
-/// digest) to compare with: its first 128 bits. Another intent or message
-/// that matched them would take a second preimage of 128 bits of SHA-256.
+/// digest) to compare with: its first 128 bits. Matching another's intent
+/// or message takes a second preimage of 128 bits of SHA-256; a sender who
+/// makes both of two messages needs a collision (about 2^64 work), and
+/// gains only confusion between its own: a copy's digest covers its
+/// subject (with a tenant's token) and key, and every hit compares the
+/// whole scoped key.
 type Half = [u64; 2];
 
 /// A fingerprint's first 128 bits.
@@ -76,9 +80,9 @@ fn digest_half(digest: &CopyDigest) -> Half {
 }
 
 /// An entry: keyed by the key's 64 bits, so the key's text lives once
-/// (in the reply) and nothing else is allocated per entry. The bits find
-/// it; the key in its reply, the whole scoped key, is what a hit is
-/// compared with.
+/// (in the reply) and the entry allocates nothing beyond its reply (an
+/// alias may keep a reply target). The bits find it; the key in its
+/// reply, the whole scoped key, is what a hit is compared with.
 struct Entry {
     fingerprint: Half,
     replay: Arc<EncodedReply>,
@@ -101,6 +105,8 @@ struct Entry {
 /// or evicted, or whose slot another digest took, finds nothing.
 struct Alias {
     bits: u64,
+    /// Kept as a boxed str, half a `Subject`'s size: a hit that uses it
+    /// copies it into a `Subject` (only targets named in a body are kept).
     reply_to: Option<Box<str>>,
 }
 

@@ -90,14 +90,24 @@ impl<'a> ReplyView<'a> {
     /// The JSON bytes. A view holds only strings, numbers, booleans,
     /// timestamps and `Value`s: serialising it cannot fail.
     fn to_bytes(&self) -> Bytes {
-        let mut body = Vec::with_capacity(REPLY_CAPACITY);
-        serde_json::to_writer(&mut body, self).unwrap_or_default();
-        // A reply may be kept for minutes in the outcome cache: not with
-        // the room it did not use (shrinking in place may keep the block).
+        self.encode().into()
+    }
+
+    /// [`to_bytes`](Self::to_bytes) for a reply the outcome cache may keep
+    /// for minutes: without the room its buffer did not use (shrinking in
+    /// place may keep the whole block).
+    fn to_kept_bytes(&self) -> Bytes {
+        let body = self.encode();
         if body.capacity() - body.len() > body.len() / 8 {
             return Bytes::copy_from_slice(&body);
         }
         body.into()
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut body = Vec::with_capacity(REPLY_CAPACITY);
+        serde_json::to_writer(&mut body, self).unwrap_or_default();
+        body
     }
 }
 
@@ -206,7 +216,7 @@ impl EncodedReply {
             status: Status::of(view.result),
             stored: true,
             executed_unstored: false,
-            body: view.to_bytes(),
+            body: view.to_kept_bytes(),
         }))
     }
 

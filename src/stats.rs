@@ -133,6 +133,9 @@ impl std::ops::Add for Snapshot {
         for ((_, sum), (_, more)) in self.counters_mut().into_iter().zip(other.counters_mut()) {
             *sum = sum.saturating_add(*more);
         }
+        // The caches' gauges: what the workers' caches hold together.
+        self.cache_entries = self.cache_entries.saturating_add(other.cache_entries);
+        self.cache_bytes = self.cache_bytes.saturating_add(other.cache_bytes);
         self
     }
 }
@@ -395,5 +398,20 @@ mod tests {
         throttle.since.lock().expect("lock").reported = past;
         assert_eq!(throttle.count(), Some(6), "the next report counts them all");
         assert_eq!(throttle.count(), None);
+    }
+
+    #[test]
+    fn a_sum_of_snapshots_adds_every_counter_and_the_caches() {
+        let mut one = Snapshot::default();
+        for (i, (_, value)) in one.counters_mut().into_iter().enumerate() {
+            *value = i as u64 + 1;
+        }
+        one.cache_entries = 3;
+        one.cache_bytes = 700;
+        let sum = one + one;
+        for ((name, total), (_, single)) in sum.counters().into_iter().zip(one.counters()) {
+            assert_eq!(total, 2 * single, "{name}");
+        }
+        assert_eq!((sum.cache_entries, sum.cache_bytes), (6, 1400));
     }
 }

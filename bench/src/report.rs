@@ -336,7 +336,9 @@ impl Report {
     }
 
     /// The cache's bytes per entry after the replayed pass, against the
-    /// replies it answered with (the entries hold exactly those replies).
+    /// replies it answered with: an entry holds such a reply's body and
+    /// key, and its headers are built again from them (in JetStream mode
+    /// the replies also carry a `Nats-Msg-Id` the entry does not hold).
     fn cache_target(&self) -> Target {
         let replayed = match self.settings.mode {
             Mode::Core => IDEMQ_REPLAYED,

@@ -119,7 +119,7 @@ async fn every_pass_runs_and_the_counts_add_up() {
             .find(|t| t.goal.contains(word))
             .and_then(|t| t.met)
     };
-    assert!(measured("cache").is_some(), "{:?}", report.targets);
+    assert!(measured("entry costs").is_some(), "{:?}", report.targets);
     assert!(measured("RSS").is_some(), "{:?}", report.targets);
     assert_eq!(
         report.settings.cache_budget_bytes,

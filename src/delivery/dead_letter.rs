@@ -1,6 +1,8 @@
 //! Dead letters: an intent that is invalid, or out of deliveries, goes to
 //! the dead-letter subject with its payload and headers and the reason
-//! (docs/contract.md v1.1 §6), kept before the intent is terminated.
+//! (docs/contract.md v1.1 §6), published before the intent is terminated:
+//! acknowledged by the stream that captures it (the dead-letter stream
+//! does), or else a core publish ahead of the terminate.
 
 use async_nats::HeaderMap;
 use bytes::Bytes;
@@ -13,8 +15,8 @@ pub const DEAD_REASON_HEADER: &str = "Idem-Dead-Reason";
 /// The reason of an intent that ran out of deliveries.
 pub const MAX_DELIVER_REASON: &str = "max_deliver";
 
-/// Publishes a dead letter to `subject` so it is kept
-/// ([`ReplyRoutes::publish_kept`]): the intent's payload and headers, plus
+/// Publishes a dead letter to `subject` before the intent is terminated
+/// ([`ReplyRoutes::publish_before_settling`]): the intent's payload and headers, plus
 /// [`DEAD_REASON_HEADER`]. Headers that would make the dead-letter stream
 /// refuse or drop it (an expected stream or sequence meant for the
 /// intent's stream, a `Nats-Msg-Id` it may have seen) travel renamed as
@@ -29,7 +31,7 @@ pub(crate) async fn send(
 ) -> Result<(), String> {
     let headers = dead_letter_headers(original, reason);
     routes
-        .publish_kept(&pipeline.client, subject, headers, payload)
+        .publish_before_settling(&pipeline.client, subject, headers, payload)
         .await
         .map_err(|error| format!("dead letter: {error}"))?;
     pipeline.stats.dead_lettered.inc();

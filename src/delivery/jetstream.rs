@@ -331,7 +331,7 @@ impl Consumer {
     /// `Nats-Msg-Id`, retried (bounded) until the stream acknowledges it:
     /// through a leader election too, and the stream keeps each outcome
     /// once. Otherwise it is a core publish that goes out before the ack
-    /// on the same connection ([`ReplyRoutes::publish_kept`]).
+    /// on the same connection ([`ReplyRoutes::publish_before_settling`]).
     async fn answer(
         &self,
         pipeline: &Pipeline,
@@ -364,14 +364,15 @@ impl Consumer {
         if let Some(msg_id) = msg_id {
             headers.insert("Nats-Msg-Id", msg_id.as_str());
         }
-        self.publish_kept(pipeline, reply_to, headers, reply.body.clone())
+        self.publish_before_settling(pipeline, reply_to, headers, reply.body.clone())
             .await
             .map_err(|error| SettleError(format!("reply to {reply_to}: {error}")))
     }
 
-    /// Publishes so that it is kept before the intent is settled (see
-    /// [`ReplyRoutes::publish_kept`]).
-    async fn publish_kept(
+    /// Publishes before the intent is settled: acknowledged by a stream
+    /// that captures the subject, else a core publish ahead of the
+    /// settle (see [`ReplyRoutes::publish_before_settling`]).
+    async fn publish_before_settling(
         &self,
         pipeline: &Pipeline,
         subject: &str,
@@ -379,7 +380,7 @@ impl Consumer {
         payload: Bytes,
     ) -> Result<(), SettleError> {
         self.routes
-            .publish_kept(&pipeline.client, subject, headers, payload)
+            .publish_before_settling(&pipeline.client, subject, headers, payload)
             .await
             .map_err(SettleError)
     }

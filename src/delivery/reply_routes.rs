@@ -141,7 +141,7 @@ impl ReplyRoutes {
     /// connection; only a round trip per intent would close that, and a
     /// caller without its answer retries and gets it from the store. An
     /// `Err` leaves the intent to be redelivered.
-    pub(crate) async fn publish_kept(
+    pub(crate) async fn publish_before_settling(
         &self,
         client: &async_nats::Client,
         subject: &str,

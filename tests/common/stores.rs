@@ -161,7 +161,10 @@ impl IdempotencyStore for FaultyStore {
         if self.hold.swap(false, Ordering::SeqCst) {
             let released = self.released.notified();
             self.held.notify_one();
-            released.await;
+            // A test that never releases it fails here, not by hanging.
+            tokio::time::timeout(Duration::from_secs(60), released)
+                .await
+                .expect("a held read released within 60 s");
         }
         read
     }
