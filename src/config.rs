@@ -98,6 +98,15 @@ impl JetStreamConfig {
         }
     }
 
+    /// The shortest time the server gives a delivery before it delivers
+    /// the message again: `--ack-wait`, or with `--backoff` the shortest
+    /// step, since the server then puts the first step in the ack wait's
+    /// place and times each redelivery by its own step. Progress acks
+    /// must come more often than this.
+    pub fn shortest_ack_wait(&self) -> Duration {
+        self.backoff.iter().copied().min().unwrap_or(self.ack_wait)
+    }
+
     /// The longest a message can keep being redelivered: every delivery's
     /// ack wait (or back-off step, when longer) plus the longest nak delay
     /// idemq uses. An outcome must outlive it, or a late redelivery would
@@ -286,6 +295,10 @@ impl WorkerConfig {
             if js.ack_wait < Duration::from_secs(1) {
                 problem("--ack-wait must be at least 1s".to_owned());
             }
+            if js.backoff.iter().any(|step| *step < Duration::from_secs(1)) {
+                // The server puts the first step in --ack-wait's place.
+                problem("--backoff steps must be at least 1s".to_owned());
+            }
             if js.ack_wait > MAX_DURATION || js.backoff.iter().any(|step| *step > MAX_DURATION) {
                 problem("--ack-wait and --backoff steps may be at most 1 day".to_owned());
             }
@@ -346,6 +359,26 @@ mod tests {
         };
         let problems = config.validate().expect_err("invalid");
         assert_eq!(problems.len(), 3, "{problems:?}");
+    }
+
+    #[test]
+    fn a_backoff_step_is_the_ack_wait_progress_acks_must_beat() {
+        let mut js = JetStreamConfig::new("INTENTS", "workers");
+        assert_eq!(js.shortest_ack_wait(), js.ack_wait);
+        js.backoff = vec![Duration::from_secs(5), Duration::from_secs(2)];
+        assert_eq!(js.shortest_ack_wait(), Duration::from_secs(2));
+        js.backoff = vec![Duration::from_millis(500)];
+        let config = WorkerConfig {
+            delivery: Delivery::JetStream(js),
+            ..WorkerConfig::default()
+        };
+        let problems = config.validate().expect_err("invalid");
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.0.contains("--backoff steps must be at least 1s")),
+            "{problems:?}"
+        );
     }
 
     #[test]

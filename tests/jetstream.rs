@@ -967,3 +967,95 @@ async fn replies_cost_no_stream_lookup_each_and_a_new_results_stream_is_noticed(
     assert_eq!(late.info().await.expect("info").state.messages, 1);
     worker.stop().await;
 }
+
+#[tokio::test]
+async fn progress_acks_keep_pace_with_a_backoff_shorter_than_the_ack_wait() {
+    // With a back-off the server puts its first step (1 s) in the ack
+    // wait's place (30 s here) and times each redelivery by its step: a
+    // worker that sent progress acks by the ack wait alone (every 10 s)
+    // would see an intent of 3 s delivered again while it runs.
+    let config = js_config(|js| {
+        js.ack_wait = Duration::from_secs(30);
+        js.backoff = vec![Duration::from_secs(1), Duration::from_secs(5)];
+    });
+    let JsRig {
+        server: _server,
+        client: _client,
+        upstream,
+        worker,
+        js,
+        mut replies,
+    } = rig(config, Some(FORWARD)).await;
+    publish(
+        &js,
+        &intent("backoff-1", "slow", json!({ "sleep_ms": 3000 })),
+    )
+    .await;
+    let seen = collect(&mut replies, 1, Duration::from_secs(30)).await;
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0]["result"]["status"], "Success", "{}", seen[0]);
+    // A redelivery mid-run would be answered too: wait past it.
+    let more = collect(&mut replies, 1, Duration::from_secs(2)).await;
+    assert!(more.is_empty(), "one answer only: {more:?}");
+    let info = consumer(&js)
+        .await
+        .info()
+        .await
+        .expect("consumer info")
+        .clone();
+    assert_eq!(
+        info.config.ack_wait,
+        Duration::from_secs(1),
+        "the server's rule"
+    );
+    assert_eq!(info.num_redelivered, 0, "delivered once");
+    assert_eq!(upstream.total(), 1);
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn two_intent_streams_replying_into_one_results_stream_keep_each_others_answers() {
+    let JsRig {
+        server,
+        client: _client,
+        upstream: _upstream,
+        worker,
+        js,
+        mut replies,
+    } = rig(js_config(|_| {}), Some(FORWARD)).await;
+    let orders = WorkerConfig {
+        subjects: vec!["orders.>".to_owned()],
+        delivery: Delivery::JetStream(JetStreamConfig::new("ORDERS", "order-workers")),
+        ..test_config()
+    };
+    let second = start_worker(&server, orders, Some(FORWARD)).await;
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "RESULTS".to_owned(),
+        subjects: vec!["results.>".to_owned()],
+        ..Default::default()
+    })
+    .await
+    .expect("results stream");
+    // An intent with no actor is refused on either stream; each refusal
+    // is the first message of its stream (sequence 1 in both).
+    let refused = r#"{"intent_id":"bad","episode":"ep"}"#;
+    for subject in ["intents.work", "orders.work"] {
+        let mut headers = HeaderMap::new();
+        headers.insert("Idem-Reply-To", "results.out");
+        js.publish_with_headers(subject, headers, refused.into())
+            .await
+            .expect("publish")
+            .await
+            .expect("stream ack");
+    }
+    let seen = collect(&mut replies, 2, Duration::from_secs(15)).await;
+    assert_eq!(seen.len(), 2, "both refusals answered: {seen:?}");
+    let mut stream = js.get_stream("RESULTS").await.expect("stream");
+    assert_eq!(
+        stream.info().await.expect("info").state.messages,
+        2,
+        "neither refusal was taken for a duplicate of the other"
+    );
+    second.stop().await;
+    worker.stop().await;
+}

@@ -253,7 +253,7 @@ impl Consumer {
         abandon: &CancellationToken,
     ) {
         let started = std::time::Instant::now();
-        let every = self.config.ack_wait / 3;
+        let every = self.config.shortest_ack_wait() / 3;
         let decided = Box::pin(self.decide(pipeline, &message, abandon));
         let kind = while_in_progress(&message, every, decided).await;
         // A reply that could not be published must not be acked away.
@@ -349,9 +349,11 @@ impl Consumer {
         // the redeliveries of one, and retried publishes) land once, while
         // another intent under the same key (KEY_REUSED) keeps its own
         // answer. Any other answer (a refusal, a transient error given up
-        // on) is keyed by the message's own sequence: an intent published
-        // again later must not find its final outcome taken for a
-        // duplicate of that answer (docs/contract.md v1.2 §6).
+        // on) is keyed by the message's own stream and sequence: an intent
+        // published again later must not find its final outcome taken for
+        // a duplicate of that answer (docs/contract.md v1.2 §6), and two
+        // intent streams replying into one results stream must not take
+        // each other's answers for duplicates.
         let msg_id = match (&reply.idem_key, fingerprint) {
             (Some(key), Some(fingerprint)) if reply.stored => {
                 Some(format!("{key}.{fingerprint:016x}"))
@@ -359,7 +361,7 @@ impl Consumer {
             _ => message
                 .info()
                 .ok()
-                .map(|info| format!("intent-{}", info.stream_sequence)),
+                .map(|info| format!("intent-{}-{}", info.stream, info.stream_sequence)),
         };
         if let Some(msg_id) = msg_id {
             headers.insert("Nats-Msg-Id", msg_id.as_str());
