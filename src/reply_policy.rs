@@ -13,6 +13,25 @@
 
 use crate::intent::IntentError;
 
+/// The longest reply target, in bytes (docs/contract.md v1.2, "Reply
+/// targets"): far above any inbox, far below the server's control-line
+/// limit.
+pub const MAX_REPLY_TARGET: usize = 1024;
+
+/// A refused subject as a refusal names it: whole, unless it is past
+/// [`MAX_REPLY_TARGET`], then its first 64 bytes (on a character
+/// boundary) and its length.
+fn named(subject: &str) -> String {
+    if subject.len() <= MAX_REPLY_TARGET {
+        return subject.to_owned();
+    }
+    let mut end = 64;
+    while !subject.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes)", &subject[..end], subject.len())
+}
+
 /// The reply targets a worker accepts.
 #[derive(Debug, Clone, Default)]
 pub struct ReplyPolicy {
@@ -48,10 +67,16 @@ impl ReplyPolicy {
     pub fn check(&self, subject: &str) -> Result<(), IntentError> {
         let refuse = |reason| {
             Err(IntentError::ReplyTargetRefused {
-                subject: subject.to_owned(),
+                subject: named(subject),
                 reason,
             })
         };
+        if subject.len() > MAX_REPLY_TARGET {
+            // A server closes a connection that sends it a protocol line
+            // past its max_control_line (4 KiB by default): one such reply
+            // would cut the worker off, with everything in flight on it.
+            return refuse("a reply target is at most 1024 bytes");
+        }
         if subject.starts_with('$') {
             return refuse("system subjects ($KV, $JS, $SYS, $SRV, ...) are never reply targets");
         }
@@ -141,6 +166,24 @@ mod tests {
         }
         for allowed in ["_INBOX.abc.def", "results.agent-1", "exec_results"] {
             assert_eq!(policy.check(allowed), Ok(()), "{allowed}");
+        }
+    }
+
+    #[test]
+    fn a_target_past_1024_bytes_is_refused_and_named_by_its_start() {
+        let policy = ReplyPolicy::new(&["intents.>".to_owned()], &[]);
+        let longest = format!("r.{}", "x".repeat(MAX_REPLY_TARGET - 2));
+        assert_eq!(policy.check(&longest), Ok(()));
+        // Multi-byte characters straddle the 64-byte cut.
+        let too_long = format!("r.{}", "é".repeat(MAX_REPLY_TARGET));
+        match policy.check(&too_long) {
+            Err(IntentError::ReplyTargetRefused { subject, reason }) => {
+                assert!(reason.contains("1024 bytes"), "{reason}");
+                assert!(subject.starts_with("r.é"), "{subject}");
+                assert!(subject.ends_with(&format!("({} bytes)", too_long.len())));
+                assert!(subject.len() < 100, "{subject}");
+            }
+            other => panic!("{other:?}"),
         }
     }
 

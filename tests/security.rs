@@ -12,6 +12,7 @@ use async_nats::jetstream::{self, kv};
 use async_nats::{Client, HeaderMap, Subscriber};
 use bytes::Bytes;
 use common::intents::intent_for;
+use common::poll::eventually;
 use common::upstream::{Upstream, FORWARD};
 use common::workers::{request, start_worker, test_config, RunningWorker};
 use common::NatsServer;
@@ -79,6 +80,18 @@ fn invalid_naming(reply: &Value, subject: &str) {
         message.contains(subject),
         "the refusal names {subject}: {message}"
     );
+}
+
+/// A fresh intent still runs and is answered.
+async fn still_serving(client: &Client) {
+    let (reply, _) = request(
+        client,
+        "intents.work",
+        intent("after").to_string(),
+        HeaderMap::new(),
+    )
+    .await;
+    assert_eq!(reply["result"]["status"], "Success", "{reply}");
 }
 
 async fn core_rig() -> (NatsServer, Client, Upstream, RunningWorker, Victim) {
@@ -150,14 +163,7 @@ async fn core_mode_refuses_every_carrier_of_a_hostile_reply_target() {
         "every refusal counted as invalid"
     );
     // Still serving.
-    let (reply, _) = request(
-        &client,
-        "intents.work",
-        intent("after").to_string(),
-        HeaderMap::new(),
-    )
-    .await;
-    assert_eq!(reply["result"]["status"], "Success", "{reply}");
+    still_serving(&client).await;
     worker.stop().await;
 }
 
@@ -323,6 +329,59 @@ async fn the_workers_own_subjects_are_refused_as_reply_targets_by_every_carrier(
         worker.stats.snapshot().invalid,
         15,
         "every refusal counted as invalid"
+    );
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_reply_target_too_long_for_the_server_is_refused_and_the_worker_stays_connected() {
+    let server = NatsServer::start();
+    let client = server.connect().await;
+    let upstream = Upstream::start(&client).await;
+    let worker_client = server.connect().await;
+    let worker =
+        common::workers::start_worker_on(worker_client.clone(), test_config(), Some(FORWARD)).await;
+    // Longer than the server's max_control_line (4 KiB by default): the
+    // server cuts off a client that publishes to it, with everything in
+    // flight on its connection (docs/contract.md v1.2, "Reply targets").
+    let target = format!("results.{}", "x".repeat(5000));
+    // 1. Idem-Reply-To on a message with no reply subject of its own:
+    // where the reply would go.
+    let mut headers = HeaderMap::new();
+    headers.insert("Idem-Reply-To", target.as_str());
+    client
+        .publish_with_headers(
+            "intents.work",
+            headers,
+            intent("long-header").to_string().into(),
+        )
+        .await
+        .expect("publish");
+    // 2. The body's reply_to, on a request: refused, answered on the
+    // request's inbox, named by its start and length.
+    let mut body = intent("long-body");
+    body["reply_to"] = json!(target);
+    let (reply, _) = request(&client, "intents.work", body.to_string(), HeaderMap::new()).await;
+    invalid_naming(&reply, "(5008 bytes)");
+    eventually(
+        Duration::from_secs(10),
+        "both refusals counted",
+        async || (worker.stats.snapshot().invalid == 2).then_some(()),
+    )
+    .await;
+    still_serving(&client).await;
+    assert_eq!(
+        upstream.total(),
+        1,
+        "only the intent with a fit reply target ran"
+    );
+    assert_eq!(
+        worker_client
+            .statistics()
+            .connects
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "the server never cut the worker off"
     );
     worker.stop().await;
 }
