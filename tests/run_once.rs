@@ -406,7 +406,57 @@ async fn options_past_every_bound_are_held_to_them(store: Store) {
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
 
+/// A per-call TTL no clock can add, through the run-once API and the
+/// seed's helper (`ttl_hours` of `u32::MAX`): held to the longest TTL, the
+/// outcome stored and replayed (it panicked after the closure had run,
+/// leaving the key held until its lease ran out).
+async fn a_per_call_ttl_past_every_bound_is_held_to_it(store: Store) {
+    let once = Idempotent::new(Arc::clone(&store), RunOptions::default());
+    let runs = Arc::new(AtomicU32::new(0));
+    let forever = key(13);
+    let request = RunRequest {
+        key: &forever,
+        fingerprint: "fp",
+        intent_id: "forever",
+        ttl: Some(Duration::MAX),
+    };
+    let cancel = CancellationToken::new();
+    let done = once
+        .run_request(&request, &cancel, |_| {
+            counted(&runs, Duration::ZERO, json!("kept"))
+        })
+        .await
+        .expect("runs");
+    assert!(!done.replayed);
+    let longest = chrono::Duration::from_std(idemq::config::MAX_TTL).expect("ten years");
+    assert!(
+        done.expires_at() <= done.stored_at() + longest,
+        "held to MAX_TTL"
+    );
+    let again = once
+        .run_request(&request, &cancel, |_| {
+            counted(&runs, Duration::ZERO, json!("never"))
+        })
+        .await
+        .expect("replays");
+    assert!(again.replayed);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+
+    let seeded = key(14);
+    let operation = || async {
+        runs.fetch_add(1, Ordering::SeqCst);
+        Ok::<_, (String, String)>(json!("seeded"))
+    };
+    let first =
+        seed::execute_idempotent(&once, seeded.clone(), "s".into(), u32::MAX, operation).await;
+    let again = seed::execute_idempotent(&once, seeded, "s".into(), u32::MAX, operation).await;
+    assert_eq!(first, Ok(Outcome::Success(json!("seeded"))));
+    assert_eq!(again, first);
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
+
 both_stores!(
+    a_per_call_ttl_past_every_bound_is_held_to_it,
     options_past_every_bound_are_held_to_them,
     concurrent_callers_of_one_key_execute_once,
     a_caller_dropped_mid_run_lets_the_next_take_over_after_the_lease,

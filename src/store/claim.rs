@@ -17,6 +17,7 @@ use super::{
     Acquire, Claim, ClaimRequest, IdempotencyStore, Lease, Slot, StoreError, Versioned, Wakeups,
 };
 use crate::codes::RESULT_TOO_LARGE;
+use crate::config::{MAX_DURATION, MAX_TTL};
 use crate::key::IdempotencyKey;
 use crate::outcome::{now, Outcome, Record, RecordState, RECORD_VERSION};
 
@@ -65,6 +66,9 @@ pub trait ClaimProtocol: IdempotencyStore {
         attempt: u32,
         mut expected: u64,
     ) -> Result<Claim, StoreError> {
+        // Bounded (docs/contract.md v1.2 §7): no lease a caller passes may
+        // overflow a clock below.
+        let lease_for = request.lease.min(MAX_DURATION);
         let now = now();
         let mut record = Record {
             v: RECORD_VERSION,
@@ -76,7 +80,7 @@ pub trait ClaimProtocol: IdempotencyStore {
             attempt,
             result: None,
             stored_at: now,
-            expires_at: now + request.lease,
+            expires_at: now + lease_for,
             written: None,
         };
         for _ in 0..MAX_CLAIM_ROUNDS {
@@ -85,16 +89,13 @@ pub trait ClaimProtocol: IdempotencyStore {
                 Claim::Acquired(Lease {
                     revision,
                     unsettled: false,
-                    held_until: started + request.lease,
+                    held_until: started + lease_for,
                     record,
-                    ttl: request.lease,
+                    ttl: lease_for,
                     takeover: false,
                 })
             };
-            match self
-                .write(&request.key, expected, &record, request.lease)
-                .await
-            {
+            match self.write(&request.key, expected, &record, lease_for).await {
                 Ok(revision) => return Ok(lease(revision, record)),
                 // Lost the race, or unsure whether the write landed: the read
                 // below tells which.
@@ -171,7 +172,7 @@ pub trait ClaimProtocol: IdempotencyStore {
         Box::pin(acquire(
             self,
             request,
-            Instant::now() + wait,
+            Instant::now() + wait.min(MAX_DURATION),
             (expected, attempt),
             taken,
         ))
@@ -207,13 +208,15 @@ pub trait ClaimProtocol: IdempotencyStore {
     /// (`outcome_patience`). An outcome whose
     /// record the store cannot hold is stored as the definite
     /// `Error{code: RESULT_TOO_LARGE}`: it must never be retried until the
-    /// lease runs out and then executed again.
+    /// lease runs out and then executed again. A `ttl` past
+    /// [`MAX_TTL`] is held to it.
     async fn complete(
         &self,
         lease: &mut Lease,
         outcome: Outcome,
         ttl: Duration,
     ) -> Result<Record, StoreError> {
+        let ttl = ttl.min(MAX_TTL);
         let done = |lease: &Lease, outcome| {
             let now = now();
             Record {

@@ -144,7 +144,10 @@ impl MemoryStore {
                 inner.check(key, expected)?;
             }
             let ttl = Duration::from_secs(super::ttl_secs(ttl));
-            inner.put(key, slot, Instant::now() + ttl)
+            let now = Instant::now();
+            // A TTL no clock can add keeps the record as long as one can.
+            let expires = now.checked_add(ttl).unwrap_or(now + crate::config::MAX_TTL);
+            inner.put(key, slot, expires)
         };
         self.changed.send_replace(revision);
         Ok(revision)

@@ -238,6 +238,8 @@ pub trait IdempotencyStore: Send + Sync + 'static {
 /// Rounds a duration up to whole seconds, at least one: the unit of
 /// JetStream's per-message TTL. Both stores use it so they expire alike.
 pub fn ttl_secs(ttl: Duration) -> u64 {
-    let secs = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
+    let secs = ttl
+        .as_secs()
+        .saturating_add(u64::from(ttl.subsec_nanos() > 0));
     secs.max(1)
 }
