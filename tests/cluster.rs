@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use common::cluster::{Lagged, LaggingCluster, NatsCluster, StaleReads};
+use common::intents::{intent_for, key_of};
 use common::poll::eventually;
 use common::upstream::{Upstream, FORWARD};
 use common::workers::{
@@ -515,4 +516,90 @@ async fn a_worker_started_before_its_cluster_has_quorum_waits_for_it() {
     .expect("subscribed");
     let reply: Value = serde_json::from_slice(&reply.payload).expect("JSON");
     assert_eq!(reply["result"]["status"], "Success", "{reply}");
+}
+
+/// Keys whose copy waits in the store of an R3 bucket.
+const WAITED_KEYS: usize = 20;
+
+#[tokio::test]
+async fn a_copy_waiting_on_an_r3_bucket_is_answered_once_the_outcome_is_stored() {
+    let cluster = NatsCluster::start(3);
+    let client = cluster.connect_to(0).await;
+    let bucket = jetstream::new(client.clone());
+    let upstream = Upstream::start(&client).await;
+    // Two workers on subjects of their own, so that each copy waits in the
+    // store (wake-ups and reads), not on the other worker's in-flight map.
+    // A copy is sent once the key is claimed and waits 1.9 s for an
+    // execution of 0.4 s. The outcome's wake-up reaches it before the
+    // stream's leader has the outcome (a quorum must commit it first): a
+    // follower that took the read before the commit for the answer would
+    // look next at its poll (2 s), past --wait, and answer IN_PROGRESS.
+    let serve = |subject: &str, first: usize| {
+        let urls = format!("{},{}", cluster.url(first), cluster.url((first + 1) % 3));
+        WorkerProcess::serve(
+            &urls,
+            &[
+                "--replicas",
+                "3",
+                "--forward",
+                FORWARD,
+                "--wait",
+                "1900ms",
+                "--subject",
+                subject,
+            ],
+        )
+    };
+    let _workers = [serve("intents.a.>", 0), serve("intents.b.>", 1)];
+    wait_for_workers(&client, 2).await;
+    let kv = eventually(Duration::from_secs(20), "the R3 bucket", async || {
+        bucket.get_key_value("IDEMPOTENCY").await
+    })
+    .await;
+    let mut answers = Vec::new();
+    for k in 0..WAITED_KEYS {
+        let id = format!("waited-{k}");
+        let body = intent_for(&id, "slow", json!({"sleep_ms": 400})).to_string();
+        let first = tokio::spawn({
+            let (client, body) = (client.clone(), body.clone());
+            async move {
+                request_within(
+                    &client,
+                    "intents.a.slow",
+                    body,
+                    Default::default(),
+                    STORM_REPLY,
+                )
+                .await
+            }
+        });
+        let key = key_of(&id);
+        eventually(
+            Duration::from_secs(20),
+            format!("{key} claimed"),
+            async || kv.entry(&key).await.ok().flatten().map(drop),
+        )
+        .await;
+        let (copy, _) = request_within(
+            &client,
+            "intents.b.slow",
+            body,
+            Default::default(),
+            STORM_REPLY,
+        )
+        .await;
+        let (first, _) = first.await.expect("the first request");
+        answers.push((k, first, copy));
+    }
+    let in_progress = answers
+        .iter()
+        .filter(|(_, _, copy)| copy["result"]["data"]["code"] == "IN_PROGRESS")
+        .count();
+    println!("{in_progress} of {WAITED_KEYS} copies answered IN_PROGRESS");
+    for (k, first, copy) in &answers {
+        assert_eq!(first["replayed"], false, "key {k}: {first}");
+        assert_eq!(copy["replayed"], true, "key {k}: {copy}");
+        assert_eq!(copy["result"], first["result"], "key {k}");
+    }
+    assert_eq!(upstream.total() as usize, WAITED_KEYS);
 }

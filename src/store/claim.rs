@@ -34,6 +34,10 @@ const MIN_WRITE_BOUND: Duration = Duration::from_millis(200);
 pub const FOLLOW_POLL: Duration = Duration::from_secs(2);
 /// Past a record's lifetime, when a follower looks for its expiry.
 const EXPIRY_MARGIN: Duration = Duration::from_millis(100);
+/// After a wake-up for a write on the record a follower holds that no
+/// read shows yet, the first pause before it reads again; each further
+/// pause doubles, up to the poll.
+const FIRST_REREAD: Duration = Duration::from_millis(10);
 /// Reads after a conflict before the view is taken as it is (see [`IdempotencyStore::read_past`]).
 const READ_PAST_TRIES: u32 = 4;
 /// First pause between those reads; it doubles.
@@ -529,6 +533,8 @@ async fn follow<S: IdempotencyStore + ?Sized>(
     mut record: Record,
 ) -> Result<Followed, StoreError> {
     let mut wakeups: Option<Wakeups> = None;
+    // When to look again before the poll: a write is on its way.
+    let mut soon: Option<Duration> = None;
     loop {
         if record.fingerprint != request.fingerprint {
             // A final refusal (in JetStream mode the intent is acked away):
@@ -578,17 +584,32 @@ async fn follow<S: IdempotencyStore + ?Sized>(
                 let lifetime = (record.expires_at - record.stored_at)
                     .to_std()
                     .map_or(FOLLOW_POLL, |lifetime| lifetime + EXPIRY_MARGIN);
+                let poll = lifetime.min(FOLLOW_POLL);
+                let mut coming = false;
                 tokio::select! {
-                    woken = wakeups.next() => if woken.is_none() {
-                        return Err(StoreError::Unavailable(format!(
+                    woken = wakeups.next() => match woken {
+                        Some(wakeup) => coming = wakeup.against == Some(revision),
+                        None => return Err(StoreError::Unavailable(format!(
                             "the wake-ups of {} ended",
                             request.key
-                        )));
+                        ))),
                     },
-                    () = tokio::time::sleep(lifetime.min(FOLLOW_POLL)) => {}
+                    () = tokio::time::sleep(soon.map_or(poll, |soon| soon.min(poll))) => {}
                     () = tokio::time::sleep_until(deadline) => continue,
                 }
-                store.read_current(&request.key, revision).await?
+                let view = store.read_current(&request.key, revision).await?;
+                let shown = !matches!(&view, Some(seen) if seen.revision <= revision);
+                // A write on the record we hold is on its way, and its
+                // wake-up came first: on a cluster even the leader shows
+                // it only once a quorum has it. Look again soon, then less
+                // and less often: missed, it would be a poll away (2 s),
+                // past many a --wait.
+                soon = match (shown, coming) {
+                    (true, _) => None,
+                    (false, true) => Some(FIRST_REREAD),
+                    (false, false) => soon.map(|soon| (soon * 2).min(FOLLOW_POLL)),
+                };
+                view
             }
         };
         match view {

@@ -9,6 +9,7 @@
 
 use std::time::Duration;
 
+use async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE;
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::kv::{self, Operation};
 use async_nats::jetstream::message::PublishMessage as Publish;
@@ -20,7 +21,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 
-use super::{ttl_secs, IdempotencyStore, Slot, StoreError, Versioned, Wakeups};
+use super::{ttl_secs, IdempotencyStore, Slot, StoreError, Versioned, Wakeup, Wakeups};
 use crate::key::IdempotencyKey;
 use crate::outcome::Record;
 
@@ -416,7 +417,15 @@ impl IdempotencyStore for KvStore {
             .subscribe(self.subject_of(key))
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        Ok(Box::pin(wakeups.map(drop)))
+        Ok(Box::pin(wakeups.map(|message| {
+            Wakeup {
+                against: message
+                    .headers
+                    .as_ref()
+                    .and_then(|headers| headers.get(NATS_EXPECTED_LAST_SUBJECT_SEQUENCE))
+                    .and_then(|against| against.as_str().parse().ok()),
+            }
+        })))
     }
 }
 

@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::{IdempotencyStore, Slot, StoreError, Versioned, Wakeups};
+use super::{IdempotencyStore, Slot, StoreError, Versioned, Wakeup, Wakeups};
 use crate::key::IdempotencyKey;
 use crate::outcome::Record;
 
@@ -231,7 +231,8 @@ impl IdempotencyStore for MemoryStore {
                 changed = changed.changed() => changed.ok()?,
                 () = expiry => {}
             }
-            Some(((), (store, key, changed)))
+            // Reads here see every write at once: nothing to wait for.
+            Some((Wakeup::default(), (store, key, changed)))
         });
         Ok(Box::pin(stream))
     }

@@ -108,7 +108,18 @@ pub enum StoreError {
 
 /// Wake-ups of a key's follower: an item whenever the key may have changed
 /// (see [`IdempotencyStore::wakeups`]).
-pub type Wakeups = BoxStream<'static, ()>;
+pub type Wakeups = BoxStream<'static, Wakeup>;
+
+/// One wake-up: a write attempt on the key, seen as it was sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Wakeup {
+    /// The revision the write was made against, when the store can tell
+    /// (a compare-and-swap write). A write against the revision a follower
+    /// holds is the holder's (a renewal, its outcome, a release) or a
+    /// takeover: it is about to land, and a replica that does not show it
+    /// yet, the leader included, soon will.
+    pub against: Option<u64>,
+}
 
 /// What a worker asks for when it claims a key.
 #[derive(Debug, Clone)]
@@ -215,7 +226,9 @@ pub trait IdempotencyStore: Send + Sync + 'static {
 
     /// Wakes a follower of `key` whenever the key may have changed: an item
     /// per write attempt (spurious ones are fine), and ends only when the
-    /// store goes away. A write made after this returns always wakes it.
+    /// store goes away. A write made after this returns always wakes it,
+    /// possibly before a read can see it: a store whose reads may lag its
+    /// writes says what each write was made against ([`Wakeup::against`]).
     /// Expiries may go unannounced: a follower also reads when the record
     /// it saw must have run out, and every `FOLLOW_POLL` (2 s).
     async fn wakeups(&self, key: &IdempotencyKey) -> Result<Wakeups, StoreError>;
