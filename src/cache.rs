@@ -403,7 +403,7 @@ impl OutcomeCache {
     /// record was read: when a purge notice came since, the record may be
     /// the purged one, evicted before it got here, and it is not let in.
     pub fn insert(&self, record: &Record, replay: &Arc<EncodedReply>, purges_before: u64) {
-        if self.budget == 0 || self.purges() != purges_before {
+        if self.budget == 0 {
             return;
         }
         // The record's own lifetime is a difference of two stamps of one
@@ -444,6 +444,14 @@ impl OutcomeCache {
         };
         let bits = record.idem_key.bits();
         let mut inner = self.lock();
+        // Under the lock: a purge counted before it is seen here, and one
+        // counted after it evicts this entry once the lock is free
+        // ([`remove`](Self::remove) counts, then locks). Checked before
+        // the lock, a purge could count and evict in between, and the
+        // purged outcome would be let in after its eviction.
+        if self.purges() != purges_before {
+            return;
+        }
         // Full: the oldest entry makes room, unless this outcome is older
         // still. Then it stays out: it would push out a newer one, and a
         // run of replays longer than the cache holds (each read from the
