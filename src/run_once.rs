@@ -123,6 +123,16 @@ impl RunOptions {
     }
 }
 
+/// How [`Idempotent::supervise`]'s wait for a closure ended.
+enum Ended {
+    /// The closure returned (`None`: past its timeout).
+    Ran(Option<Result<Outcome, HandlerError>>),
+    /// A renewal found the lease taken over.
+    LeaseLost,
+    /// The run was cancelled.
+    Cancelled,
+}
+
 /// One call's identity: the key, the fingerprint of what is asked under
 /// it, and what to record.
 #[derive(Debug, Clone, Copy)]
@@ -526,23 +536,47 @@ impl Idempotent {
         let ran = tokio::time::timeout(self.options.timeout, work);
         tokio::pin!(ran);
         let every = lease.ttl / 3;
-        let mut renewals = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-        loop {
-            tokio::select! {
-                ran = &mut ran => return Ok(ran.ok()),
-                _ = renewals.tick() => match self.store.renew(lease).await {
-                    Ok(()) => {}
-                    Err(StoreError::LeaseLost) => {
-                        tracing::warn!("lease lost while the handler ran; its outcome is dropped");
-                        return Err(self.after_lost_lease(request).await);
+        // Due a third of a lease after the lease's start, which may be
+        // long past: an owner that learned only late (a lost ack, then a
+        // read) that its claim landed renews at once.
+        let now = tokio::time::Instant::now();
+        let first = lease
+            .held_until
+            .checked_sub(lease.ttl - every)
+            .map_or(now, |due| due.max(now));
+        let mut renewals = tokio::time::interval_at(first, every);
+        // The closure is polled while a renewal waits for the store: a slow
+        // store must not stall it. A renewal still in flight when the
+        // closure ends is dropped; the lease remembers that it may have
+        // landed (`Lease::unsettled`), and the outcome's write settles it.
+        let end = {
+            let renewing = async {
+                loop {
+                    renewals.tick().await;
+                    match self.store.renew(lease).await {
+                        Ok(()) => {}
+                        Err(StoreError::LeaseLost) => return,
+                        // The lease may still be alive; try again at the next tick.
+                        Err(error) => tracing::warn!(%error, "lease renewal failed"),
                     }
-                    // The lease may still be alive; try again at the next tick.
-                    Err(error) => tracing::warn!(%error, "lease renewal failed"),
-                },
-                () = cancel.cancelled() => {
-                    self.release(lease).await;
-                    return Err(Err(RunError::Cancelled));
                 }
+            };
+            tokio::pin!(renewing);
+            tokio::select! {
+                ran = &mut ran => Ended::Ran(ran.ok()),
+                () = &mut renewing => Ended::LeaseLost,
+                () = cancel.cancelled() => Ended::Cancelled,
+            }
+        };
+        match end {
+            Ended::Ran(ran) => Ok(ran),
+            Ended::LeaseLost => {
+                tracing::warn!("lease lost while the handler ran; its outcome is dropped");
+                Err(self.after_lost_lease(request).await)
+            }
+            Ended::Cancelled => {
+                self.release(lease).await;
+                Err(Err(RunError::Cancelled))
             }
         }
     }

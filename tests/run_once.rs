@@ -455,7 +455,40 @@ async fn a_per_call_ttl_past_every_bound_is_held_to_it(store: Store) {
     assert_eq!(runs.load(Ordering::SeqCst), 2);
 }
 
+/// An owner that hears only after 3 s that its claim's write was lost,
+/// and then finds its claim there (adopts it) with 1 s of a 4 s lease
+/// left, renews at once. Renewing a third of a lease after adopting, as it
+/// did, came after the lease ran out: a copy waiting meanwhile took the
+/// key over and ran it a second time.
+async fn an_owner_that_learns_late_that_its_claim_landed_renews_at_once(store: Store) {
+    let faulty = common::stores::FaultyStore::new(Arc::clone(&store));
+    let lease = Duration::from_secs(4);
+    let owner = Arc::new(Idempotent::new(
+        faulty.clone(),
+        options(lease, Duration::ZERO),
+    ));
+    let copy = Idempotent::new(store, options(lease, Duration::from_secs(20)));
+    let key = key(15);
+    let runs = Arc::new(AtomicU32::new(0));
+    faulty.lose_next_acks_after(1, Duration::from_secs(3));
+    let first = spawn_run(&owner, &key, &runs, Duration::from_secs(3), json!("owner"));
+    // The claim has landed (its ack is still "on its way"): the copy waits.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let copied = copy
+        .run(&key, "fp", |_| {
+            counted(&runs, Duration::ZERO, json!("copy"))
+        })
+        .await
+        .expect("the copy is answered");
+    let done = first.await.expect("owner").expect("stored");
+    assert!(!done.replayed);
+    assert!(copied.replayed, "the copy replays the owner's outcome");
+    assert_eq!(copied.outcome(), &Outcome::Success(json!("owner")));
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "executions");
+}
+
 both_stores!(
+    an_owner_that_learns_late_that_its_claim_landed_renews_at_once,
     a_per_call_ttl_past_every_bound_is_held_to_it,
     options_past_every_bound_are_held_to_them,
     concurrent_callers_of_one_key_execute_once,

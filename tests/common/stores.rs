@@ -3,7 +3,7 @@
 //! function once on the in-memory store and once on JetStream KV;
 //! [`FaultyStore`] puts faults under either.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -82,6 +82,8 @@ pub struct FaultyStore {
     released: Notify,
     reads_fail: AtomicBool,
     lose_acks: AtomicU32,
+    /// How long a writer whose ack is lost waits to hear so, in ms.
+    lost_ack_after_ms: AtomicU64,
 }
 
 impl FaultyStore {
@@ -95,6 +97,7 @@ impl FaultyStore {
             released: Notify::new(),
             reads_fail: AtomicBool::new(false),
             lose_acks: AtomicU32::new(0),
+            lost_ack_after_ms: AtomicU64::new(0),
         })
     }
 
@@ -128,6 +131,15 @@ impl FaultyStore {
     /// The next `n` writes and removes land, and their callers are told
     /// they timed out (`Unacknowledged`).
     pub fn lose_next_acks(&self, n: u32) {
+        self.lose_next_acks_after(n, Duration::ZERO);
+    }
+
+    /// Like [`lose_next_acks`](Self::lose_next_acks), the writer hearing
+    /// so only `after` the write landed: a publish that waits out its
+    /// timeout for an acknowledgement that never comes.
+    pub fn lose_next_acks_after(&self, n: u32, after: Duration) {
+        let after = u64::try_from(after.as_millis()).unwrap_or(u64::MAX);
+        self.lost_ack_after_ms.store(after, Ordering::SeqCst);
         self.lose_acks.store(n, Ordering::SeqCst);
     }
 
@@ -141,12 +153,14 @@ impl FaultyStore {
     }
 
     /// What the writer of a landed write hears: its result, or a lost ack.
-    fn acked<T>(&self, landed: T) -> Result<T, StoreError> {
+    async fn acked<T>(&self, landed: T) -> Result<T, StoreError> {
         let lost = self
             .lose_acks
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_ok();
         if lost {
+            let after = self.lost_ack_after_ms.load(Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(after)).await;
             return Err(StoreError::Unacknowledged("ack lost".to_owned()));
         }
         Ok(landed)
@@ -182,12 +196,12 @@ impl IdempotencyStore for FaultyStore {
         ttl: Duration,
     ) -> Result<u64, StoreError> {
         let revision = self.inner.write(key, expected, record, ttl).await?;
-        self.acked(revision)
+        self.acked(revision).await
     }
 
     async fn remove(&self, key: &IdempotencyKey, expected: u64) -> Result<(), StoreError> {
         self.inner.remove(key, expected).await?;
-        self.acked(())
+        self.acked(()).await
     }
 
     async fn purge(&self, key: &IdempotencyKey, expected: u64) -> Result<(), StoreError> {
