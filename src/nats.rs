@@ -319,11 +319,12 @@ where
 /// entry, except inside its credentials, which may hold any character
 /// (`,` and `@` included): an entry goes on across commas as long as an
 /// `@` is still to come before the next entry with a scheme
-/// (`nats://...`), so its credentials end at the last one. An entry
-/// without a scheme ends at a comma once it reads as `host` or
-/// `host:port`. Where a list mixes entries without a scheme that carry
-/// credentials, this may join two; they are then masked as one, never
-/// shown: write a scheme on each entry of such a list.
+/// (`nats://...`), so its credentials end at the last one. That holds
+/// for entries without a scheme too, even one that reads as `host:port`:
+/// `admin:2024,pw@h` is one entry, whose password is `2024,pw`. A list of
+/// entries without a scheme where one carries credentials may so join
+/// entries; they are then masked as one, never shown: write a scheme on
+/// each entry of such a list.
 fn url_entries(list: &str) -> Vec<&str> {
     let mut entries = Vec::new();
     let mut start = 0;
@@ -344,8 +345,7 @@ fn url_entries(list: &str) -> Vec<&str> {
             .iter()
             .take_while(|(_, piece)| !has_scheme(piece))
             .any(|(_, piece)| piece.contains('@'));
-        let plain_host = !has_scheme(entry) && looks_like_host(entry.trim());
-        if next_is_entry || !to_come || plain_host {
+        if next_is_entry || !to_come {
             entries.push(entry);
             start = *at;
         }
@@ -376,17 +376,6 @@ fn after_scheme(entry: &str) -> &str {
         Some(end) if has_scheme(entry) => &entry[end + 3..],
         _ => entry,
     }
-}
-
-/// `host` or `host:port`, nothing that could be credentials.
-fn looks_like_host(text: &str) -> bool {
-    let (host, port) = text.rsplit_once(':').unwrap_or((text, "0"));
-    !host.is_empty()
-        && host
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '[' | ']'))
-        && !port.is_empty()
-        && port.chars().all(|c| c.is_ascii_digit())
 }
 
 /// Where an entry's credentials are: from just after its `://` (or its
@@ -523,12 +512,17 @@ mod url_tests {
                 password: "p@s,s".to_owned()
             })
         );
-        // Entries without a scheme end at a comma once they read as a host.
+        // Without a scheme, credentials run to the last `@` to come, even
+        // across a piece that reads as `host:port`: a password or token
+        // with a comma never shows, and entries joined so are masked.
         assert_eq!(
-            url_entries("h1:4222,u:p@h2,h3"),
-            ["h1:4222", "u:p@h2", "h3"]
+            url_entries("h1:4222,h2:4223,h3"),
+            ["h1:4222", "h2:4223", "h3"]
         );
-        assert_eq!(mask_url("h1:4222,u:p@h2"), "h1:4222,u:***@h2");
+        assert_eq!(url_entries("u:p@h2,h3"), ["u:p@h2", "h3"]);
+        assert_eq!(mask_url("admin:2024,pw@h:4222,h2"), "admin:***@h:4222,h2");
+        assert_eq!(mask_url("tok,en@h:4222"), "***@h:4222");
+        assert_eq!(mask_url("h1:4222,u:p@h2"), "h1:***@h2");
     }
 
     #[test]

@@ -139,3 +139,20 @@ async fn a_token_in_the_url_authenticates() {
     worker.signal("-TERM");
     assert!(worker.wait(EXIT_BOUND).await.success());
 }
+
+/// A password or token with a comma, in a URL without a scheme, where the
+/// text before the comma reads as `host:port` or `host`: it never prints
+/// (docs/contract.md v1.2 §7). It printed as a host in front of the masked
+/// rest.
+#[tokio::test]
+async fn credentials_with_a_comma_in_a_url_without_a_scheme_never_print() {
+    for (typed, secret) in [
+        ("adm7x:98761,pw9qz@127.0.0.1:4222", "98761,pw9qz"),
+        ("Tk7f3a,q9x2b@127.0.0.1:4222", "Tk7f3a,q9x2b"),
+    ] {
+        let (ok, text) = traced(&["serve", "--print-config", "--nats-url", typed], &[]).await;
+        assert!(ok, "{text}");
+        never_shows(secret, "--print-config", &text);
+        assert!(text.contains("***@127.0.0.1:4222"), "masked:\n{text}");
+    }
+}
