@@ -17,10 +17,13 @@ pub const MAX_DELIVER_REASON: &str = "max_deliver";
 
 /// Publishes a dead letter to `subject` before the intent is terminated
 /// ([`ReplyRoutes::publish_before_settling`]): the intent's payload and headers, plus
-/// [`DEAD_REASON_HEADER`]. Headers that would make the dead-letter stream
-/// refuse or drop it (an expected stream or sequence meant for the
-/// intent's stream, a `Nats-Msg-Id` it may have seen) travel renamed as
-/// `Idem-Original-<name>`. An `Err` leaves the intent to be redelivered.
+/// [`DEAD_REASON_HEADER`]. The intent's `Nats-` headers, which the
+/// dead-letter stream would act on (an expected stream or sequence meant
+/// for the intent's stream, a `Nats-Msg-Id` it may have seen, a TTL, a
+/// roll-up), travel renamed as `Idem-Original-<name>`; `id` is the dead
+/// letter's own `Nats-Msg-Id`, so that one published again (its
+/// acknowledgement lost, the intent redelivered) is kept once. An `Err`
+/// leaves the intent to be redelivered.
 pub(crate) async fn send(
     routes: &ReplyRoutes,
     pipeline: &Pipeline,
@@ -28,8 +31,9 @@ pub(crate) async fn send(
     original: Option<&HeaderMap>,
     payload: Bytes,
     reason: &str,
+    id: Option<&str>,
 ) -> Result<(), String> {
-    let headers = dead_letter_headers(original, reason);
+    let headers = dead_letter_headers(original, reason, id);
     routes
         .publish_before_settling(&pipeline.client, subject, headers, payload)
         .await
@@ -42,16 +46,15 @@ pub(crate) async fn send(
 /// stream would act on.
 pub const ORIGINAL_HEADER_PREFIX: &str = "Idem-Original-";
 
-/// A dead letter's headers: the intent's, with `Nats-Expected-*` and
-/// `Nats-Msg-Id` renamed (see [`ORIGINAL_HEADER_PREFIX`]), and the reason.
-fn dead_letter_headers(original: Option<&HeaderMap>, reason: &str) -> HeaderMap {
+/// A dead letter's headers: the intent's, with every `Nats-` one renamed
+/// (see [`ORIGINAL_HEADER_PREFIX`]), the reason, and its own `id`.
+fn dead_letter_headers(original: Option<&HeaderMap>, reason: &str, id: Option<&str>) -> HeaderMap {
     let mut headers = HeaderMap::new();
     for (name, values) in original.into_iter().flat_map(HeaderMap::iter) {
         let name: &str = name.as_ref();
         let acted_on = name
-            .get(..13)
-            .is_some_and(|head| head.eq_ignore_ascii_case("Nats-Expected"))
-            || name.eq_ignore_ascii_case("Nats-Msg-Id");
+            .get(..5)
+            .is_some_and(|head| head.eq_ignore_ascii_case("Nats-"));
         for value in values {
             if acted_on {
                 headers.append(format!("{ORIGINAL_HEADER_PREFIX}{name}"), value.as_str());
@@ -61,6 +64,9 @@ fn dead_letter_headers(original: Option<&HeaderMap>, reason: &str) -> HeaderMap 
         }
     }
     headers.insert(DEAD_REASON_HEADER, reason);
+    if let Some(id) = id {
+        headers.insert("Nats-Msg-Id", id);
+    }
     headers
 }
 
@@ -75,10 +81,17 @@ mod tests {
         original.insert("nats-expected-last-sequence", "7");
         original.insert("Nats-Msg-Id", "m-1");
         original.insert("Idempotency-Key", "k");
-        let headers = dead_letter_headers(Some(&original), "INVALID_INTENT");
+        original.insert("Nats-TTL", "1s");
+        original.insert("nats-rollup", "sub");
+        let headers =
+            dead_letter_headers(Some(&original), "INVALID_INTENT", Some("dead-INTENTS-7"));
         let get = |name: &str| headers.get(name).map(|v| v.as_str().to_owned());
         assert_eq!(get("Nats-Expected-Stream"), None);
-        assert_eq!(get("Nats-Msg-Id"), None);
+        assert_eq!(get("Nats-Msg-Id").as_deref(), Some("dead-INTENTS-7"));
+        assert_eq!(get("Nats-TTL"), None);
+        assert_eq!(get("nats-rollup"), None);
+        assert_eq!(get("Idem-Original-Nats-TTL").as_deref(), Some("1s"));
+        assert_eq!(get("Idem-Original-nats-rollup").as_deref(), Some("sub"));
         assert_eq!(get("nats-expected-last-sequence"), None);
         assert_eq!(
             get("Idem-Original-Nats-Expected-Stream").as_deref(),

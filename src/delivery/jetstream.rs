@@ -396,9 +396,21 @@ impl Consumer {
     ) -> Result<(), SettleError> {
         let subject = &self.config.dead_letter_subject;
         let (headers, payload) = (message.headers.as_ref(), message.payload.clone());
-        dead_letter::send(&self.routes, pipeline, subject, headers, payload, reason)
-            .await
-            .map_err(SettleError)
+        let id = message
+            .info()
+            .ok()
+            .map(|info| format!("dead-{}-{}", info.stream, info.stream_sequence));
+        dead_letter::send(
+            &self.routes,
+            pipeline,
+            subject,
+            headers,
+            payload,
+            reason,
+            id.as_deref(),
+        )
+        .await
+        .map_err(SettleError)
     }
 
     /// Answers, dead-letters and returns `Term`.
