@@ -25,6 +25,7 @@ fn named(subject: &str) -> String {
     if subject.len() <= MAX_REPLY_TARGET {
         return subject.to_owned();
     }
+    // `str::floor_char_boundary` is newer than the crate's MSRV (1.89).
     let mut end = 64;
     while !subject.is_char_boundary(end) {
         end -= 1;

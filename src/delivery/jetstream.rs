@@ -358,10 +358,7 @@ impl Consumer {
             (Some(key), Some(fingerprint)) if reply.stored => {
                 Some(format!("{key}.{fingerprint:016x}"))
             }
-            _ => message
-                .info()
-                .ok()
-                .map(|info| format!("intent-{}-{}", info.stream, info.stream_sequence)),
+            _ => message_id("intent", message),
         };
         if let Some(msg_id) = msg_id {
             headers.insert("Nats-Msg-Id", msg_id.as_str());
@@ -396,10 +393,7 @@ impl Consumer {
     ) -> Result<(), SettleError> {
         let subject = &self.config.dead_letter_subject;
         let (headers, payload) = (message.headers.as_ref(), message.payload.clone());
-        let id = message
-            .info()
-            .ok()
-            .map(|info| format!("dead-{}-{}", info.stream, info.stream_sequence));
+        let id = message_id("dead", message);
         dead_letter::send(
             &self.routes,
             pipeline,
@@ -450,6 +444,14 @@ async fn while_in_progress<T>(
             }
         }
     }
+}
+
+/// A `Nats-Msg-Id` for what the worker publishes about one stream message
+/// (`kind`: a reply, a dead letter): `<kind>-<stream>-<sequence>`, the
+/// same for every delivery of the message, unique across streams.
+fn message_id(kind: &str, message: &async_nats::jetstream::Message) -> Option<String> {
+    let info = message.info().ok()?;
+    Some(format!("{kind}-{}-{}", info.stream, info.stream_sequence))
 }
 
 /// The nak delay: the verdict's suggestion, doubled per delivery, capped.
