@@ -20,6 +20,15 @@ use crate::schedule::{Action, Midway, Step};
 pub const FINGERPRINT: &str = "fp-main";
 pub const OTHER_FINGERPRINT: &str = "fp-other";
 
+/// What a step does with a claim whose completion is being retried.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Completing {
+    /// Skip the step (renew, release).
+    Skip,
+    /// Take the claim all the same (complete, crash).
+    Take,
+}
+
 pub struct Held {
     pub key: usize,
     pub owner: String,
@@ -354,6 +363,25 @@ impl Model {
         }
     }
 
+    /// Worker `w`'s held claim, taken for step `i`; `None`, noted as a
+    /// skipped step, when it holds none, or when it is completing and
+    /// `completing` says to skip it (a completing worker only retries its
+    /// completion: it never renews or releases).
+    fn take_held(&mut self, ctx: &Ctx, i: usize, w: usize, completing: Completing) -> Option<Held> {
+        let Some(held) = self.workers[w].held.take() else {
+            ctx.note(format!("  {i}: w{w} holds nothing: skipped"));
+            ctx.hit("step skipped");
+            return None;
+        };
+        if held.completing && completing == Completing::Skip {
+            ctx.note(format!("  {i}: w{w} is completing: skipped"));
+            ctx.hit("step skipped");
+            self.workers[w].held = Some(held);
+            return None;
+        }
+        Some(held)
+    }
+
     pub async fn renew(
         &mut self,
         ctx: &Ctx,
@@ -361,17 +389,9 @@ impl Model {
         step: &Step,
         w: usize,
     ) -> Result<(), String> {
-        let Some(mut held) = self.workers[w].held.take() else {
-            ctx.note(format!("  {i}: w{w} holds nothing: skipped"));
-            ctx.hit("step skipped");
+        let Some(mut held) = self.take_held(ctx, i, w, Completing::Skip) else {
             return Ok(());
         };
-        if held.completing {
-            ctx.note(format!("  {i}: w{w} is completing: skipped"));
-            ctx.hit("step skipped");
-            self.workers[w].held = Some(held);
-            return Ok(());
-        }
         let key = held.key;
         let (start, log_len) = (Instant::now(), ctx.log_len());
         let pre_log = ctx.log();
@@ -432,9 +452,7 @@ impl Model {
         w: usize,
         ttl: Duration,
     ) -> Result<(), String> {
-        let Some(mut held) = self.workers[w].held.take() else {
-            ctx.note(format!("  {i}: w{w} holds nothing: skipped"));
-            ctx.hit("step skipped");
+        let Some(mut held) = self.take_held(ctx, i, w, Completing::Take) else {
             return Ok(());
         };
         self.ran(ctx, i, &held)?;
@@ -511,17 +529,9 @@ impl Model {
         step: &Step,
         w: usize,
     ) -> Result<(), String> {
-        let Some(mut held) = self.workers[w].held.take() else {
-            ctx.note(format!("  {i}: w{w} holds nothing: skipped"));
-            ctx.hit("step skipped");
+        let Some(mut held) = self.take_held(ctx, i, w, Completing::Skip) else {
             return Ok(());
         };
-        if held.completing {
-            ctx.note(format!("  {i}: w{w} is completing: skipped"));
-            ctx.hit("step skipped");
-            self.workers[w].held = Some(held);
-            return Ok(());
-        }
         let key = held.key;
         let (start, log_len) = (Instant::now(), ctx.log_len());
         let pre_log = ctx.log();
@@ -597,9 +607,7 @@ impl Model {
         w: usize,
         midway: Option<(Midway, u64)>,
     ) -> Result<(), String> {
-        let Some(mut held) = self.workers[w].held.take() else {
-            ctx.note(format!("  {i}: w{w} holds nothing: skipped"));
-            ctx.hit("step skipped");
+        let Some(mut held) = self.take_held(ctx, i, w, Completing::Take) else {
             return Ok(());
         };
         let cut = |ms| Duration::from_millis(ms);
