@@ -128,11 +128,7 @@ async fn the_deploy_permission_set_is_all_the_worker_needs() {
     for worker in &mut workers {
         assert!(worker.wait(EXIT_BOUND).await.success(), "clean exit");
     }
-    let refused = violations(&server.log());
-    assert!(
-        refused.is_empty(),
-        "the worker needed more than deploy/nats-auth/ allows:\n{refused}"
-    );
+    no_violations(&server, "the worker");
 
     // A user without those permissions (an agent) cannot run a worker: it
     // stops at once, saying why.
@@ -162,6 +158,16 @@ async fn the_deploy_permission_set_is_all_the_worker_needs() {
 /// The server's log lines for refused permissions. Clients are told
 /// "Permissions Violation"; the server logs "Publish Violation - ..." and
 /// "Subscription Violation - ...".
+/// Asserts the server refused nothing `who` (a worker, a path) did: it
+/// needed no more than `deploy/nats-auth/` allows.
+fn no_violations(server: &NatsServer, who: &str) {
+    let refused = violations(&server.log());
+    assert!(
+        refused.is_empty(),
+        "{who} needed more than deploy/nats-auth/ allows:\n{refused}"
+    );
+}
+
 fn violations(log: &str) -> String {
     log.lines()
         .filter(|line| line.contains(" Violation - "))
@@ -268,11 +274,7 @@ async fn the_jetstream_permission_set_is_all_a_jetstream_worker_needs() {
 
     worker.signal("-TERM");
     assert!(worker.wait(EXIT_BOUND).await.success(), "clean exit");
-    let refused = violations(&server.log());
-    assert!(
-        refused.is_empty(),
-        "a JetStream-mode worker needed more than deploy/nats-auth/ allows:\n{refused}"
-    );
+    no_violations(&server, "a JetStream-mode worker");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -424,11 +426,7 @@ async fn under_the_jetstream_permission_set_a_worker_killed_on_the_last_delivery
     )
     .await;
     survivor.signal("-TERM");
-    let refused = violations(&server.log());
-    assert!(
-        refused.is_empty(),
-        "the max-deliveries path needed more than deploy/nats-auth/ allows:\n{refused}"
-    );
+    no_violations(&server, "the max-deliveries path");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
